@@ -1,0 +1,83 @@
+"""Ahead-of-time compilation of one Launch for one target, on any machine (no GPU needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels.spec import Launch
+
+TARGET_HELP = "targets look like cuda:80, cuda:90 or hip:gfx942"
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str  # "cuda" | "hip"
+    arch: str  # "80", "90", "gfx942"
+
+    @staticmethod
+    def parse(text: str) -> Target:
+        backend, _, arch = text.partition(":")
+        if backend == "cuda" and arch.isdigit() and int(arch) >= 75:
+            return Target("cuda", arch)
+        if backend == "hip" and arch.startswith("gfx"):
+            return Target("hip", arch)
+        raise ValueError(f"unknown target {text!r}: {TARGET_HELP}")
+
+    def __str__(self) -> str:
+        return f"{self.backend}:{self.arch}"
+
+    @property
+    def gpu_target(self) -> GPUTarget:
+        if self.backend == "cuda":
+            return GPUTarget("cuda", int(self.arch), 32)
+        return GPUTarget("hip", self.arch, 64)
+
+    @property
+    def binary_ext(self) -> str:
+        return "cubin" if self.backend == "cuda" else "hsaco"
+
+
+def source_hash(launch: Launch) -> str:
+    return launch.kernel.cache_key
+
+
+def cache_key(launch: Launch, target: Target) -> str:
+    """Content address of a binary: kernel source, signature, constexprs, hints, options, target, Triton."""
+    blob = json.dumps(
+        [source_hash(launch), launch.signature, launch.constexprs, launch.divisibility(),
+         launch.num_warps, launch.num_stages, str(target), triton.__version__],
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def compile_launch(launch: Launch, target: Target) -> tuple[bytes, dict]:
+    """Compile to a cubin/hsaco. Returns (binary, metadata the driver needs to launch it)."""
+    jit = launch.kernel
+    if not isinstance(jit, triton.runtime.jit.JITFunction):  # interpreted under TRITON_INTERPRET=1
+        jit = triton.runtime.jit.JITFunction(jit.fn)
+    sig = dict(launch.signature)
+    constexprs = {name: val for name, val in launch.constexprs}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in launch.divisibility()}
+    src = ASTSource(fn=jit, signature=sig, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    compiled = triton.compile(src, target=target.gpu_target, options=options)
+    md = compiled.metadata
+    meta = {
+        "name": md.name,
+        "num_warps": md.num_warps,
+        "num_ctas": md.num_ctas,
+        "shared": md.shared,
+        "global_scratch_size": getattr(md, "global_scratch_size", 0) or 0,
+        "global_scratch_align": getattr(md, "global_scratch_align", 1) or 1,
+        "profile_scratch_size": getattr(md, "profile_scratch_size", 0) or 0,
+        "profile_scratch_align": getattr(md, "profile_scratch_align", 1) or 1,
+        "warp_size": md.warp_size,
+    }
+    return compiled.asm[target.binary_ext], meta

@@ -1,0 +1,78 @@
+"""RMSNorm: out = x / sqrt(mean(x^2) + eps) * w, one program per row, statistics in fp32."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,  # [T, D]
+    w_ptr,  # [D]
+    out_ptr,  # [T, D]
+    T,
+    stride_x,
+    stride_out,
+    eps,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _warps(block: int) -> int:
+    return 1 if block <= 256 else 2 if block <= 1024 else 4 if block <= 4096 else 8
+
+
+def configs(meta: dict) -> list[Config]:
+    block = triton.next_power_of_2(meta["D"])
+    return [Config.make(num_warps=w, num_stages=1) for w in (1, 2, 4, 8) if w * 32 <= max(block, 32)]
+
+
+def default(meta: dict) -> Config:
+    return Config.make(num_warps=_warps(triton.next_power_of_2(meta["D"])), num_stages=1)
+
+
+def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
+    D = meta["D"]
+    launch = make_launch(
+        _rms_norm_kernel,
+        types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "out_ptr": ptr(dtypes["out"]),
+               "T": "i32", "stride_x": "i64", "stride_out": "i64", "eps": "fp32"},
+        constexprs={"D": D, "BLOCK_D": triton.next_power_of_2(D)},
+        args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "out_ptr": ("tensor", "out"),
+              "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", D)),
+              "stride_out": ("int", meta.get("stride_out", D)), "eps": ("float", meta["eps"])},
+        grid=[grid_dim(("T", 1, 1))],
+        config=config,
+    )
+    return Plan((launch,))
+
+
+SPEC = KernelSpec("rms_norm", configs, default, plan)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, config: Config | None = None) -> torch.Tensor:
+    """x [T, D], w [D] -> [T, D] in x's dtype, through the kernel (interpreter on CPU tensors)."""
+    T, D = x.shape
+    assert x.stride(1) == 1 and w.shape == (D,), "x must be [T, D] with unit column stride, w [D]"
+    out = torch.empty_like(x)
+    meta = {"D": D, "eps": eps, "stride_x": x.stride(0), "stride_out": out.stride(0), "max_T": T, "max_S": 1}
+    dtypes = {"x": dtype_name(x), "w": dtype_name(w), "out": dtype_name(out)}
+    run(plan(meta, dtypes, config or default(meta)), {"x": x, "w": w, "out": out}, {"T": T, "S": 1})
+    return out
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
