@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 # Step symbols a grid or a scalar argument may depend on; they change from step to step.
-#   T: tokens in the step (rows of every activation), S: sequences in the step.
-SYMBOLS = ("T", "S")
+#   T: tokens in the step (rows of every activation), S: sequences in the step,
+#   R: rows of logits wanted (S when generating; every token of a chunk for full-prompt logits).
+SYMBOLS = ("T", "S", "R")
 
 TORCH_TO_TRITON = {
     torch.float32: "fp32",
@@ -145,8 +146,9 @@ class KernelSpec:
     configs: Callable[[dict], list[Config]]
     default: Callable[[dict], Config]
     plan: Callable[[dict, dict, Config], Plan]
-    # Config is chosen per token bucket when the best tile depends on T (linear: GEMV vs GEMM).
-    tune_buckets: tuple[int, ...] = field(default=(1,))
+    # Upper bounds on T for which a config is chosen separately, when the best tile depends on T
+    # (linear: GEMV for few tokens, GEMM for many). meta["T_bucket"] tells configs()/default() which one.
+    tune_buckets: tuple[int, ...] = field(default=())
 
 
 def signature(kernel: Any, types: dict[str, str]) -> tuple[tuple[str, str], ...]:
