@@ -1,0 +1,286 @@
+"""The compile pipeline: source -> trace -> passes -> memory plan -> configs -> AOT binaries -> artifact."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+
+from compiler import artifact as art
+from compiler.aot import Target
+from compiler.autotune import autotune_variant, db_section, load_db, save_db
+from compiler.graph import Graph, Limits
+from compiler.kcache import BinaryCache
+from compiler.lower import VariantSpec, node_variants, sampling_variant
+from compiler.progress import Progress
+from kernels.spec import Config, Plan, eval_grid
+
+DEFAULT_TARGETS = ("cuda:80", "cuda:90", "hip:gfx942")
+DTYPES = ("fp32", "fp16", "bf16")
+REFERENCE_TEXT = "The capital of France is"
+
+
+def local_target() -> Target | None:
+    if not torch.cuda.is_available():
+        return None
+    if torch.version.hip:
+        return Target("hip", torch.cuda.get_device_properties(0).gcnArchName.split(":")[0])
+    major, minor = torch.cuda.get_device_capability(0)
+    return Target("cuda", f"{major}{minor}")
+
+
+def check_dtype(dtype: str, targets: list[Target]) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    old = [str(t) for t in targets if dtype == "bf16" and t.backend == "cuda" and int(t.arch) < 80]
+    if old:
+        raise ValueError(f"dtype bf16 needs cuda:80 or newer, not {', '.join(old)}: use --dtype fp16 or another target")
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    nodes: int
+    kernels: dict[str, int]  # target -> binaries
+    compiled: int
+    cached: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    tuning_source: str = "heuristic"
+    autotune_rows: list[tuple] = field(default_factory=list)
+
+
+def _concrete(shape: tuple, env: dict, limits: Limits, num_blocks: int) -> tuple[int, ...]:
+    sizes = {**env, "S+1": env["S"] + 1, "NB": num_blocks}
+    return tuple(sizes[d] if isinstance(d, str) else d for d in shape)
+
+
+def _timing_env(v: VariantSpec) -> dict:
+    T = v.meta_dict()["T_bucket"]
+    S = T if v.step == "decode" or v.op == "sampling" else max(1, min(v.meta_dict()["max_S"], T // 64 or 1))
+    return {"T": T, "S": S, "R": S}
+
+
+def choose_configs(graph: Graph, variants: list[VariantSpec], limits: Limits, autotune: bool, bar: Progress
+                   ) -> tuple[dict[VariantSpec, Config], dict, str, list[tuple]]:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    db = load_db()
+    section = db.get(db_section(gpu), {}) if gpu else {}
+    chosen: dict[VariantSpec, Config] = {}
+    decisions: dict = {}
+    rows: list[tuple] = []
+    source = "heuristic"
+    by_key: dict[str, Config] = {}
+    task = bar.add("choosing configs" + (" (autotune)" if autotune else ""), len(variants))
+    for v in variants:
+        key = v.tuning_key()
+        if key not in by_key:
+            meta = v.meta_dict()
+            if autotune:
+                env = _timing_env(v)
+                shapes = {role: _concrete(_role_shape(graph, v, role), env, limits, num_blocks=_blocks_for(meta, env))
+                          for role, _ in v.dtypes}
+                config, timings = autotune_variant(v, shapes, env)
+                decisions[key] = {"config": config.to_json(), "timings_us": timings}
+                rows.append((v.op, meta["T_bucket"], key, config.to_json(), timings))
+                source = "autotune"
+            elif key in section:
+                config = Config.from_json(section[key])
+                decisions[key] = {"config": config.to_json(), "from": "database"}
+                source = "database" if source == "heuristic" else source
+            else:
+                config = v.spec.default(meta)
+                decisions[key] = {"config": config.to_json(), "from": "heuristic"}
+            by_key[key] = config
+        chosen[v] = by_key[key]
+        bar.advance(task)
+    if autotune and gpu:
+        db.setdefault(db_section(gpu), {}).update({k: d["config"] for k, d in decisions.items()})
+        save_db(db)
+    return chosen, {"gpu": gpu, "source": source, "decisions": decisions}, source, rows
+
+
+def _blocks_for(meta: dict, env: dict) -> int:
+    return env["S"] * meta.get("max_blocks", 1) + 1
+
+
+_SAMPLING_SHAPES = {"logits": ("S", "V"), "out": ("S",)}
+
+
+def _role_shape(graph: Graph, v: VariantSpec, role: str) -> tuple:
+    if v.op == "sampling":
+        return tuple(v.meta_dict()["V"] if d == "V" else d for d in _SAMPLING_SHAPES.get(role, ("S",)))
+    node = next(n for n in graph.nodes if n.name == v.node)
+    return graph.tensor(node.input(role) or node.output(role)).shape
+
+
+def index_entry(v: VariantSpec, plan: Plan, keys: list[str]) -> dict:
+    launches = []
+    for launch, key in zip(plan.launches, keys):
+        params = [[name, dict(launch.signature)[name], list(arg)] for name, arg in launch.args]
+        grid = [[list(term) for term in dim] for dim in launch.grid]
+        eval_grid(launch.grid, {"T": 1, "S": 1, "R": 1})  # a grid the runtime cannot evaluate fails here
+        launches.append({"binary": key, "params": params, "grid": grid})
+    return {"step": v.step, "max_T": v.max_T, "scratch": {r: list(s) for r, s in plan.scratch}, "launches": launches}
+
+
+def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Target], stage: Path, cache: BinaryCache,
+                    bar: Progress) -> dict[str, int]:
+    counts = {}
+    plans = {v: v.plan(chosen[v]) for v in variants}
+    task = bar.add("compiling kernels", len(targets) * sum(len(p.launches) for p in plans.values()))
+    for target in targets:
+        tdir = stage / "kernels" / str(target).replace(":", "-")
+        tdir.mkdir(parents=True)
+        binaries: dict[str, dict] = {}
+        nodes: list[dict] = []
+        extra: dict = {}
+        for v in variants:
+            keys = []
+            for launch in plans[v].launches:
+                key, binary, md = cache.get(launch, target)
+                if key not in binaries:
+                    (tdir / f"{key}.{target.binary_ext}").write_bytes(binary)
+                    binaries[key] = {**md, "file": f"{key}.{target.binary_ext}", "source_hash": launch.kernel.cache_key,
+                                     "config": chosen[v].to_json(), "module": launch.kernel.fn.__module__,
+                                     "kernel": launch.kernel.fn.__name__, "constexprs": dict(launch.constexprs)}
+                keys.append(key)
+                bar.advance(task)
+            entry = index_entry(v, plans[v], keys)
+            if v.op == "sampling":
+                sampling = extra.setdefault("sampling", {"node": "sampling", "op": "sampling", "variants": []})
+                sampling["variants"].append(entry)
+            elif nodes and nodes[-1]["node"] == v.node:
+                nodes[-1]["variants"].append(entry)
+            else:
+                nodes.append({"node": v.node, "op": v.op if not v.op.startswith("attention") else "attention",
+                              "variants": [entry]})
+        index = {"target": str(target), "triton": triton.__version__, "binaries": binaries, "nodes": nodes,
+                 "extra": extra}
+        (tdir / "index.json").write_bytes(art.dump_json(index))
+        counts[str(target)] = len(binaries)
+    return counts
+
+
+def build(source: str, out: Path | str, targets: list[str] | None = None, dtype: str | None = None,
+          max_seq_len: int = 2048, max_batch: int = 32, max_num_tokens: int | None = None,
+          autotune: bool | None = None, reference: bool = True, progress: bool = False) -> BuildReport:
+    """Compile ``source`` (preset name, HF directory or .gguf file) into an artifact directory at ``out``."""
+    from compiler.frontends import family_of, load_source
+    from compiler.memory import memory_plan
+    from compiler.onnx_io import to_onnx
+    from compiler.passes import optimize
+    from compiler.trace import trace
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    art.check_output_dir(out)
+    local = local_target()
+    tgts = [Target.parse(t) for t in targets] if targets else ([local] if local else
+                                                               [Target.parse(t) for t in DEFAULT_TARGETS])
+    dtype = dtype or ("bf16" if local else "fp32")
+    check_dtype(dtype, tgts)
+    autotune = bool(local) if autotune is None else autotune
+    if autotune and not local:
+        raise ValueError("--autotune needs a GPU on this machine: drop it to use the tuning database or heuristics")
+    seconds: dict[str, float] = {}
+    with Progress(progress) as bar:
+        task = bar.add("loading model", 1)
+        src = load_source(source, progress=progress)
+        family = family_of(src.config)
+        bar.advance(task)
+        max_pos = src.config.get("max_position_embeddings") or max_seq_len
+        max_seq_len = min(max_seq_len, max_pos)
+        limits = Limits(max_seq_len=max_seq_len, max_batch=max_batch,
+                        max_num_tokens=max_num_tokens or min(max_seq_len, 2048))
+        seconds["load"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        task = bar.add("tracing and fusing", 2)
+        graph, weights = trace(src.config, src.tensors, dtype, limits)
+        bar.advance(task)
+        graph, weights, transforms = optimize(graph, weights, dtype)
+        mem = memory_plan(graph, limits)
+        bar.advance(task)
+        seconds["trace"] = time.perf_counter() - t1
+
+        variants = [v for node in graph.nodes for v in node_variants(graph, node, limits)]
+        variants.append(sampling_variant(graph.get_meta("vocab_size"), limits))
+        t2 = time.perf_counter()
+        chosen, tuning, tuning_source, rows = choose_configs(graph, variants, limits, autotune, bar)
+        seconds["autotune" if autotune else "configs"] = time.perf_counter() - t2
+
+        stage = art.staging_dir(out)
+        try:
+            t3 = time.perf_counter()
+            cache = BinaryCache()
+            counts = compile_targets(variants, chosen, tgts, stage, cache, bar)
+            seconds["compile"] = time.perf_counter() - t3
+            _write_files(stage, src, graph, weights, to_onnx, tuning)
+            manifest = _manifest(source, src, family, dtype, tgts, limits, mem, transforms)
+            if reference:
+                t4 = time.perf_counter()
+                task = bar.add("reference logits (HF)", 1)
+                manifest["reference"] = _write_reference(stage, src)
+                bar.advance(task)
+                seconds["reference"] = time.perf_counter() - t4
+            art.finish(stage, out, manifest)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    seconds["total"] = time.perf_counter() - t0
+    return BuildReport(out, len(graph.nodes), counts, cache.misses, cache.hits, seconds, tuning_source, rows)
+
+
+def _write_files(stage: Path, src, graph: Graph, weights: dict, to_onnx, tuning: dict) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sorted(weights.items())}, str(stage / "weights.safetensors"))
+    (stage / "graph.onnx").write_bytes(to_onnx(graph).SerializeToString(deterministic=True))
+    (stage / "tokenizer.json").write_bytes(src.tokenizer_json)
+    (stage / "tokenizer_config.json").write_bytes(art.dump_json(src.tokenizer_config))
+    (stage / "tuning.json").write_bytes(art.dump_json(json.loads(json.dumps(tuning))))
+
+
+def _manifest(source: str, src, family: str, dtype: str, targets: list[Target], limits: Limits, mem: dict,
+              transforms: list[dict]) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "unknown"
+
+    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < limits.max_batch] + [limits.max_batch]
+    return {
+        "name": src.name,
+        "model": {"architecture": src.config.get("architectures", ["?"])[0], "family": family, "config": src.config,
+                  "dtype": dtype, "source": source if not Path(source).exists() else Path(source).name,
+                  "source_sha256": src.sha256, "transforms": transforms},
+        "build": {"trilite": version("trilite"), "triton": triton.__version__,
+                  "torch": torch.__version__.split("+")[0]},
+        "targets": [str(t) for t in targets],
+        "limits": {"max_seq_len": limits.max_seq_len, "max_batch": limits.max_batch,
+                   "max_num_tokens": limits.max_num_tokens, "block_size": limits.block_size,
+                   "decode_buckets": buckets},
+        "memory_plan": mem,
+    }
+
+
+def _write_reference(stage: Path, src) -> dict:
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    from compiler.reference import reference_logits
+
+    ids = Tokenizer.from_str(src.tokenizer_json.decode()).encode(REFERENCE_TEXT).ids
+    logits = reference_logits(src, ids).float().contiguous()
+    save_file({"logits": logits}, str(stage / "reference.safetensors"))
+    return {"prompt_ids": ids, "text": REFERENCE_TEXT, "dtype": "fp32", "source": "transformers"}
