@@ -30,8 +30,10 @@ def main() -> None:
               help="Weight and activation dtype (default: bf16 with a GPU, fp32 without).")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True)
 @click.option("--max-batch", type=int, default=32, show_default=True)
-@click.option("--max-num-tokens", type=int, default=None, help="Most tokens in one prefill step (default: min(max-seq-len, 2048)).")
-@click.option("--autotune/--no-autotune", default=None, help="Time candidate configs on this GPU (default: on with a GPU).")
+@click.option("--max-num-tokens", type=int, default=None,
+              help="Most tokens in one prefill step (default: min(max-seq-len, 2048)).")
+@click.option("--autotune/--no-autotune", default=None,
+              help="Time candidate configs on this GPU (default: on with a GPU).")
 @click.option("--reference/--no-reference", default=True, help="Store HF transformers reference logits.")
 def compile(source: str, out: Path | None, targets: tuple[str, ...], dtype: str | None, max_seq_len: int,
             max_batch: int, max_num_tokens: int | None, autotune: bool | None, reference: bool) -> None:
