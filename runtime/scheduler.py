@@ -1,0 +1,178 @@
+"""Continuous batching: a waiting queue and a running set, one step at a time (after nano-vllm).
+
+Each step is either a prefill or a decode:
+  prefill  admit waiting sequences in arrival order while the batch, the token budget
+           (max_num_tokens) and the KV blocks allow. A prompt longer than the budget is prefilled
+           in chunks, each continuing its cached prefix; it holds the head of the queue (and the
+           blocks for its whole prompt) until its last chunk has run.
+  decode   one token for every running sequence. When a sequence's next token needs a block and
+           none is free, the newest running sequence is preempted: its blocks are freed and it goes
+           back to the head of the queue with every token it has so far, to be recomputed later.
+Prefill steps come first whenever a waiting sequence can be admitted. Nothing is dropped: a request
+that could never fit is refused in ``add`` with a ValueError naming the limit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from runtime.kv_cache import BlockAllocator, BlockTable, blocks_for
+from runtime.step import Chunk
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens (prompt, then generated) and where its KV lives."""
+
+    seq_id: int
+    token_ids: list[int]
+    max_tokens: int
+    table: BlockTable
+    num_prompt_tokens: int = -1
+    num_cached: int = 0  # leading tokens whose K/V are in the cache
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.token_ids)
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def generated(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass
+class Batch:
+    """One scheduled step: for each sequence, ``counts[i]`` tokens starting at ``starts[i]``."""
+
+    kind: str  # "prefill" | "decode"
+    seqs: list[Sequence] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, start: int, count: int) -> None:
+        self.seqs.append(seq)
+        self.starts.append(start)
+        self.counts.append(count)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.counts)
+
+    def chunks(self) -> list[Chunk]:
+        return [Chunk(s.token_ids[a:a + n], a, s.table.blocks) for s, a, n in zip(self.seqs, self.starts, self.counts)]
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_batch: int, max_num_tokens: int,
+                 max_seq_len: int) -> None:
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_batch = max_batch
+        self.max_num_tokens = max_num_tokens
+        self.max_seq_len = max_seq_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def new_table(self) -> BlockTable:
+        return BlockTable(self.allocator, self.block_size)
+
+    def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse, up front, a request that could never run (ValueError naming the limit)."""
+        if num_prompt_tokens < 1:
+            raise ValueError("the prompt is empty: give at least one token")
+        if num_prompt_tokens > self.max_seq_len:
+            raise ValueError(f"the prompt has {num_prompt_tokens} tokens, more than this artifact's max_seq_len "
+                             f"{self.max_seq_len}: shorten it or recompile with a larger max_seq_len")
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_seq_len:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} is beyond "
+                             f"this artifact's max_seq_len {self.max_seq_len}: lower max_tokens to at most "
+                             f"{self.max_seq_len - num_prompt_tokens}")
+        need = blocks_for(total, self.block_size)
+        if need > self.allocator.num_blocks:
+            raise ValueError(f"a request of {total} tokens needs {need} KV blocks but the cache has only "
+                             f"{self.allocator.num_blocks}: give a larger kv_cache_gb")
+
+    def add(self, seq: Sequence) -> None:
+        self.check(seq.num_prompt_tokens, seq.max_tokens)
+        self.waiting.append(seq)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> Batch | None:
+        """The next step, or None when there is nothing to run."""
+        batch = self._prefill()
+        if batch.seqs:
+            return batch
+        batch = self._decode()
+        if batch.seqs:
+            return batch
+        if not self.idle:
+            raise RuntimeError("scheduler stalled with work left: KV blocks leaked")
+        return None
+
+    def _prefill(self) -> Batch:
+        batch = Batch("prefill")
+        budget = self.max_num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            # A sequence in the middle of a chunked prefill already holds blocks for all its tokens.
+            if not seq.table.ensure(len(seq.token_ids)):
+                break
+            n = min(len(seq.token_ids) - seq.num_cached, budget)
+            batch.add(seq, seq.num_cached, n)
+            budget -= n
+            if seq.num_cached + n < len(seq.token_ids):
+                break  # the rest of this prompt goes in later steps, it keeps the head of the queue
+            self.waiting.popleft()
+            self.running.append(seq)
+        return batch
+
+    def _decode(self) -> Batch:
+        batch = Batch("decode")
+        queue = deque(self.running)
+        while queue:
+            seq = queue.popleft()
+            while not seq.table.ensure(len(seq.token_ids)):
+                victim = queue.pop() if queue else seq
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                batch.add(seq, len(seq.token_ids) - 1, 1)
+        return batch
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it first, to recompute all its tokens later."""
+        self.running.remove(seq)
+        seq.table.release()
+        seq.num_cached = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, batch: Batch, sampled: list[int]) -> list[tuple[Sequence, int]]:
+        """Record that ``batch`` ran; append each sampled token to a sequence that was fully cached by it.
+
+        Returns (sequence, new token) pairs; rows of a chunk that is not a prompt's last are dropped.
+        """
+        out = []
+        for seq, count, tok in zip(batch.seqs, batch.counts, sampled):
+            seq.num_cached += count
+            if seq.num_cached == len(seq.token_ids):
+                seq.token_ids.append(int(tok))
+                out.append((seq, int(tok)))
+        return out
+
+    def finish(self, seq: Sequence) -> None:
+        """A sequence is done: free its blocks."""
+        self.running.remove(seq)
+        seq.table.release()
