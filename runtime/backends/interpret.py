@@ -1,0 +1,74 @@
+"""The ``interpret`` backend: the artifact's own kernel launches, run on the CPU by the Triton interpreter.
+
+It executes index.json exactly as the ``cuda`` backend does (same Program: arena, views, step buffers, KV
+caches, bound parameters, grids, variant choice), but each launch calls the Triton kernel named by its
+binary entry (``module``, ``kernel``, ``constexprs``) through the interpreter instead of loading the binary.
+That is how CI checks the compiled graph and its kernels without a GPU. Any target's index works: the
+launches differ between targets only in configs, which the interpreter runs all the same.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kernels.spec import _interpreted, _interpreting
+from runtime.artifact import Artifact
+from runtime.backends.base import Backend, num_kv_blocks, physical_memory
+from runtime.program import BoundLaunch, Program
+from runtime.step import StepInput
+
+_KERNELS: dict[tuple[str, str], Any] = {}
+
+
+def kernel_of(module: str, name: str) -> Any:
+    """The @triton.jit function ``module.name`` that a binary was compiled from."""
+    if (module, name) not in _KERNELS:
+        _KERNELS[(module, name)] = getattr(importlib.import_module(module), name)
+    return _KERNELS[(module, name)]
+
+
+def run_interpreted(launch: BoundLaunch, env: dict[str, int]) -> None:
+    """Run one bound launch in the Triton interpreter on its (CPU) tensors for the step symbols ``env``."""
+    grid = launch.grid_for(env)
+    if math.prod(grid) == 0:
+        return
+    kernel = kernel_of(launch.binary["module"], launch.binary["kernel"])
+    with _interpreting():
+        _interpreted(kernel.fn)[grid](*launch.args(env), **launch.binary["constexprs"])
+
+
+class InterpretBackend(Backend):
+    """The compiled graph on the CPU, every kernel through the Triton interpreter (slow; for tests and CI)."""
+
+    name = "interpret"
+
+    def __init__(self, artifact: Artifact, kv_cache_gb: float | None = None, max_blocks_total: int | None = None,
+                 target: str | None = None):
+        super().__init__(artifact, kv_cache_gb, max_blocks_total)
+        self.device = torch.device("cpu")
+        self.target = target or artifact.targets[0]
+        weights = artifact.weights()
+        self.program = Program(artifact, artifact.kernel_index(self.target), self.device, weights)
+        self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, physical_memory() // 8)
+        self.program.allocate_kv(self.num_blocks)
+
+    def forward(self, step: StepInput) -> Tensor:
+        """Logits [R, V] fp32: a view of the program's arena, valid until the next step."""
+        env = self.program.load_step(step)
+        for launch in self.program.launches(step.kind, env):
+            run_interpreted(launch, env)
+        return self.program.logits(env["R"])
+
+    def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
+               seeds: Tensor, offsets: Tensor) -> Tensor:
+        """Token ids [R] int32 from the artifact's sampling kernel."""
+        env = self.program.load_sampling(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                         seeds=seeds, offsets=offsets)
+        for launch in self.program.extra_launches("sampling", env):
+            run_interpreted(launch, env)
+        return self.program.extra_buffers["sampling"]["out"][:env["R"]].clone()

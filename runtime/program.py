@@ -1,0 +1,388 @@
+"""An artifact made executable on one device: every buffer allocated once, every kernel launch bound to it.
+
+The memory plan is static, so a ``Program`` allocates everything up front: the activation arena (one uint8
+tensor; each activation is a typed view at its planned offset, sized for the largest step), the step inputs
+(one int32 buffer, each input at a 16-byte-aligned offset, mirrored in pinned host memory so a step is one
+host-to-device copy), the paged KV caches, one scratch buffer shared by all nodes (they run one after the
+other) and the sampling buffers. Then it resolves index.json: each launch parameter becomes a tensor, a step
+symbol (T, S, R) or a constant, so a backend only has to turn the bound launches into calls: driver launches
+(cuda, hip) or Triton-interpreter runs (interpret). Nothing here imports triton or the kernel pack.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from runtime.errors import ArtifactError
+from runtime.step import StepInput
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,
+          "i64": torch.int64, "u8": torch.uint8, "i8": torch.int8}
+ALIGN = 16  # bytes: every pointer the kernels see is 16-byte aligned (their divisibility hints assume it)
+SCRATCH_ALIGN = 256
+
+
+@dataclass(frozen=True)
+class BoundParam:
+    """One kernel parameter: kind "tensor" (value: Tensor), "sym" (value: symbol name), "int" or "float"."""
+
+    name: str
+    type: str  # "*fp16", "i32", "i64", "fp32", ...
+    kind: str
+    value: Any
+
+
+@dataclass(frozen=True, eq=False)
+class BoundLaunch:
+    """One kernel launch with every parameter resolved; ``uid`` indexes ``Program.all_launches()``."""
+
+    uid: int
+    node: str
+    key: str  # binary key in index["binaries"]
+    binary: dict  # that entry: file, name, num_warps, shared, scratch sizes, module, kernel, constexprs
+    params: tuple[BoundParam, ...]
+    grid: tuple  # dims, each a list of [sym | None, div, mul] terms
+    global_scratch: Tensor | None = None
+    profile_scratch: Tensor | None = None
+
+    def grid_for(self, env: dict[str, int]) -> tuple[int, int, int]:
+        """The launch grid for a step's symbols, padded to three dimensions."""
+        return eval_grid(self.grid, env)
+
+    def args(self, env: dict[str, int]) -> list:
+        """Parameter values in order: tensors for pointers, numbers for scalars (symbols from ``env``)."""
+        return [int(env[p.value]) if p.kind == "sym" else p.value for p in self.params]
+
+
+@dataclass(frozen=True)
+class BoundVariant:
+    step: str  # "any" | "prefill" | "decode"
+    max_T: int | None
+    launches: tuple[BoundLaunch, ...]
+
+    def matches(self, kind: str, T: int) -> bool:
+        return self.step in ("any", kind) and (self.max_T is None or T <= self.max_T)
+
+
+@dataclass(frozen=True)
+class BoundNode:
+    name: str
+    op: str
+    variants: tuple[BoundVariant, ...]
+
+    def select(self, kind: str, T: int) -> BoundVariant:
+        for v in self.variants:
+            if v.matches(kind, T):
+                return v
+        raise ArtifactError(f"node {self.name} has no kernel variant for a {kind} step of {T} tokens: "
+                            f"rebuild the artifact")
+
+
+def eval_grid(grid: Any, env: dict[str, int]) -> tuple[int, int, int]:
+    """Grid dims as index.json writes them (sums of [sym | None, div, mul] = ceil(sym / div) * mul) for ``env``."""
+    dims = [sum(mul if sym is None else -(-env[sym] // div) * mul for sym, div, mul in dim) for dim in grid]
+    return tuple(dims + [1] * (3 - len(dims)))
+
+
+def _aligned(n: int, align: int = ALIGN) -> int:
+    return -(-n // align) * align
+
+
+class Program:
+    """Buffers and bound launches for ``artifact`` on ``device``, from one target's ``index`` (index.json).
+
+    weights: name -> tensor on ``device`` (weights.safetensors). Call ``allocate_kv(num_blocks)`` once the
+    backend knows how many KV blocks fit; launches are bound then.
+    """
+
+    def __init__(self, artifact: Any, index: dict, device: torch.device, weights: dict[str, Tensor]):
+        self.graph = artifact.graph
+        self.index = index
+        self.device = torch.device(device)
+        self.weights = weights
+        lim = artifact.manifest["limits"]
+        self.max_batch: int = lim["max_batch"]
+        self.max_num_tokens: int = lim["max_num_tokens"]
+        self.block_size: int = lim["block_size"]
+        self.decode_buckets = sorted(b for b in lim.get("decode_buckets", []) if b <= self.max_batch)
+        self._max = {"T": self.max_num_tokens, "S": self.max_batch, "S+1": self.max_batch + 1, "R": self.max_batch}
+        plan = artifact.manifest["memory_plan"]
+        self.arena = torch.zeros(plan["arena_bytes"], dtype=torch.uint8, device=self.device)
+        self.views = {t.name: self._arena_view(t, plan["offsets"]) for t in self.graph.tensors
+                      if t.kind in ("activation", "output")}
+        self._alloc_inputs()
+        out = self.graph.outputs[0]
+        self.vocab_size = self.graph.tensor(out).shape[-1]
+        self._logits = self.views[out]
+        self.caches: dict[str, Tensor] = {}
+        self.num_blocks = 0
+        self.nodes: tuple[BoundNode, ...] = ()
+        self.extras: dict[str, BoundNode] = {}
+        self.extra_buffers: dict[str, dict[str, Tensor]] = {}
+        self._launches: list[BoundLaunch] = []
+        self._chosen: dict[tuple[str, int], list[BoundLaunch]] = {}
+
+    # ----- allocation -----
+
+    def _shape(self, shape: tuple, num_blocks: int = 0) -> tuple[int, ...]:
+        sizes = {**self._max, "NB": num_blocks}
+        try:
+            return tuple(d if isinstance(d, int) else sizes[d] for d in shape)
+        except KeyError as e:
+            raise ArtifactError(f"graph dimension {e.args[0]!r} is unknown to this runtime: rebuild the artifact "
+                                f"with a matching trilite version") from None
+
+    def _arena_view(self, t: Any, offsets: dict[str, int]) -> Tensor:
+        if t.name not in offsets:
+            raise ArtifactError(f"the memory plan has no offset for tensor {t.name}: rebuild the artifact")
+        shape, off = self._shape(t.shape), offsets[t.name]
+        nbytes = math.prod(shape) * DTYPES[t.dtype].itemsize
+        if off % ALIGN or off + nbytes > self.arena.numel():
+            raise ArtifactError(f"tensor {t.name} ({nbytes} bytes at offset {off}) does not fit the "
+                                f"{self.arena.numel()}-byte arena 16-byte aligned: rebuild the artifact")
+        return self.arena[off:off + nbytes].view(DTYPES[t.dtype]).view(shape)
+
+    def _alloc_inputs(self) -> None:
+        """Step inputs live in one int32 buffer so that a step's inputs travel in one copy."""
+        specs = self.graph.by_kind("input")
+        bad = [t.name for t in specs if t.dtype != "i32"]
+        if bad:
+            raise ArtifactError(f"step inputs {bad} are not int32: rebuild the artifact")
+        layout, total = {}, 0
+        for t in specs:
+            shape = self._shape(t.shape)
+            layout[t.name] = (total, shape)
+            total += _aligned(math.prod(shape), ALIGN // 4)
+        self._staging = torch.zeros(total, dtype=torch.int32, device=self.device)
+        self.inputs = self._split(self._staging, layout)
+        # On a GPU, steps are written to one of two pinned host buffers in turn and uploaded asynchronously;
+        # a buffer is rewritten only after its previous upload (two steps back) has completed.
+        self._hosts = [torch.zeros(total, dtype=torch.int32, pin_memory=True) for _ in range(2)] \
+            if self.device.type == "cuda" else [self._staging]
+        self._host_views = [self._split(h, layout) for h in self._hosts]
+        self._uploaded = [torch.cuda.Event() for _ in self._hosts] if self.device.type == "cuda" else []
+        self._turn = 0
+        self.max_blocks = self.inputs["block_tables"].shape[1] if "block_tables" in self.inputs else 0
+
+    @staticmethod
+    def _split(buffer: Tensor, layout: dict[str, tuple[int, tuple]]) -> dict[str, Tensor]:
+        return {n: buffer[o:o + math.prod(s)].view(s) for n, (o, s) in layout.items()}
+
+    def _host_buffers(self) -> dict[str, Tensor]:
+        """The host-side step buffers to write next (the device buffers themselves on the CPU)."""
+        if self._uploaded:
+            self._turn ^= 1
+            self._uploaded[self._turn].synchronize()
+        return self._host_views[self._turn]
+
+    def _upload(self) -> None:
+        if self._uploaded:
+            self._staging.copy_(self._hosts[self._turn], non_blocking=True)
+            self._uploaded[self._turn].record()
+
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes one KV-cache block takes over every cache tensor (all layers, K and V)."""
+        return sum(math.prod(self._shape(t.shape, 1)) * DTYPES[t.dtype].itemsize for t in self.graph.by_kind("cache"))
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        """Allocate the caches ([num_blocks, block_size, Hk, Dh] each) and bind every launch to the buffers."""
+        if self.nodes:
+            raise RuntimeError("the KV cache is allocated once per Program")
+        self.num_blocks = num_blocks
+        self.caches = {t.name: torch.zeros(self._shape(t.shape, num_blocks), dtype=DTYPES[t.dtype],
+                                           device=self.device) for t in self.graph.by_kind("cache")}
+        entries = list(self.index["nodes"]) + list(self.index.get("extra", {}).values())
+        self.scratch = torch.empty(max([self._scratch_bytes(v) for e in entries for v in e["variants"]] + [ALIGN]),
+                                   dtype=torch.uint8, device=self.device)
+        self._global_scratch = self._kernel_scratch(entries)
+        by_name = {n.name: n for n in self.graph.nodes}
+        nodes = []
+        for entry in self.index["nodes"]:
+            node = by_name.get(entry["node"])
+            if node is None:
+                raise ArtifactError(f"index.json names node {entry['node']}, which the graph lacks: "
+                                    f"rebuild the artifact")
+            roles = {role: self._tensor(name) for role, name in (*node.inputs, *node.outputs)}
+            nodes.append(self._bind(entry, roles))
+        if [n.name for n in nodes] != [n.name for n in self.graph.nodes]:
+            raise ArtifactError("index.json does not list the graph's nodes in order: rebuild the artifact")
+        self.nodes = tuple(nodes)
+        for name, entry in self.index.get("extra", {}).items():
+            buffers = self._extra_buffers(entry)
+            self.extra_buffers[name] = buffers
+            self.extras[name] = self._bind(entry, {"logits": self._logits, **buffers})
+
+    def _tensor(self, name: str) -> Tensor:
+        kind = self.graph.tensor(name).kind
+        if kind == "input":
+            return self.inputs[name]
+        if kind == "cache":
+            return self.caches[name]
+        if kind == "weight":
+            if name not in self.weights:
+                raise ArtifactError(f"weights.safetensors has no tensor {name}: rebuild the artifact")
+            return self.weights[name]
+        return self.views[name]
+
+    @staticmethod
+    def _scratch_layout(variant: dict) -> dict[str, tuple[int, int, str]]:
+        layout, off = {}, 0
+        for role, (numel, dt) in sorted(variant.get("scratch", {}).items()):
+            layout[role] = (off, numel, dt)
+            off = _aligned(off + numel * DTYPES[dt].itemsize, SCRATCH_ALIGN)
+        return layout
+
+    def _scratch_bytes(self, variant: dict) -> int:
+        return max([o + n * DTYPES[dt].itemsize for o, n, dt in self._scratch_layout(variant).values()] + [0])
+
+    def _kernel_scratch(self, entries: list[dict]) -> dict[str, Tensor | None]:
+        """Triton's global/profile scratch: ``size`` bytes per program of the largest grid, shared by launches."""
+        need = {"global": 0, "profile": 0}
+        for e in entries:
+            for v in e["variants"]:
+                for launch in v["launches"]:
+                    b = self.index["binaries"][launch["binary"]]
+                    programs = math.prod(eval_grid(launch["grid"], self._max))
+                    for kind in need:
+                        size = b.get(f"{kind}_scratch_size", 0)
+                        if size:
+                            align = b.get(f"{kind}_scratch_align", 1)
+                            need[kind] = max(need[kind], _aligned(programs * b.get("num_ctas", 1) * size, align))
+        return {k: torch.empty(n, dtype=torch.uint8, device=self.device) if n else None for k, n in need.items()}
+
+    def _extra_buffers(self, entry: dict) -> dict[str, Tensor]:
+        """Per-row buffers ([max_batch]) of an extra entry (sampling), typed by the pointer parameters."""
+        buffers: dict[str, Tensor] = {}
+        for v in entry["variants"]:
+            scratch = set(v.get("scratch", {}))
+            for launch in v["launches"]:
+                for _, ty, (kind, role) in launch["params"]:
+                    if kind == "tensor" and role != "logits" and role not in scratch and role not in buffers:
+                        buffers[role] = torch.zeros(self.max_batch, dtype=DTYPES[ty[1:]], device=self.device)
+        return buffers
+
+    def _bind(self, entry: dict, roles: dict[str, Tensor]) -> BoundNode:
+        variants = []
+        for v in entry["variants"]:
+            scratch = {role: self.scratch[o:o + n * DTYPES[dt].itemsize].view(DTYPES[dt])
+                       for role, (o, n, dt) in self._scratch_layout(v).items()}
+            tensors = {**roles, **scratch}
+            launches = []
+            for launch in v["launches"]:
+                binary = self.index["binaries"].get(launch["binary"])
+                if binary is None:
+                    raise ArtifactError(f"index.json lacks binary {launch['binary']}: rebuild the artifact")
+                params = tuple(self._param(entry["node"], name, ty, arg, tensors)
+                               for name, ty, arg in launch["params"])
+                grid = tuple(tuple(tuple(term) for term in dim) for dim in launch["grid"])
+                scratch_of = {k: self._global_scratch[k] if binary.get(f"{k}_scratch_size") else None
+                              for k in ("global", "profile")}
+                bound = BoundLaunch(len(self._launches), entry["node"], launch["binary"], binary, params, grid,
+                                    scratch_of["global"], scratch_of["profile"])
+                self._launches.append(bound)
+                launches.append(bound)
+            variants.append(BoundVariant(v["step"], v["max_T"], tuple(launches)))
+        return BoundNode(entry["node"], entry["op"], tuple(variants))
+
+    @staticmethod
+    def _param(node: str, name: str, ty: str, arg: list, tensors: dict[str, Tensor]) -> BoundParam:
+        kind, value = arg
+        if kind == "tensor":
+            if value not in tensors:
+                raise ArtifactError(f"node {node}: parameter {name} is bound to role {value!r}, which the node "
+                                    f"lacks: rebuild the artifact")
+            t = tensors[value]
+            if not ty.startswith("*") or DTYPES[ty[1:]] != t.dtype:
+                raise ArtifactError(f"node {node}: parameter {name} is {ty} but role {value} holds {t.dtype}: "
+                                    f"rebuild the artifact")
+            return BoundParam(name, ty, kind, t)
+        if kind not in ("sym", "int", "float"):
+            raise ArtifactError(f"node {node}: parameter {name} has an unknown binding {kind!r}: rebuild the artifact")
+        return BoundParam(name, ty, kind, value)
+
+    # ----- per step -----
+
+    def all_launches(self) -> list[BoundLaunch]:
+        """Every bound launch of every variant (nodes and extras), indexed by ``uid``."""
+        return list(self._launches)
+
+    def launches(self, kind: str, env: dict[str, int]) -> list[BoundLaunch]:
+        """The launches of one step, in order: per node, the first variant for this step kind and T."""
+        key = (kind, env["T"])
+        if key not in self._chosen:
+            self._chosen[key] = [b for n in self.nodes for b in n.select(kind, env["T"]).launches]
+        return self._chosen[key]
+
+    def extra_launches(self, name: str, env: dict[str, int]) -> list[BoundLaunch]:
+        return list(self.extras[name].select("any", env["T"]).launches)
+
+    def load_step(self, step: StepInput, pad_to: int | None = None) -> dict[str, int]:
+        """Copy a step's inputs into the static buffers; returns the env {T, S, R} the launches run with.
+
+        pad_to (decode only): add rows up to a CUDA-graph bucket. Padding rows are masked by the kernels
+        (docs/ops.md): slot_mapping -1, seq_lens 0, block table zeros, positions 0, ids 0, last_idx = row.
+        """
+        T, S, R = step.T, step.S, step.R
+        if T > self.max_num_tokens or S > self.max_batch or R > self.max_batch:
+            raise ValueError(f"step of T={T}, S={S}, R={R} exceeds the artifact's limits "
+                             f"(max_num_tokens {self.max_num_tokens}, max_batch {self.max_batch})")
+        n = pad_to or S
+        if pad_to is not None and (step.kind != "decode" or R != S or not S <= pad_to <= self.max_batch):
+            raise ValueError(f"only a decode step with R == S can be padded to a bucket, got {step.kind} "
+                             f"S={S} R={R} pad_to={pad_to}")
+        host = self._host_buffers()
+        src = step.inputs()
+        w = step.block_tables.shape[1]
+        if w > self.max_blocks:
+            raise ValueError(f"block tables are {w} wide, the artifact allows {self.max_blocks}")
+        for name, pad in (("ids", 0), ("positions", 0), ("slot_mapping", -1), ("seq_lens", 0)):
+            if name in host:
+                host[name][:len(src[name])] = src[name]
+                host[name][len(src[name]):n].fill_(pad)
+        if "cu_seqlens_q" in host:
+            host["cu_seqlens_q"][:S + 1] = step.cu_seqlens_q
+            host["cu_seqlens_q"][S + 1:n + 1] = torch.arange(T + 1, T + 1 + n - S, dtype=torch.int32)
+        if "block_tables" in host:
+            host["block_tables"][:S, :w] = step.block_tables
+            host["block_tables"][:n, w:].zero_()
+            host["block_tables"][S:n].zero_()
+        if "last_idx" in host:
+            host["last_idx"][:R] = step.last_idx
+            host["last_idx"][R:n] = torch.arange(R, n, dtype=torch.int32)
+        self._upload()
+        return {"T": n if pad_to else T, "S": n, "R": n if pad_to else R}
+
+    def load_padding(self, rows: int) -> dict[str, int]:
+        """Fill the step buffers with ``rows`` padding rows of a decode step (used to capture CUDA graphs)."""
+        host = self._host_buffers()
+        for name, pad in (("ids", 0), ("positions", 0), ("slot_mapping", -1), ("seq_lens", 0), ("block_tables", 0)):
+            if name in host:
+                host[name][:rows].fill_(pad)
+        if "cu_seqlens_q" in host:
+            host["cu_seqlens_q"][:rows + 1] = torch.arange(rows + 1, dtype=torch.int32)
+        if "last_idx" in host:
+            host["last_idx"][:rows] = torch.arange(rows, dtype=torch.int32)
+        self._upload()
+        return {"T": rows, "S": rows, "R": rows}
+
+    def load_sampling(self, logits: Tensor, **rows: Tensor) -> dict[str, int]:
+        """Copy sampling parameters ([R] each, by role name) and, unless they are already there, the logits."""
+        R = logits.shape[0]
+        if R > self.max_batch:
+            raise ValueError(f"{R} rows to sample, the artifact allows {self.max_batch}")
+        if logits.data_ptr() != self._logits.data_ptr():
+            self._logits[:R].copy_(logits)
+        buffers = self.extra_buffers["sampling"]
+        for role, value in rows.items():
+            buffers[role][:R].copy_(value)
+        return {"T": R, "S": R, "R": R}
+
+    def logits(self, rows: int) -> Tensor:
+        """The logits of the last step: [rows, V] fp32, a view of the arena that the next step overwrites."""
+        return self._logits[:rows]

@@ -1,0 +1,165 @@
+"""The cuda backend on the GPU: a hand-made artifact (binaries compiled here) and, with the compiler, a tiny preset.
+
+Tolerances: kernels and references both accumulate in fp32, so fp32 logits agree to rounding (1e-4 relative
+to the logits' scale leaves room for different reduction orders over D = 96); fp16 activations round each
+intermediate to 11 bits, so 1e-2. Graph replay runs the very same kernels on the same rows as an eager step,
+so they must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+V, D, MAX_T, MAX_B, BS, MAX_SEQ = 300, 96, 40, 4, 16, 64
+EPS = 1e-5
+
+
+class HandArtifact(SimpleNamespace):
+    """Just what a backend reads from an Artifact."""
+
+    def kernel_index(self, target: str) -> dict:
+        return self.index
+
+    def binary(self, target: str, file: str) -> bytes:
+        return self.files[file]
+
+    def weights(self) -> dict:
+        return {k: v.clone() for k, v in self.tensors.items()}
+
+
+def _entry(plan, keys: list[str]) -> dict:
+    launches = [{"binary": k, "params": [[n, dict(l.signature)[n], list(a)] for n, a in l.args],
+                 "grid": [[list(t) for t in dim] for dim in l.grid]} for l, k in zip(plan.launches, keys)]
+    return {"step": "any", "max_T": None, "scratch": {r: list(s) for r, s in plan.scratch}, "launches": launches}
+
+
+def hand_artifact(dtype: str, targets: list[str] | None = None) -> HandArtifact:
+    """embedding -> rms_norm -> logits (final norm + lm_head on last_idx rows), sampling as the extra entry."""
+    from compiler.aot import cache_key, compile_launch
+    from compiler.build import local_target
+    from compiler.graph import Graph, Limits, Node, TensorSpec
+    from kernels import embedding, logits, rms_norm, sampling
+
+    target = local_target()
+    i32 = lambda n, s: TensorSpec(n, "i32", s, "input")
+    tensors = (i32("ids", ("T",)), i32("positions", ("T",)), i32("slot_mapping", ("T",)),
+               i32("cu_seqlens_q", ("S+1",)), i32("seq_lens", ("S",)), i32("block_tables", ("S", MAX_SEQ // BS)),
+               i32("last_idx", ("R",)), TensorSpec("emb", dtype, (V, D), "weight"),
+               TensorSpec("norm1", dtype, (D,), "weight"), TensorSpec("final_norm", dtype, (D,), "weight"),
+               TensorSpec("lm", dtype, (V, D), "weight"), TensorSpec("k_cache.0", dtype, ("NB", BS, 1, 8), "cache"),
+               TensorSpec("h", dtype, ("T", D), "activation"), TensorSpec("y", dtype, ("T", D), "activation"),
+               TensorSpec("logits", "fp32", ("R", V), "output"))
+    nodes = (Node("embedding", (("ids", "ids"), ("weight", "emb")), (("out", "h"),), name="embed"),
+             Node("rms_norm", (("x", "h"), ("w", "norm1")), (("out", "y"),), (("eps", EPS),), name="norm"),
+             Node("logits", (("x", "y"), ("norm_w", "final_norm"), ("weight", "lm"), ("last_idx", "last_idx")),
+                  (("out", "logits"),), (("eps", EPS),), name="head"))
+    base = {"max_T": MAX_T, "max_S": MAX_B, "eps": EPS}
+    plans = [(embedding, {**base, "V": V, "D": D}, {"ids": "i32", "weight": dtype, "out": dtype}),
+             (rms_norm, {**base, "D": D}, {"x": dtype, "w": dtype, "out": dtype}),
+             (logits, {**base, "D": D, "V": V}, {"x": dtype, "norm_w": dtype, "weight": dtype, "last_idx": "i32",
+                                                 "out": "fp32"}),
+             (sampling, {**base, "V": V}, {"logits": "fp32", "temperature": "fp32", "top_k": "i32", "top_p": "fp32",
+                                          "min_p": "fp32", "seeds": "i64", "offsets": "i64", "out": "i32"})]
+    binaries, files, entries = {}, {}, []
+    for module, meta, dtypes in plans:
+        plan = module.plan(meta, dtypes, module.default(meta))
+        keys = []
+        for launch in plan.launches:
+            key = cache_key(launch, target)
+            blob, md = compile_launch(launch, target)
+            files[f"{key}.bin"] = blob
+            binaries[key] = {**md, "file": f"{key}.bin", "module": launch.kernel.fn.__module__,
+                             "kernel": launch.kernel.fn.__name__, "constexprs": dict(launch.constexprs)}
+            keys.append(key)
+        entries.append(_entry(plan, keys))
+    index = {"target": str(target), "binaries": binaries,
+             "nodes": [{"node": n.name, "op": n.op, "variants": [e]} for n, e in zip(nodes, entries)],
+             "extra": {"sampling": {"node": "sampling", "op": "sampling", "variants": [entries[3]]}}}
+    size = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+    offsets = {"h": 0, "y": MAX_T * D * size, "logits": 2 * MAX_T * D * size}
+    g = torch.Generator().manual_seed(7)
+    tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    weights = {"emb": torch.randn(V, D, generator=g), "norm1": 1 + 0.1 * torch.randn(D, generator=g),
+               "final_norm": 1 + 0.1 * torch.randn(D, generator=g), "lm": torch.randn(V, D, generator=g) / D**0.5}
+    manifest = {"limits": {"max_seq_len": MAX_SEQ, "max_batch": MAX_B, "max_num_tokens": MAX_T, "block_size": BS,
+                           "decode_buckets": [1, 2, 4]},
+                "memory_plan": {"arena_bytes": offsets["logits"] + MAX_B * V * 4, "offsets": offsets}}
+    return HandArtifact(name="hand", graph=Graph(nodes, tensors), manifest=manifest, index=index, files=files,
+                        targets=targets or [str(target)], limits=Limits(MAX_SEQ, MAX_B, MAX_T, BS),
+                        tensors={k: v.to(tdt) for k, v in weights.items()})
+
+
+def reference(art: HandArtifact, step) -> torch.Tensor:
+    w = {k: v.float() for k, v in art.tensors.items()}
+    h = w["emb"][step.ids.long()]
+    y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * w["norm1"]
+    z = y[step.last_idx.long()]
+    return (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS) * w["final_norm"]) @ w["lm"].T
+
+
+def _decode(ids: list[int], start: int = 5):
+    from runtime.step import Chunk, make_step
+
+    return make_step("decode", [Chunk([t], start + i, [i]) for i, t in enumerate(ids)], BS, MAX_SEQ // BS)
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("fp16", 1e-2)])
+def test_hand_artifact_prefill_decode_graphs_and_sampling(dtype, tol):
+    from runtime.backends.cuda import CudaBackend
+    from runtime.step import Chunk, make_step
+
+    art = hand_artifact(dtype)
+    backend = CudaBackend(art, max_blocks_total=9)
+    assert backend.num_blocks == 9 and backend.target == art.index["target"]
+    scale = lambda ref: tol * ref.abs().max().item()
+    prefill = make_step("prefill", [Chunk([3, 1, 4, 1, 5, 9, 2], 0, [0]), Chunk([299, 0, 7, 7, 8], 0, [1])],
+                        BS, MAX_SEQ // BS)
+    out = backend.forward(prefill)
+    ref = reference(art, prefill)
+    assert out.shape == (2, V) and out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), ref, atol=scale(ref), rtol=0)
+
+    steps = [_decode([17]), _decode([4, 250, 9]), _decode([1, 2]), _decode([6, 5, 4, 3])]
+    eager = [backend.forward(s).clone() for s in steps]
+    for s, e in zip(steps, eager):
+        torch.testing.assert_close(e.cpu(), reference(art, s), atol=scale(reference(art, s)), rtol=0)
+    seconds = backend.capture_graphs()
+    assert 0 < seconds < 30 and sorted(backend._graphs) == [1, 2, 4]
+    for s, e in zip(reversed(steps), reversed(eager)):  # replays in another order than eager ran
+        assert torch.equal(backend.forward(s), e)
+
+    logits = backend.forward(steps[3])
+    rows = logits.shape[0]
+    i64 = torch.zeros(rows, dtype=torch.int64)
+    greedy = backend.sample(logits, torch.zeros(rows), torch.zeros(rows, dtype=torch.int32), torch.ones(rows),
+                            torch.zeros(rows), i64 + 11, i64)
+    assert greedy.dtype == torch.int32 and torch.equal(greedy.cpu(), logits.argmax(-1).int().cpu())
+    args = (torch.full((rows,), 0.8), torch.zeros(rows, dtype=torch.int32), torch.ones(rows), torch.zeros(rows),
+            torch.tensor([1, 2, 3, 4]), torch.zeros(rows, dtype=torch.int64))
+    first = backend.sample(logits, *args)
+    assert torch.equal(first, backend.sample(logits, *args)) and ((first >= 0) & (first < V)).all()
+
+
+def test_missing_target_is_one_clear_sentence():
+    from runtime.backends.cuda import CudaBackend
+    from runtime.errors import ArtifactError
+
+    art = hand_artifact("fp32", targets=["cuda:75"])
+    major, minor = torch.cuda.get_device_capability()
+    with pytest.raises(ArtifactError, match=f"artifact has kernels for cuda:75, this GPU is cuda:{major}{minor}: "
+                                            f"recompile with --target cuda:{major}{minor}"):
+        CudaBackend(art)
+
+
+def test_kv_cache_gb_sizes_the_cache():
+    from runtime.backends.cuda import CudaBackend
+
+    backend = CudaBackend(hand_artifact("fp32"), kv_cache_gb=0.001)
+    per_block = BS * 1 * 8 * 4
+    assert backend.num_blocks == int(0.001 * (1 << 30)) // per_block
+    assert tuple(backend.program.caches["k_cache.0"].shape) == (backend.num_blocks, BS, 1, 8)
