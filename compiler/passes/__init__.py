@@ -1,0 +1,66 @@
+"""Graph passes: the traced graph of basic ops -> a graph of kernel ops (docs/ops.md), weights transformed.
+
+Order matters, and each step says why it comes where it does:
+  fuse_silu_mul       first, so the gate/up concat it makes is there for merge_linears
+  fuse_qk_norm_rope   Qwen3's per-head norms go into rope before anything else reads around them
+  merge_linears       q/k/v -> qkv, gate/up -> gate_up (weights concatenated)
+  fuse_residual       residual adds become the epilogue of the linear before them
+  fuse_logits         final norm + gather + lm_head -> logits, before add_rms_norm could take the norm
+  fuse_add_rms_norm   adds left over (no linear to take them) fuse with the norm after them
+  fold_norms          norms read only by linears fold into them (rms_norm_linear, W' = W diag(g))
+  eliminate_dead      unused nodes and weights go
+  cast_weights        fp32 values -> the build dtype (cos_sin stays fp32)
+
+Per Llama decoder layer the result is rms_norm_linear(qkv), rope, kv_cache_write, attention,
+linear(o, +residual), rms_norm_linear(gate_up), silu_mul, linear(down, +residual).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from compiler.graph import GRAPH_OPS, Graph
+from compiler.passes.fuse import fuse_add_rms_norm, fuse_logits, fuse_qk_norm_rope, fuse_residual, fuse_silu_mul
+from compiler.passes.weights import cast_weights, eliminate_dead, fold_norms, merge_linears
+
+Pass = Callable[[Graph, Mapping[str, torch.Tensor]], tuple[Graph, dict[str, torch.Tensor], list[dict]]]
+
+
+def structural(fn: Callable[[Graph], Graph]) -> Pass:
+    """A Graph -> Graph pass in the weight-carrying signature."""
+    return lambda g, w: (fn(g), dict(w), [])
+
+
+PASSES: tuple[tuple[str, Pass], ...] = (
+    ("fuse_silu_mul", structural(fuse_silu_mul)),
+    ("fuse_qk_norm_rope", structural(fuse_qk_norm_rope)),
+    ("merge_linears", merge_linears),
+    ("fuse_residual", structural(fuse_residual)),
+    ("fuse_logits", structural(fuse_logits)),
+    ("fuse_add_rms_norm", structural(fuse_add_rms_norm)),
+    ("fold_norms", fold_norms),
+    ("eliminate_dead", eliminate_dead),
+    ("cast_weights", cast_weights),
+)
+
+
+def optimize(graph: Graph, weights: Mapping[str, torch.Tensor], dtype: str
+             ) -> tuple[Graph, dict[str, torch.Tensor], list[dict]]:
+    """Traced graph + fp32 weights -> (graph of kernel ops, weights in ``dtype`` (cos_sin fp32), transform records).
+
+    The inputs are not modified. ValueError if an op is left that no kernel implements.
+    """
+    if graph.get_meta("dtype", dtype) != dtype:
+        raise ValueError(f"the graph was traced for {graph.get_meta('dtype')}, not {dtype}: trace again")
+    g, w, records = graph, dict(weights), []
+    for _, run in PASSES:
+        g, w, new = run(g, w)
+        records += new
+    left = sorted({n.op for n in g.nodes} - set(GRAPH_OPS))
+    if left:
+        names = [n.name for n in g.nodes if n.op in left]
+        raise ValueError(f"no kernel implements op(s) {', '.join(left)} left after fusion (nodes {names[:5]}): "
+                         f"the model needs a pattern the passes do not fuse")
+    return g, w, records

@@ -1,0 +1,105 @@
+"""Passes that transform weights along with the graph: (Graph, weights) -> (Graph, weights, records).
+
+Weights stay fp32 through every pass (merges and folds are exact there) and are cast last. Each record
+says how one weight was made, for the manifest: {"op", "inputs": [weight names], "output", ...}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from compiler.graph import Graph, TensorSpec
+from compiler.ops import node_label
+from compiler.passes.rewrite import Edit, make_node, merged_name, rebuild
+
+Weights = dict[str, torch.Tensor]
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def merge_linears(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
+    """concat of linears over one input -> one linear whose weight (and bias) rows are theirs in concat order.
+
+    q, k, v -> qkv (q rows, then k, then v); gate, up -> gate_up (gate rows first, as silu_mul reads them).
+    """
+    e, out, records = Edit(g), dict(weights), []
+    for node in g.nodes:
+        if node.op != "concat":
+            continue
+        lins = [e.producer(name, "linear", user=node) for _, name in node.inputs]
+        # Rule: every concat operand is a plain linear read only by the concat, all over the same x, all with
+        # a bias or all without; otherwise a known non-fusion (the concat stays and optimize reports it).
+        if not all(lins) or len({(n.input("x"), bool(n.attr("has_bias"))) for n in lins}) != 1:
+            continue
+        if any(n.attr("has_residual") for n in lins) or len({e.spec(n.output("out")).dtype for n in lins}) != 1:
+            continue
+        roles = ["w", "bias"] if lins[0].attr("has_bias") else ["w"]
+        merged = {}
+        for role in roles:
+            parts = [n.input(role) for n in lins]
+            name = e.fresh(merged_name(parts))
+            out[name] = torch.cat([weights[p] for p in parts], dim=0)
+            first = g.tensor(parts[0])
+            e.add_spec(TensorSpec(name, first.dtype, tuple(out[name].shape), "weight"))
+            records.append({"op": "concat", "inputs": parts, "output": name, "axis": 0})
+            merged[role] = name
+        fused = make_node("linear", node_label(merged["w"]), {"x": lins[0].input("x"), "w": merged["w"],
+                                                              "bias": merged.get("bias")},
+                          {"out": node.output("out")}, has_bias="bias" in merged, has_residual=False)
+        e.replace([*lins, node], fused, at=node)
+    return e.graph(), out, records
+
+
+def fold_norms(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
+    """rms_norm -> linear(s) -> rms_norm_linear with W' = W diag(g): rstd scales each row, g sits in W'."""
+    e, out, records = Edit(g), dict(weights), []
+    folded: dict[tuple[str, str], str] = {}
+    for node in g.nodes:
+        if node.op != "rms_norm" or node.name in e.taken:
+            continue
+        users = e.consumers.get(node.output("out"), [])
+        # Rule: fold only when every reader of the norm output is a plain linear (no residual epilogue);
+        # any other reader needs the normed activations themselves (a known non-fusion).
+        if not users or node.output("out") in g.outputs or not all(
+                u.op == "linear" and not u.attr("has_residual") and u.name not in e.taken for u in users):
+            continue
+        gamma = weights[node.input("w")]
+        new = []
+        for u in users:
+            key = (u.input("w"), node.input("w"))
+            if key not in folded:
+                name = e.fresh(u.input("w").removesuffix(".weight") + ".folded.weight")
+                out[name] = weights[u.input("w")] * gamma[None, :]
+                e.add_spec(TensorSpec(name, g.tensor(u.input("w")).dtype, tuple(out[name].shape), "weight"))
+                records.append({"op": "fold_rms_norm", "inputs": list(key), "output": name})
+                folded[key] = name
+            new.append(make_node("rms_norm_linear", u.name, {"x": node.input("x"), "w": folded[key],
+                                                             "bias": u.input("bias")},
+                                 {"out": u.output("out")}, eps=node.attr("eps"), has_bias=bool(u.attr("has_bias"))))
+        e.replace([node], [], at=node)
+        for u, n in zip(users, new):
+            e.replace([u], n, at=u)
+    return e.graph(), out, records
+
+
+def eliminate_dead(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
+    """Drop nodes nothing reads (transitively from the graph outputs) and weights no node uses."""
+    live, keep = set(g.outputs), []
+    for node in reversed(g.nodes):
+        if any(name in live for _, name in node.outputs):
+            keep.append(node)
+            live.update(name for _, name in node.inputs)
+    dead = rebuild(g, keep[::-1])
+    return dead, {t.name: weights[t.name] for t in dead.by_kind("weight")}, []
+
+
+def cast_weights(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
+    """Every weight to its TensorSpec dtype (the build dtype; cos_sin stays fp32)."""
+    out, records = {}, []
+    for t in g.by_kind("weight"):
+        value = weights[t.name]
+        out[t.name] = value.to(TORCH_DTYPES[t.dtype]).contiguous()
+        if value.dtype != out[t.name].dtype:
+            records.append({"op": "cast", "inputs": [t.name], "output": t.name, "dtype": t.dtype})
+    return g, out, records

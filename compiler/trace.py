@@ -1,0 +1,72 @@
+"""Trace: run a family's model definition on symbolic tensors and get the unfused Graph plus its weights."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+import torch
+
+from compiler.graph import Graph, Limits
+from compiler.models import Model, ModelConfig, family_of
+from compiler.ops import Tracer
+
+DTYPES = ("fp32", "fp16", "bf16")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def trace(config: dict, tensors: Mapping[str, torch.Tensor], dtype: str, limits: Limits
+          ) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """config.json + HF-named tensors -> (graph over basic ops, the weights it references as fp32).
+
+    Every weight keeps its checkpoint name; ``rope.cos_sin`` [max_seq_len, rotary_dim] is added.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    family = family_of(config)
+    cfg = ModelConfig.from_hf(config, has_lm_head="lm_head.weight" in tensors)
+    _check_window(config, limits)
+    tracer = Tracer(dtype)
+    m = Model(cfg, tensors, tracer, limits, rope_table(config, cfg.head_dim, limits.max_seq_len))
+    logits = importlib.import_module(f"compiler.models.{family}").forward(m)
+    meta = {"family": family, "architecture": cfg.architecture, "num_layers": cfg.num_layers,
+            "num_q_heads": cfg.num_q_heads, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "vocab_size": cfg.vocab_size, "block_size": limits.block_size, "max_blocks": limits.max_blocks,
+            "max_seq_len": limits.max_seq_len, "rotary_dim": m.cos_sin.shape[1], "dtype": dtype, "eps": cfg.eps,
+            "tie_word_embeddings": cfg.tie_word_embeddings}
+    return tracer.graph({"logits": logits}, meta), dict(tracer.weights)
+
+
+def _check_window(config: Mapping, limits: Limits) -> None:
+    # A sliding window no shorter than the longest sequence is plain causal attention.
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window and window < limits.max_seq_len:
+        raise ValueError(f"the model uses sliding-window attention ({window} tokens), which trilite does not "
+                         f"implement: compile with max_seq_len <= {window}")
+
+
+def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor:
+    """cos_sin [max_seq_len, rotary_dim] fp32: cos in the first rotary_dim/2 columns, sin in the rest.
+
+    Frequencies and the attention scaling come from transformers' own RoPE code for the config, so the
+    convention (neox halves, llama3 / linear scaling) is HF's to the bit.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    hf = CONFIG_MAPPING[config["model_type"]](**{k: v for k, v in config.items() if k != "model_type"})
+    hf.head_dim = head_dim
+    params = dict(hf.rope_parameters)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported: supported are {', '.join(ROPE_TYPES)}")
+    if rope_type == "default":
+        # transformers keeps the default in each model class; this is its formula.
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+    freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+    return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=1).contiguous()

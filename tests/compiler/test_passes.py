@@ -1,0 +1,155 @@
+import copy
+
+import pytest
+import torch
+
+from compiler import ops
+from compiler.graph import GRAPH_OPS
+from compiler.ops import Tracer
+from compiler.passes import optimize
+from tests.compiler.graph_eval import LIMITS, MODELS, SEQS, evaluate, hf_logits, prefill_feeds, traced
+
+FUSED_LAYER = ["rms_norm_linear", "rope", "kv_cache_write", "attention", "linear", "rms_norm_linear", "silu_mul",
+               "linear"]
+
+
+def optimized(name, dtype="fp32"):
+    graph, weights, config, tensors, model = traced(name, dtype)
+    fused, fused_w, records = optimize(graph, weights, dtype)
+    return graph, weights, fused, fused_w, records, model
+
+
+def layer(graph, i):
+    return [n for n in graph.nodes if n.name.startswith(f"layers.{i}.")]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
+def test_each_layer_is_eight_kernels(name):
+    _, _, g, _, _, _ = optimized(name)
+    assert [n.op for n in g.nodes] == ["embedding", *FUSED_LAYER * 2, "logits"]
+    assert all(n.op in GRAPH_OPS for n in g.nodes)
+    for i in range(2):
+        qkv, rope, write, attn, o, gate_up, act, down = layer(g, i)
+        assert qkv.name == f"layers.{i}.self_attn.qkv_proj" and gate_up.name == f"layers.{i}.mlp.gate_up_proj"
+        assert qkv.attr("has_bias") is (name == "qwen2") and bool(qkv.input("bias")) is (name == "qwen2")
+        assert not gate_up.attr("has_bias") and o.attr("has_residual") and down.attr("has_residual")
+        assert rope.attr("use_qk_norm") is (name == "qwen3")
+        assert (rope.input("q_norm"), rope.input("k_norm")) == ((
+            f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight")
+            if name == "qwen3" else (None, None))
+        # The data flows through the fused chain, each node reading the one before.
+        assert rope.input("qkv") == qkv.output("out") and write.input("qkv") == attn.input("qkv") == rope.output("qkv")
+        assert (attn.input("k_cache"), attn.input("v_cache")) == (write.output("k_cache"), write.output("v_cache"))
+        assert o.input("x") == attn.output("out") and act.input("x") == gate_up.output("out")
+        assert down.input("x") == act.output("out")
+
+
+def test_residual_stream_starts_at_the_embedding():
+    _, _, g, _, _, _ = optimized("llama")
+    emb = g.nodes[0].output("out")
+    qkv0, *_, o0, gate_up0, _, down0 = layer(g, 0)
+    qkv1, *_, o1, _, _, down1 = layer(g, 1)
+    # Layer 0 norms the embedding and adds the attention output to it; each later add takes the stream so far.
+    assert qkv0.input("x") == emb and o0.input("residual") == emb
+    assert gate_up0.input("x") == o0.output("out") and down0.input("residual") == o0.output("out")
+    assert qkv1.input("x") == down0.output("out") and o1.input("residual") == down0.output("out")
+    assert g.nodes[-1].input("x") == down1.output("out") and g.nodes[-1].output("out") == "logits"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_graph_gives_the_same_logits(name):
+    graph, weights, fused, fused_w, _, model = optimized(name)
+    feeds = prefill_feeds(graph, LIMITS, SEQS)
+    ref = torch.stack([hf_logits(model, s)[-1] for s in SEQS])
+    unfused = evaluate(graph, weights, {k: v.clone() for k, v in feeds.items()})["logits"]
+    got = evaluate(fused, fused_w, feeds)["logits"]
+    assert ((got - unfused).norm() / unfused.norm()).item() <= 1e-5
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-4
+
+
+def test_weight_transforms():
+    graph, w, fused, fw, records, _ = optimized("qwen2")
+    p = "model.layers.1."
+    g_in, g_post = w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"]
+    qkv = torch.cat([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]) * g_in
+    torch.testing.assert_close(fw[p + "self_attn.qkv_proj.folded.weight"], qkv, rtol=0, atol=0)
+    torch.testing.assert_close(fw[p + "self_attn.qkv_proj.bias"],
+                               torch.cat([w[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]), rtol=0, atol=0)
+    gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]) * g_post
+    torch.testing.assert_close(fw[p + "mlp.gate_up_proj.folded.weight"], gate_up, rtol=0, atol=0)
+    assert {"op": "concat", "inputs": [p + f"self_attn.{x}_proj.bias" for x in "qkv"],
+            "output": p + "self_attn.qkv_proj.bias", "axis": 0} in records
+    assert {"op": "fold_rms_norm", "inputs": [p + "mlp.gate_up_proj.weight", p + "post_attention_layernorm.weight"],
+            "output": p + "mlp.gate_up_proj.folded.weight"} in records
+    # Dead weights are gone, and every weight the graph names is there.
+    assert set(fw) == {t.name for t in fused.by_kind("weight")}
+    assert set(fw) == {name for n in fused.nodes for _, name in n.inputs if fused.tensor(name).kind == "weight"}
+    assert p + "self_attn.q_proj.weight" not in fw and p + "input_layernorm.weight" not in fw
+
+
+def test_cast_to_bf16_after_folding_in_fp32():
+    _, w, fused, fw, records, _ = optimized("llama3-tied", "bf16")
+    assert fw["rope.cos_sin"].dtype == torch.float32 and fused.tensor("rope.cos_sin").dtype == "fp32"
+    assert all(v.dtype == torch.bfloat16 for k, v in fw.items() if k != "rope.cos_sin")
+    p = "model.layers.0."
+    folded = (torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
+              * w[p + "post_attention_layernorm.weight"]).to(torch.bfloat16)
+    assert torch.equal(fw[p + "mlp.gate_up_proj.folded.weight"], folded)
+    casts = {r["output"] for r in records if r["op"] == "cast"}
+    assert casts == set(fw) - {"rope.cos_sin"} and all(r["dtype"] == "bf16" for r in records if r["op"] == "cast")
+    # Tied: the logits node reads the embedding tensor itself; there is no copy.
+    assert fused.nodes[-1].input("weight") == fused.nodes[0].input("weight") == "model.embed_tokens.weight"
+    assert not any("lm_head" in k for k in fw)
+
+
+def test_optimize_is_pure():
+    graph, weights, *_ = traced("qwen3")
+    before_graph, before_w = copy.deepcopy(graph), {k: v.clone() for k, v in weights.items()}
+    optimize(graph, weights, "fp32")
+    assert graph == before_graph and weights.keys() == before_w.keys()
+    assert all(torch.equal(weights[k], before_w[k]) for k in weights)
+    with pytest.raises(ValueError, match="traced for fp32"):
+        optimize(graph, weights, "fp16")
+
+
+def _side_graph():
+    """Two embeddings summed (no linear to take the add), a norm read by a linear and by a second norm."""
+    g = torch.Generator().manual_seed(7)
+    t = Tracer("fp32")
+    ids = t.source("ids", "i32", ("T",), "input")
+    idx = t.source("last_idx", "i32", ("R",), "input")
+    w = lambda name, *shape: t.weight(name, torch.randn(*shape, generator=g) / 3 + (1 if len(shape) == 1 else 0))
+    s = ops.add(ops.embedding(ids, w("a.weight", 11, 8)), ops.embedding(ids, w("b.weight", 11, 8)), name="sum")
+    n = ops.rms_norm(s, w("n1.weight", 8), 1e-6)
+    h = ops.add(ops.linear(n, w("p.weight", 8, 8)), s, name="h")
+    h = ops.add(ops.linear(ops.rms_norm(n, w("n2.weight", 8), 1e-6), w("q.weight", 8, 8)), h, name="h2")
+    x = ops.gather(ops.rms_norm(h, w("final.weight", 8), 1e-6), idx)
+    logits = ops.linear(x, w("head.weight", 13, 8), out_dtype="fp32", name="logits")
+    return t.graph({"logits": logits}, {"dtype": "fp32"}), dict(t.weights)
+
+
+def test_add_without_a_linear_becomes_add_rms_norm():
+    graph, weights = _side_graph()
+    fused, fw, _ = optimize(graph, weights, "fp32")
+    by_op = {n.op: n for n in fused.nodes}
+    assert sorted(n.op for n in fused.nodes) == sorted(["embedding", "embedding", "add_rms_norm", "linear", "rms_norm",
+                                                        "linear", "logits"])
+    # n1 feeds a norm as well as a linear: it is not folded, and takes the add instead.
+    fused_add = by_op["add_rms_norm"]
+    assert fused_add.output("residual_out") == "sum" and fused_add.input("w") == "n1.weight"
+    # The second linear took the residual add, so n2 cannot fold into it: a known non-fusion.
+    assert by_op["rms_norm"].input("w") == "n2.weight"
+    assert all(n.attr("has_residual") for n in fused.nodes if n.op == "linear")
+    feeds = {"ids": torch.tensor([3, 1, 4, 1, 5, 9, 2], dtype=torch.int32),
+             "last_idx": torch.tensor([6, 2], dtype=torch.int32)}
+    want = evaluate(graph, weights, feeds)["logits"]
+    torch.testing.assert_close(evaluate(fused, fw, feeds)["logits"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_leftover_basic_op_is_an_error():
+    t = Tracer("fp32")
+    x = ops.embedding(t.source("ids", "i32", ("T",), "input"), t.weight("e.weight", torch.randn(5, 4)))
+    out = ops.linear(ops.silu(x), t.weight("w.weight", torch.randn(3, 4)), out_dtype="fp32", name="logits")
+    graph = t.graph({"logits": out}, {"dtype": "fp32"})
+    with pytest.raises(ValueError, match="no kernel implements op.s. silu"):
+        optimize(graph, dict(t.weights), "fp32")
