@@ -176,3 +176,12 @@ class Scheduler:
         """A sequence is done: free its blocks."""
         self.running.remove(seq)
         seq.table.release()
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is (the caller stopped consuming it): free what it holds."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.table.blocks:
+            seq.table.release()

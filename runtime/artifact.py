@@ -1,0 +1,197 @@
+"""Load and validate an artifact directory (docs/artifact.md): format, file hashes, targets.
+
+Every problem is an ArtifactError whose message is one sentence saying what to do. Only JSON and
+safetensors are read (plus the ONNX graph through protobuf): nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from torch import Tensor
+
+from compiler.graph import Limits
+from runtime.errors import ArtifactError
+
+FORMAT = 1
+REQUIRED_FILES = ("graph.onnx", "weights.safetensors", "tokenizer.json")
+LIMIT_KEYS = ("max_seq_len", "max_batch", "max_num_tokens", "block_size")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def target_dir(target: str) -> str:
+    """``cuda:90`` -> ``kernels/cuda-90``."""
+    return "kernels/" + target.replace(":", "-")
+
+
+def max_blocks(limits: Limits) -> int:
+    """Block-table width: blocks of the longest sequence the artifact allows."""
+    return -(-limits.max_seq_len // limits.block_size)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: dict = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name", self.path.name)
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["model"]["dtype"]
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.manifest["targets"])
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(**{k: int(self.manifest["limits"][k]) for k in LIMIT_KEYS})
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path
+
+    @property
+    def rebuild_hint(self) -> str:
+        return _rebuild_hint(self.path, self.manifest)
+
+    @cached_property
+    def graph(self) -> Any:
+        """The static graph (compiler.graph.Graph) read from graph.onnx."""
+        import onnx
+
+        from compiler.onnx_io import from_onnx
+
+        try:
+            return from_onnx(onnx.load(str(self.path / "graph.onnx")))
+        except (ValueError, KeyError, onnx.checker.ValidationError) as e:
+            raise ArtifactError(f"graph.onnx of {self.path} cannot be read ({e}): {self.rebuild_hint}") from e
+
+    def weights(self, device: str = "cpu") -> dict[str, Tensor]:
+        """Every weight by graph tensor name, as stored (transformed, in the model dtype)."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / "weights.safetensors"), device=device)
+
+    def kernel_index(self, target: str) -> dict:
+        """kernels/TARGET/index.json of a target the artifact was compiled for."""
+        if target not in self.targets:
+            raise ArtifactError(f"artifact {self.name} has kernels for {', '.join(self.targets)}, not {target}: "
+                                f"recompile it with --target {target}")
+        return json.loads((self.path / target_dir(target) / "index.json").read_text())
+
+    def binary(self, target: str, file: str) -> bytes:
+        return (self.path / target_dir(target) / file).read_bytes()
+
+    def reference(self) -> tuple[list[int], Tensor]:
+        """(prompt ids, fp32 logits [len, V]) the artifact was checked against when it was built."""
+        from safetensors.torch import load_file
+
+        ref = self.manifest.get("reference")
+        if not ref or "reference.safetensors" not in self.manifest["files"]:
+            raise ArtifactError(f"artifact {self.name} holds no reference logits: {self.rebuild_hint}")
+        return list(ref["prompt_ids"]), load_file(str(self.path / "reference.safetensors"))["logits"]
+
+
+def _rebuild_hint(path: Path, manifest: dict) -> str:
+    source = manifest.get("model", {}).get("source") or "MODEL"
+    return f"rebuild it with `compiler compile {source} --out {path}`"
+
+
+def load_artifact(path: str | Path, check_hashes: bool = True) -> Artifact:
+    """Read manifest.json and check the artifact before anything uses it.
+
+    Checks: the format version, that every file the manifest lists exists (and, with
+    ``check_hashes``, has the recorded sha256), the required files, the limits and each target's index.
+    """
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        what = "does not exist" if not path.exists() else "has no manifest.json"
+        raise ArtifactError(f"{path} {what}: build an artifact with `compiler compile MODEL --out {path}`")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}/manifest.json is not valid JSON ({e}): {_rebuild_hint(path, {})}") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}/manifest.json is not a JSON object: {_rebuild_hint(path, {})}")
+    fmt = manifest.get("format")
+    if fmt != FORMAT:
+        raise ArtifactError(f"artifact format {fmt} is not supported by this runtime (format {FORMAT}): "
+                            f"recompile it with this version's compiler")
+    hint = _rebuild_hint(path, manifest)
+    for key in ("files", "targets", "limits", "model"):
+        if not isinstance(manifest.get(key), dict if key != "targets" else list):
+            raise ArtifactError(f"{path}/manifest.json has no valid {key!r} entry: {hint}")
+    missing_limits = [k for k in LIMIT_KEYS if not isinstance(manifest["limits"].get(k), int)]
+    if missing_limits or "dtype" not in manifest["model"]:
+        raise ArtifactError(f"{path}/manifest.json lacks {missing_limits or ['model.dtype']}: {hint}")
+    files: dict = manifest["files"]
+    needed = [*REQUIRED_FILES, *(f"{target_dir(t)}/index.json" for t in manifest["targets"])]
+    for rel in needed:
+        if rel not in files:
+            raise ArtifactError(f"artifact {path} does not list {rel} in its manifest: {hint}")
+    for rel, digest in sorted(files.items()):
+        p = PurePosixPath(rel)
+        if p.is_absolute() or ".." in p.parts:
+            raise ArtifactError(f"{path}/manifest.json names a file outside the artifact ({rel}): {hint}")
+        if not (path / rel).is_file():
+            raise ArtifactError(f"artifact file {rel} is missing from {path}: {hint}")
+        if check_hashes and _sha256(path / rel) != digest:
+            raise ArtifactError(f"artifact file {rel} in {path} does not match its sha256 in manifest.json (damaged "
+                                f"or edited): copy the artifact again or {hint}")
+    return Artifact(path, manifest)
+
+
+def _weights_header(path: Path) -> dict:
+    """The safetensors JSON header (name -> dtype, shape, offsets) without reading the tensors."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def describe(artifact: Artifact) -> dict:
+    """What ``runtime inspect`` shows: manifest facts, graph ops, kernels per target, weight sizes."""
+    from collections import Counter
+
+    m = artifact.manifest
+    graph = artifact.graph
+    kernels = {}
+    for target in artifact.targets:
+        index = artifact.kernel_index(target)
+        files = {b["file"] for b in index["binaries"].values()}
+        size = sum((artifact.path / target_dir(target) / f).stat().st_size for f in files)
+        launches = sum(len(v["launches"]) for n in index["nodes"] for v in n["variants"])
+        kernels[target] = {"binaries": len(files), "bytes": size, "launch sites": launches}
+    header = _weights_header(artifact.path / "weights.safetensors")
+    numel = sum(math.prod(t["shape"]) for t in header.values())
+    return {
+        "name": artifact.name,
+        "format": m["format"],
+        "model": {k: m["model"].get(k) for k in ("architecture", "family", "dtype", "source")},
+        "build": m.get("build", {}),
+        "targets": artifact.targets,
+        "limits": m["limits"],
+        "graph": {"nodes": len(graph.nodes), "ops": dict(Counter(n.op for n in graph.nodes).most_common()),
+                  "layers": graph.get_meta("num_layers"), "vocab_size": graph.get_meta("vocab_size")},
+        "kernels": kernels,
+        "weights": {"tensors": len(header), "parameters": numel,
+                    "bytes": (artifact.path / "weights.safetensors").stat().st_size},
+    }

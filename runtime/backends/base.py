@@ -1,0 +1,86 @@
+"""The interface every backend implements, and KV-cache sizing shared by them.
+
+A backend owns the device-side state of an artifact (weights, KV-cache blocks, activations) and runs
+one step at a time: ``forward`` (StepInput -> logits [R, V] fp32) and ``sample`` (the sampling op).
+Scheduling, block tables and stop conditions live above it, in the engine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from runtime.artifact import Artifact, max_blocks
+from runtime.step import StepInput
+
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "i32": 4, "i64": 8}
+
+
+class Backend(ABC):
+    name: str = ""
+    device: torch.device
+    num_blocks: int  # KV-cache blocks this backend allocated
+
+    def __init__(self, artifact: Artifact, kv_cache_gb: float | None = None, max_blocks_total: int | None = None):
+        self.artifact = artifact
+
+    @abstractmethod
+    def forward(self, step: StepInput) -> Tensor:
+        """Run the graph on one step; logits [R, V] fp32 on ``self.device`` (rows ``step.last_idx``)."""
+
+    @abstractmethod
+    def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
+               seeds: Tensor, offsets: Tensor) -> Tensor:
+        """The sampling op (docs/ops.md): logits [R, V] fp32 and per-row params [R] -> token ids [R] int32."""
+
+    def capture_graphs(self) -> float:
+        """Seconds spent capturing decode graphs; 0.0 where the backend has none."""
+        return 0.0
+
+    def warmup(self) -> None:
+        """Run whatever makes the first real step fast; nothing by default."""
+        return None
+
+
+def kv_bytes_per_block(artifact: Artifact) -> int:
+    """Bytes of one KV block summed over every cache tensor of the graph ([NB, block_size, Hk, Dh] each)."""
+    total = 0
+    for spec in artifact.graph.by_kind("cache"):
+        total += math.prod(d for d in spec.shape if d != "NB") * ELEMENT_BYTES[spec.dtype]
+    return total
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def num_kv_blocks(artifact: Artifact, kv_cache_gb: float | None, max_blocks_total: int | None,
+                  budget_bytes: int) -> int:
+    """How many KV blocks to allocate.
+
+    ``kv_cache_gb`` given: as many as fit in it. Otherwise enough for max_batch sequences of max_seq_len
+    tokens, capped at ``budget_bytes`` (a backend's share of free memory) but never below one longest
+    sequence. ``max_blocks_total`` caps the result (tests use it to make blocks run out).
+    """
+    per_block = kv_bytes_per_block(artifact)
+    limits = artifact.limits
+    longest = max_blocks(limits)
+    if kv_cache_gb is not None:
+        if kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be positive, got {kv_cache_gb}")
+        n = int(kv_cache_gb * (1 << 30)) // per_block
+        if n < 1:
+            raise ValueError(f"kv_cache_gb {kv_cache_gb} holds no KV block of {per_block} bytes: give more")
+    else:
+        n = max(min(limits.max_batch * longest, budget_bytes // per_block), longest)
+    if max_blocks_total is not None:
+        n = min(n, max_blocks_total)
+    return max(n, 1)

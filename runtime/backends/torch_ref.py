@@ -1,0 +1,97 @@
+"""The torch backend: runs the graph node by node with each op's plain-torch ``reference()``.
+
+No Triton kernel runs here, so it works on any torch device, CPU included: it is how a machine
+without a GPU serves a model, and the yardstick the kernel backends are checked against. KV caches
+are persistent tensors [num_blocks, block_size, Hk, Dh] in the model dtype, updated in place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from runtime.artifact import Artifact
+from runtime.backends.base import Backend, num_kv_blocks, physical_memory
+from runtime.step import StepInput
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,
+          "i64": torch.int64}
+# Share of the machine's RAM the default KV cache may take on the CPU.
+CPU_KV_SHARE = 0.25
+
+
+class _Reference:
+    """An op's reference() with the parameter names it accepts, so node roles and attrs can be filtered."""
+
+    def __init__(self, op: str) -> None:
+        self.fn: Callable = importlib.import_module(f"kernels.{op}").reference
+        params = inspect.signature(self.fn).parameters.values()
+        self.any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        self.names = {p.name for p in params}
+
+    def __call__(self, inputs: dict[str, Tensor], attrs: dict) -> Tensor | tuple[Tensor, ...]:
+        keep = lambda d: d if self.any_kw else {k: v for k, v in d.items() if k in self.names}
+        return self.fn(**keep(inputs), **keep(attrs))
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, artifact: Artifact, kv_cache_gb: float | None = None, max_blocks_total: int | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__(artifact, kv_cache_gb, max_blocks_total)
+        self.device = torch.device(device)
+        self.graph = artifact.graph
+        if self.device.type == "cpu":
+            budget = int(physical_memory() * CPU_KV_SHARE)
+        else:
+            budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
+        self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, budget)
+        self.weights = artifact.weights(str(self.device))
+        missing = [t.name for t in self.graph.by_kind("weight") if t.name not in self.weights]
+        if missing:
+            raise KeyError(f"weights.safetensors lacks graph weights {missing[:5]}")
+        # zeros, not empty: a block never written must not hold NaN that a masked attention could still multiply.
+        self.caches = {t.name: torch.zeros(tuple(self.num_blocks if d == "NB" else d for d in t.shape),
+                                           dtype=DTYPES[t.dtype], device=self.device)
+                       for t in self.graph.by_kind("cache")}
+        self._refs: dict[str, _Reference] = {}
+
+    def _ref(self, op: str) -> _Reference:
+        if op not in self._refs:
+            self._refs[op] = _Reference(op)
+        return self._refs[op]
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> Tensor:
+        env: dict[str, Tensor] = {**self.weights, **self.caches}
+        env.update({k: v.to(self.device) for k, v in step.inputs().items()})
+        for node in self.graph.nodes:
+            op = node.op
+            if op == "attention":
+                op = "attention_decode" if step.kind == "decode" else "attention_prefill"
+            inputs = {role: env[name] for role, name in node.inputs}
+            result = self._ref(op)(inputs, dict(node.attrs))
+            results = result if isinstance(result, tuple) else (result,)
+            if len(results) != len(node.outputs):
+                raise RuntimeError(f"{op} reference returned {len(results)} outputs for {len(node.outputs)} roles")
+            for (_, name), value in zip(node.outputs, results):
+                env[name] = value
+            # An in-place op must leave its result in the input's storage (the persistent KV cache).
+            for out_role, in_role in node.aliases:
+                src, dst = env[node.output(out_role)], inputs[in_role]
+                if src.data_ptr() != dst.data_ptr():
+                    dst.copy_(src)
+                    env[node.output(out_role)] = dst
+        return env[self.graph.outputs[0]].float()
+
+    @torch.inference_mode()
+    def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
+               seeds: Tensor, offsets: Tensor) -> Tensor:
+        dev = self.device
+        return self._ref("sampling").fn(logits.to(dev), temperature.to(dev), top_k.to(dev), top_p.to(dev),
+                                        min_p.to(dev), seeds.to(dev), offsets.to(dev))
