@@ -95,7 +95,7 @@ class Launch:
     """One kernel launch of a node, fully resolved for a config."""
 
     kernel: Any  # triton JITFunction
-    signature: tuple[tuple[str, str], ...]  # every kernel parameter in order: (name, "*fp16" | "i32" | ... | "constexpr")
+    signature: tuple[tuple[str, str], ...]  # every parameter in order: (name, "*fp16" | "i32" | ... | "constexpr")
     constexprs: tuple[tuple[str, Any], ...]
     args: tuple[tuple[str, Arg], ...]  # every non-constexpr parameter, in order
     grid: tuple[GridDim, ...]
