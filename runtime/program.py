@@ -354,7 +354,8 @@ class Program:
             host["block_tables"][S:n].zero_()
         if "last_idx" in host:
             host["last_idx"][:R] = step.last_idx
-            host["last_idx"][R:n] = torch.arange(R, n, dtype=torch.int32)
+            if pad_to:
+                host["last_idx"][R:n] = torch.arange(R, n, dtype=torch.int32)
         self._upload()
         return {"T": n if pad_to else T, "S": n, "R": n if pad_to else R}
 

@@ -163,3 +163,83 @@ def test_kv_cache_gb_sizes_the_cache():
     per_block = BS * 1 * 8 * 4
     assert backend.num_blocks == int(0.001 * (1 << 30)) // per_block
     assert tuple(backend.program.caches["k_cache.0"].shape) == (backend.num_blocks, BS, 1, 8)
+
+
+# ----- a built artifact: tiny random Llama through compiler.build, against the torch backend on the GPU -----
+
+def _build(tmp_path_factory, dtype: str):
+    from compiler.build import build, local_target
+    from runtime.artifact import load_artifact
+
+    out = build("tiny-llama", tmp_path_factory.mktemp(dtype) / "tiny", targets=[str(local_target())], dtype=dtype,
+                max_seq_len=128, max_batch=4, autotune=False, reference=False)
+    return load_artifact(out.out)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape and not a.isnan().any()
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _pair(artifact):
+    from runtime.backends import make_backend
+
+    return (make_backend("cuda", artifact, max_blocks_total=32),
+            make_backend("torch", artifact, max_blocks_total=32, device="cuda"))
+
+
+# fp32: the matmuls run in IEEE fp32 on both sides (no TF32), so only summation order differs: 1e-4 is a wide
+# margin. bf16: each side rounds activations to 8 bits at different points (fused kernels keep fp32 longer),
+# an error of a few 1e-3 per layer: 3e-2 over the whole model still fails on any real indexing bug.
+@pytest.mark.parametrize("dtype,rel", [("fp32", 1e-4), ("bf16", 3e-2)])
+def test_built_artifact_matches_torch_backend_and_graphs_match_eager(tmp_path_factory, dtype, rel):
+    from runtime.step import Chunk, make_step
+
+    cuda, ref = _pair(_build(tmp_path_factory, dtype))
+    vocab, width = cuda.program.vocab_size, cuda.program.max_blocks
+    g = torch.Generator().manual_seed(1)
+    tables = [[9, 2, 5], [11], [4, 6], [0]]
+    lens = [37, 5, 20, 1]
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+    step = make_step("prefill", [Chunk(p, 0, t) for p, t in zip(prompts, tables)], 16, width)
+    assert _rel(cuda.forward(step), ref.forward(step)) < rel
+    decodes = []
+    for k, rows in enumerate((4, 3, 2, 1)):  # buckets 4, 4, 2, 1; sequences drop out, positions stay contiguous
+        chunks = [Chunk([(13 * k + i) % vocab], lens[i] + k, tables[i]) for i in range(rows)]
+        decodes.append(make_step("decode", chunks, 16, width))
+    eager = []
+    for s in decodes:
+        eager.append(cuda.forward(s).clone())
+        assert _rel(eager[-1], ref.forward(s)) < rel
+    assert cuda.capture_graphs() < 30
+    # replay the same steps: the cache already holds these tokens (rewritten with the same values)
+    for s, e in zip(decodes, eager):
+        assert torch.equal(cuda.forward(s), e)
+
+
+def test_greedy_generation_matches_torch_backend_token_for_token(tmp_path_factory):
+    from runtime.step import Chunk, make_step
+
+    cuda, ref = _pair(_build(tmp_path_factory, "fp32"))
+    cuda.capture_graphs()
+    vocab, width = cuda.program.vocab_size, cuda.program.max_blocks
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (11, 26, 3)]
+    tables = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    outs = []
+    for b in (cuda, ref):
+        step = make_step("prefill", [Chunk(p, 0, t) for p, t in zip(prompts, tables)], 16, width)
+        tokens, got = _greedy(b, b.forward(step)), []
+        for k in range(24):
+            got.append(tokens)
+            chunks = [Chunk([tok], len(p) + k, t) for tok, p, t in zip(tokens, prompts, tables)]
+            tokens = _greedy(b, b.forward(make_step("decode", chunks, 16, width)))
+        outs.append(got)
+    assert outs[0] == outs[1]
+
+
+def _greedy(backend, logits: torch.Tensor) -> list[int]:
+    rows, dev = logits.shape[0], logits.device
+    z, z64 = torch.zeros(rows, device=dev), torch.zeros(rows, dtype=torch.int64, device=dev)
+    return backend.sample(logits, z, torch.zeros(rows, dtype=torch.int32, device=dev), torch.ones(rows, device=dev),
+                          z, z64, z64).tolist()

@@ -1,0 +1,170 @@
+"""A llama-bench-like measurement of an engine: prompt processing (pp) and token generation (tg) speed.
+
+pp: one sequence of ``pp`` random tokens prefilled (in chunks of max_num_tokens), tokens per second.
+tg: ``batch`` sequences generating ``tg`` tokens each from an empty context, one decode step per token (CUDA
+graphs where the backend has them), greedy-sampled tokens read back and fed in as the next step's ids, as
+generation does. Per decode step the model reads every weight once plus the KV cache of each sequence; that
+byte count over the step time is the achieved bandwidth, reported against the device-to-device copy bandwidth
+measured in the same process (bytes read + written). Times come from CUDA events after a warm-up run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from runtime.step import Chunk, make_step
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "i32": 4, "i64": 8}
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc), None where that is unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> float:
+    """Seconds ``fn`` takes on ``device``: CUDA events around it on a GPU, the host clock on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 7) -> float:
+    """Bytes per second of a large device-to-device copy (read + written), median of ``repeats``."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (1 << 28))
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = [timed(device, lambda: dst.copy_(src)) for _ in range(repeats)]
+    return 2 * nbytes / statistics.median(times)
+
+
+def decode_weight_bytes(graph: Any) -> int:
+    """Weight bytes one decode step reads: every weight but the embedding table, of which it reads a few rows
+    (a tied lm_head still counts, through the logits node)."""
+    names = {name for node in graph.nodes if node.op != "embedding" for _, name in node.inputs
+             if graph.tensor(name).kind == "weight"}
+    return sum(math.prod(graph.tensor(n).shape) * DTYPE_BYTES[graph.tensor(n).dtype] for n in names)
+
+
+def kv_bytes_per_token(graph: Any, block_size: int) -> int:
+    """KV-cache bytes one token takes over every layer, K and V."""
+    return sum(math.prod(d for d in t.shape if d != "NB") * DTYPE_BYTES[t.dtype]
+               for t in graph.by_kind("cache")) // block_size
+
+
+class _Runner:
+    """Steps straight on the engine's backend, with KV blocks taken from (and returned to) its allocator."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.backend = engine.backend
+        self.limits = engine.limits
+        self.bs = self.limits.block_size
+        self.width = -(-self.limits.max_seq_len // self.bs)
+        self.gen = torch.Generator().manual_seed(0)
+        vocab = int(engine.artifact.graph.get_meta("vocab_size"))
+        self.ids = lambda n: torch.randint(0, vocab, (n,), generator=self.gen).tolist()
+
+    def blocks(self, seqs: int, tokens: int) -> list[list[int]] | None:
+        need = -(-tokens // self.bs)
+        if seqs * need > self.engine.allocator.num_free:
+            return None
+        return [self.engine.allocator.allocate(need) for _ in range(seqs)]
+
+    def release(self, tables: list[list[int]]) -> None:
+        for t in tables:
+            self.engine.allocator.free(t)
+
+    def greedy(self, logits: torch.Tensor) -> list[int]:
+        rows, dev = logits.shape[0], logits.device
+        zeros = torch.zeros(rows, device=dev)
+        z64 = torch.zeros(rows, dtype=torch.int64, device=dev)
+        return self.backend.sample(logits, zeros, torch.zeros(rows, dtype=torch.int32, device=dev),
+                                   torch.ones(rows, device=dev), zeros, z64, z64).tolist()
+
+    def prefill(self, ids: list[int], table: list[int]) -> torch.Tensor:
+        chunk = self.limits.max_num_tokens
+        for start in range(0, len(ids), chunk):
+            step = make_step("prefill", [Chunk(ids[start:start + chunk], start, table)], self.bs, self.width)
+            logits = self.backend.forward(step)
+        return logits
+
+    def generate(self, tables: list[list[int]], steps: int) -> None:
+        tokens = self.ids(len(tables))
+        for pos in range(steps):
+            chunks = [Chunk([t], pos, table) for t, table in zip(tokens, tables)]
+            tokens = self.greedy(self.backend.forward(make_step("decode", chunks, self.bs, self.width)))
+
+
+def _row(test: str, batch: int, **values: float | None) -> dict:
+    keys = ("tokens_per_s", "ms_per_token", "gb_per_s", "pct_copy_bw", "copy_gb_per_s", "graph_capture_s",
+            "first_token_s")
+    return {"test": test, "batch": batch, **{k: values.get(k) for k in keys}}
+
+
+def run_bench(engine: Any, pp: int = 512, tg: int = 128, batch_sizes: Sequence[int] = (1, 16)) -> list[dict]:
+    """Measure ``engine`` (runtime.engine.Engine); one dict per test row, all with the same keys.
+
+    Rows: pp{pp} (batch 1) with the seconds from process start to the first sampled token (a 16-token prompt,
+    measured before anything else here, so meaningful when the bench is the process's first work), then
+    tg{tg} per batch size (above max_batch or beyond the free KV blocks: skipped) with the graph capture time.
+    """
+    run = _Runner(engine)
+    device = run.backend.device
+    lim = run.limits
+    table = run.blocks(1, 16)
+    run.greedy(run.prefill(run.ids(16), table[0]))
+    first = process_age()
+    run.release(table)
+    capture = run.backend.capture_graphs()
+    copy = copy_bandwidth(device)
+    graph = engine.artifact.graph
+    rows = []
+
+    pp = min(pp, lim.max_seq_len)
+    table = run.blocks(1, pp)
+    if table is not None:
+        ids = run.ids(pp)
+        run.prefill(ids, table[0])  # warm-up
+        t = statistics.median(timed(device, lambda: run.prefill(ids, table[0])) for _ in range(3))
+        run.release(table)
+        rows.append(_row(f"pp{pp}", 1, tokens_per_s=pp / t, ms_per_token=1e3 * t / pp, first_token_s=first,
+                         copy_gb_per_s=copy / 1e9))
+
+    weights, kv_token = decode_weight_bytes(graph), kv_bytes_per_token(graph, lim.block_size)
+    steps = min(tg, lim.max_seq_len)
+    for batch in batch_sizes:
+        tables = run.blocks(batch, steps) if batch <= lim.max_batch else None
+        if tables is None:
+            continue
+        run.generate(tables, min(steps, 8))  # warm-up
+        t = timed(device, lambda: run.generate(tables, steps))  # noqa: B023 (called right here)
+        run.release(tables)
+        # step p reads every weight once and p + 1 cached tokens of each sequence
+        moved = weights * steps + kv_token * batch * steps * (steps + 1) // 2
+        rows.append(_row(f"tg{steps}", batch, tokens_per_s=batch * steps / t, ms_per_token=1e3 * t / steps,
+                         gb_per_s=moved / t / 1e9, pct_copy_bw=100 * moved / t / copy, copy_gb_per_s=copy / 1e9,
+                         graph_capture_s=capture))
+    return rows
