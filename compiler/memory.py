@@ -17,10 +17,14 @@ ALIGN = 16
 
 
 def max_rows(dim: Dim, limits: Limits) -> int:
-    """The largest value a shape dim takes: T and R -> max_num_tokens, S -> max_batch, S+1 -> max_batch + 1."""
+    """The largest value a shape dim takes: T -> max_num_tokens, S and R -> max_batch, S+1 -> max_batch + 1.
+
+    R (logits rows) is bounded by max_batch: full-prompt logits are produced in chunks of at most max_batch
+    tokens, so the fp32 [R, V] buffer never grows to max_num_tokens rows.
+    """
     if isinstance(dim, int):
         return dim
-    sizes = {"T": limits.max_num_tokens, "R": limits.max_num_tokens, "S": limits.max_batch,
+    sizes = {"T": limits.max_num_tokens, "R": limits.max_batch, "S": limits.max_batch,
              "S+1": limits.max_batch + 1}
     if dim not in sizes:
         raise ValueError(f"dim {dim!r} has no bound for an arena buffer (known: {', '.join(sizes)})")
