@@ -12,12 +12,12 @@ symbol (T, S, R) or a constant, so a backend only has to turn the bound launches
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from runtime.bound import BoundLaunch, BoundNode, BoundParam, BoundVariant, eval_grid
 from runtime.errors import ArtifactError
 from runtime.step import StepInput
 
@@ -27,70 +27,49 @@ ALIGN = 16  # bytes: every pointer the kernels see is 16-byte aligned (their div
 SCRATCH_ALIGN = 256
 
 
-@dataclass(frozen=True)
-class BoundParam:
-    """One kernel parameter: kind "tensor" (value: Tensor), "sym" (value: symbol name), "int" or "float"."""
-
-    name: str
-    type: str  # "*fp16", "i32", "i64", "fp32", ...
-    kind: str
-    value: Any
-
-
-@dataclass(frozen=True, eq=False)
-class BoundLaunch:
-    """One kernel launch with every parameter resolved; ``uid`` indexes ``Program.all_launches()``."""
-
-    uid: int
-    node: str
-    key: str  # binary key in index["binaries"]
-    binary: dict  # that entry: file, name, num_warps, shared, scratch sizes, module, kernel, constexprs
-    params: tuple[BoundParam, ...]
-    grid: tuple  # dims, each a list of [sym | None, div, mul] terms
-    global_scratch: Tensor | None = None
-    profile_scratch: Tensor | None = None
-
-    def grid_for(self, env: dict[str, int]) -> tuple[int, int, int]:
-        """The launch grid for a step's symbols, padded to three dimensions."""
-        return eval_grid(self.grid, env)
-
-    def args(self, env: dict[str, int]) -> list:
-        """Parameter values in order: tensors for pointers, numbers for scalars (symbols from ``env``)."""
-        return [int(env[p.value]) if p.kind == "sym" else p.value for p in self.params]
-
-
-@dataclass(frozen=True)
-class BoundVariant:
-    step: str  # "any" | "prefill" | "decode"
-    max_T: int | None
-    launches: tuple[BoundLaunch, ...]
-
-    def matches(self, kind: str, T: int) -> bool:
-        return self.step in ("any", kind) and (self.max_T is None or T <= self.max_T)
-
-
-@dataclass(frozen=True)
-class BoundNode:
-    name: str
-    op: str
-    variants: tuple[BoundVariant, ...]
-
-    def select(self, kind: str, T: int) -> BoundVariant:
-        for v in self.variants:
-            if v.matches(kind, T):
-                return v
-        raise ArtifactError(f"node {self.name} has no kernel variant for a {kind} step of {T} tokens: "
-                            f"rebuild the artifact")
-
-
-def eval_grid(grid: Any, env: dict[str, int]) -> tuple[int, int, int]:
-    """Grid dims as index.json writes them (sums of [sym | None, div, mul] = ceil(sym / div) * mul) for ``env``."""
-    dims = [sum(mul if sym is None else -(-env[sym] // div) * mul for sym, div, mul in dim) for dim in grid]
-    return tuple(dims + [1] * (3 - len(dims)))
-
-
 def _aligned(n: int, align: int = ALIGN) -> int:
     return -(-n // align) * align
+
+
+class Staged:
+    """Buffers that travel host -> device together, as one copy.
+
+    One device byte buffer holds every buffer as a typed view at a 16-byte-aligned offset. On a GPU, a step
+    writes one of two pinned host mirrors in turn and uploads it asynchronously; a mirror is rewritten only once
+    its previous upload (two steps back) has completed, so the host never waits on the step just enqueued.
+    On the CPU the host side is the device buffer itself.
+    """
+
+    def __init__(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device):
+        layout, total = {}, 0
+        for name, (shape, dtype) in specs.items():
+            layout[name] = (total, shape, dtype)
+            total += _aligned(math.prod(shape) * dtype.itemsize)
+        self.buffer = torch.zeros(max(total, ALIGN), dtype=torch.uint8, device=device)
+        self.views = self._split(self.buffer, layout)
+        gpu = device.type == "cuda"
+        self._hosts = [torch.zeros_like(self.buffer, device="cpu").pin_memory() for _ in range(2)] if gpu \
+            else [self.buffer]
+        self._host_views = [self._split(h, layout) for h in self._hosts]
+        self._uploaded = [torch.cuda.Event() for _ in self._hosts] if gpu else []
+        self._turn = 0
+
+    @staticmethod
+    def _split(buffer: Tensor, layout: dict) -> dict[str, Tensor]:
+        return {n: buffer[o:o + math.prod(s) * dt.itemsize].view(dt).view(s) for n, (o, s, dt) in layout.items()}
+
+    def host(self) -> dict[str, Tensor]:
+        """The host-side views to fill for the next upload."""
+        if self._uploaded:
+            self._turn ^= 1
+            self._uploaded[self._turn].synchronize()
+        return self._host_views[self._turn]
+
+    def upload(self) -> None:
+        """Enqueue the copy of what ``host()`` returned on the current stream (nothing to do on the CPU)."""
+        if self._uploaded:
+            self.buffer.copy_(self._hosts[self._turn], non_blocking=True)
+            self._uploaded[self._turn].record()
 
 
 class Program:
@@ -124,6 +103,7 @@ class Program:
         self.nodes: tuple[BoundNode, ...] = ()
         self.extras: dict[str, BoundNode] = {}
         self.extra_buffers: dict[str, dict[str, Tensor]] = {}
+        self._extra_staged: dict[str, Staged] = {}
         self._launches: list[BoundLaunch] = []
         self._chosen: dict[tuple[str, int], list[BoundLaunch]] = {}
 
@@ -148,42 +128,14 @@ class Program:
         return self.arena[off:off + nbytes].view(DTYPES[t.dtype]).view(shape)
 
     def _alloc_inputs(self) -> None:
-        """Step inputs live in one int32 buffer so that a step's inputs travel in one copy."""
+        """Step inputs are staged together so that a step's inputs travel in one copy."""
         specs = self.graph.by_kind("input")
         bad = [t.name for t in specs if t.dtype != "i32"]
         if bad:
             raise ArtifactError(f"step inputs {bad} are not int32: rebuild the artifact")
-        layout, total = {}, 0
-        for t in specs:
-            shape = self._shape(t.shape)
-            layout[t.name] = (total, shape)
-            total += _aligned(math.prod(shape), ALIGN // 4)
-        self._staging = torch.zeros(total, dtype=torch.int32, device=self.device)
-        self.inputs = self._split(self._staging, layout)
-        # On a GPU, steps are written to one of two pinned host buffers in turn and uploaded asynchronously;
-        # a buffer is rewritten only after its previous upload (two steps back) has completed.
-        self._hosts = [torch.zeros(total, dtype=torch.int32, pin_memory=True) for _ in range(2)] \
-            if self.device.type == "cuda" else [self._staging]
-        self._host_views = [self._split(h, layout) for h in self._hosts]
-        self._uploaded = [torch.cuda.Event() for _ in self._hosts] if self.device.type == "cuda" else []
-        self._turn = 0
+        self._step = Staged({t.name: (self._shape(t.shape), torch.int32) for t in specs}, self.device)
+        self.inputs = self._step.views
         self.max_blocks = self.inputs["block_tables"].shape[1] if "block_tables" in self.inputs else 0
-
-    @staticmethod
-    def _split(buffer: Tensor, layout: dict[str, tuple[int, tuple]]) -> dict[str, Tensor]:
-        return {n: buffer[o:o + math.prod(s)].view(s) for n, (o, s) in layout.items()}
-
-    def _host_buffers(self) -> dict[str, Tensor]:
-        """The host-side step buffers to write next (the device buffers themselves on the CPU)."""
-        if self._uploaded:
-            self._turn ^= 1
-            self._uploaded[self._turn].synchronize()
-        return self._host_views[self._turn]
-
-    def _upload(self) -> None:
-        if self._uploaded:
-            self._staging.copy_(self._hosts[self._turn], non_blocking=True)
-            self._uploaded[self._turn].record()
 
     @property
     def kv_block_bytes(self) -> int:
@@ -214,7 +166,7 @@ class Program:
             raise ArtifactError("index.json does not list the graph's nodes in order: rebuild the artifact")
         self.nodes = tuple(nodes)
         for name, entry in self.index.get("extra", {}).items():
-            buffers = self._extra_buffers(entry)
+            buffers = self._extra_buffers(name, entry)
             self.extra_buffers[name] = buffers
             self.extras[name] = self._bind(entry, {"logits": self._logits, **buffers})
 
@@ -256,16 +208,21 @@ class Program:
                             need[kind] = max(need[kind], _aligned(programs * b.get("num_ctas", 1) * size, align))
         return {k: torch.empty(n, dtype=torch.uint8, device=self.device) if n else None for k, n in need.items()}
 
-    def _extra_buffers(self, entry: dict) -> dict[str, Tensor]:
-        """Per-row buffers ([max_batch]) of an extra entry (sampling), typed by the pointer parameters."""
-        buffers: dict[str, Tensor] = {}
+    def _extra_buffers(self, name: str, entry: dict) -> dict[str, Tensor]:
+        """Per-row buffers ([max_batch]) of an extra entry (sampling), typed by the pointer parameters.
+
+        Inputs are staged (one upload for all of them); the output role "out" is a buffer of its own.
+        """
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for v in entry["variants"]:
             scratch = set(v.get("scratch", {}))
             for launch in v["launches"]:
                 for _, ty, (kind, role) in launch["params"]:
-                    if kind == "tensor" and role != "logits" and role not in scratch and role not in buffers:
-                        buffers[role] = torch.zeros(self.max_batch, dtype=DTYPES[ty[1:]], device=self.device)
-        return buffers
+                    if kind == "tensor" and role != "logits" and role not in scratch:
+                        specs.setdefault(role, ((self.max_batch,), DTYPES[ty[1:]]))
+        out = {r: torch.zeros(s, dtype=dt, device=self.device) for r, (s, dt) in specs.items() if r == "out"}
+        self._extra_staged[name] = Staged({r: v for r, v in specs.items() if r != "out"}, self.device)
+        return {**self._extra_staged[name].views, **out}
 
     def _bind(self, entry: dict, roles: dict[str, Tensor]) -> BoundNode:
         variants = []
@@ -336,7 +293,7 @@ class Program:
         if pad_to is not None and (step.kind != "decode" or R != S or not S <= pad_to <= self.max_batch):
             raise ValueError(f"only a decode step with R == S can be padded to a bucket, got {step.kind} "
                              f"S={S} R={R} pad_to={pad_to}")
-        host = self._host_buffers()
+        host = self._step.host()
         src = step.inputs()
         w = step.block_tables.shape[1]
         if w > self.max_blocks:
@@ -356,12 +313,12 @@ class Program:
             host["last_idx"][:R] = step.last_idx
             if pad_to:
                 host["last_idx"][R:n] = torch.arange(R, n, dtype=torch.int32)
-        self._upload()
+        self._step.upload()
         return {"T": n if pad_to else T, "S": n, "R": n if pad_to else R}
 
     def load_padding(self, rows: int) -> dict[str, int]:
         """Fill the step buffers with ``rows`` padding rows of a decode step (used to capture CUDA graphs)."""
-        host = self._host_buffers()
+        host = self._step.host()
         for name, pad in (("ids", 0), ("positions", 0), ("slot_mapping", -1), ("seq_lens", 0), ("block_tables", 0)):
             if name in host:
                 host[name][:rows].fill_(pad)
@@ -369,19 +326,28 @@ class Program:
             host["cu_seqlens_q"][:rows + 1] = torch.arange(rows + 1, dtype=torch.int32)
         if "last_idx" in host:
             host["last_idx"][:rows] = torch.arange(rows, dtype=torch.int32)
-        self._upload()
+        self._step.upload()
         return {"T": rows, "S": rows, "R": rows}
 
     def load_sampling(self, logits: Tensor, **rows: Tensor) -> dict[str, int]:
-        """Copy sampling parameters ([R] each, by role name) and, unless they are already there, the logits."""
+        """Copy sampling parameters ([R] each, by role name) and, unless they are already there, the logits.
+
+        Parameters given as CPU tensors travel in one upload; tensors already on the device are copied there.
+        """
         R = logits.shape[0]
         if R > self.max_batch:
             raise ValueError(f"{R} rows to sample, the artifact allows {self.max_batch}")
         if logits.data_ptr() != self._logits.data_ptr():
             self._logits[:R].copy_(logits)
-        buffers = self.extra_buffers["sampling"]
-        for role, value in rows.items():
-            buffers[role][:R].copy_(value)
+        staged = self._extra_staged["sampling"]
+        if all(v.device.type == "cpu" for v in rows.values()):
+            host = staged.host()
+            for role, value in rows.items():
+                host[role][:R] = value
+            staged.upload()
+        else:
+            for role, value in rows.items():
+                staged.views[role][:R].copy_(value)
         return {"T": R, "S": R, "R": R}
 
     def logits(self, rows: int) -> Tensor:

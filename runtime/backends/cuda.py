@@ -19,9 +19,10 @@ from torch import Tensor
 
 from runtime.artifact import Artifact
 from runtime.backends.base import Backend, num_kv_blocks
+from runtime.bound import BoundLaunch
 from runtime.driver import CUDA_API, Driver, Kernel, ParamArray, _Api
 from runtime.errors import ArtifactError
-from runtime.program import BoundLaunch, Program
+from runtime.program import Program
 from runtime.step import StepInput
 
 KV_FRACTION = 0.9  # of the memory free after weights, arena and scratch

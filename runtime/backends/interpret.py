@@ -19,7 +19,8 @@ from torch import Tensor
 from kernels.spec import _interpreted, _interpreting
 from runtime.artifact import Artifact
 from runtime.backends.base import Backend, num_kv_blocks, physical_memory
-from runtime.program import BoundLaunch, Program
+from runtime.bound import BoundLaunch
+from runtime.program import Program
 from runtime.step import StepInput
 
 _KERNELS: dict[tuple[str, str], Any] = {}

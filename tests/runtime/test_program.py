@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from compiler.graph import Graph, Node, TensorSpec
+from runtime.bound import eval_grid
 from runtime.errors import ArtifactError
-from runtime.program import Program, eval_grid
+from runtime.program import Program
 from runtime.step import Chunk, make_step
 
 D, I, MAX_T, MAX_B, MAX_BLOCKS, BS = 40, 20, 24, 4, 3, 16
@@ -147,6 +148,9 @@ def test_load_step_prefill_copies_every_input():
             dst = dst[:2]
         assert torch.equal(dst[:len(src)], src), name
     assert p.inputs["slot_mapping"][:5].tolist() == [32, 33, 34, 65, 66]
+    # every position's logits (R = T > S), continuing a cached prefix
+    env = p.load_step(make_step("prefill", [Chunk([1, 2, 3], 5, [2])], BS, MAX_BLOCKS, all_logits=True))
+    assert env == {"T": 3, "S": 1, "R": 3} and p.inputs["last_idx"][:3].tolist() == [0, 1, 2]
 
 
 def test_load_step_decode_pads_rows_as_the_kernels_expect():

@@ -1,0 +1,75 @@
+"""Bound launches: index.json's kernel launches with every parameter resolved to a tensor, a symbol or a constant.
+
+``runtime.program.Program`` makes them; the backends run them (driver calls, or the Triton interpreter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from runtime.errors import ArtifactError
+
+
+@dataclass(frozen=True)
+class BoundParam:
+    """One kernel parameter: kind "tensor" (value: Tensor), "sym" (value: symbol name), "int" or "float"."""
+
+    name: str
+    type: str  # "*fp16", "i32", "i64", "fp32", ...
+    kind: str
+    value: Any
+
+
+@dataclass(frozen=True, eq=False)
+class BoundLaunch:
+    """One kernel launch with every parameter resolved; ``uid`` indexes ``Program.all_launches()``."""
+
+    uid: int
+    node: str
+    key: str  # binary key in index["binaries"]
+    binary: dict  # that entry: file, name, num_warps, shared, scratch sizes, module, kernel, constexprs
+    params: tuple[BoundParam, ...]
+    grid: tuple  # dims, each a list of [sym | None, div, mul] terms
+    global_scratch: Tensor | None = None
+    profile_scratch: Tensor | None = None
+
+    def grid_for(self, env: dict[str, int]) -> tuple[int, int, int]:
+        """The launch grid for a step's symbols, padded to three dimensions."""
+        return eval_grid(self.grid, env)
+
+    def args(self, env: dict[str, int]) -> list:
+        """Parameter values in order: tensors for pointers, numbers for scalars (symbols from ``env``)."""
+        return [int(env[p.value]) if p.kind == "sym" else p.value for p in self.params]
+
+
+@dataclass(frozen=True)
+class BoundVariant:
+    step: str  # "any" | "prefill" | "decode"
+    max_T: int | None
+    launches: tuple[BoundLaunch, ...]
+
+    def matches(self, kind: str, T: int) -> bool:
+        return self.step in ("any", kind) and (self.max_T is None or T <= self.max_T)
+
+
+@dataclass(frozen=True)
+class BoundNode:
+    name: str
+    op: str
+    variants: tuple[BoundVariant, ...]
+
+    def select(self, kind: str, T: int) -> BoundVariant:
+        for v in self.variants:
+            if v.matches(kind, T):
+                return v
+        raise ArtifactError(f"node {self.name} has no kernel variant for a {kind} step of {T} tokens: "
+                            f"rebuild the artifact")
+
+
+def eval_grid(grid: Any, env: dict[str, int]) -> tuple[int, int, int]:
+    """Grid dims as index.json writes them (sums of [sym | None, div, mul] = ceil(sym / div) * mul) for ``env``."""
+    dims = [sum(mul if sym is None else -(-env[sym] // div) * mul for sym, div, mul in dim) for dim in grid]
+    return tuple(dims + [1] * (3 - len(dims)))
