@@ -12,27 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from compiler.frontends import family_of
 from compiler.graph import STEP_INPUTS, Limits
 from compiler.ops import Sym, Tracer
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3"}
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-
 _INPUT_SHAPES = {"ids": ("T",), "positions": ("T",), "slot_mapping": ("T",), "cu_seqlens_q": ("S+1",),
                  "seq_lens": ("S",), "block_tables": ("S", "max_blocks"), "last_idx": ("R",)}
-
-
-def family_of(config: Mapping) -> str:
-    """"llama" | "qwen2" | "qwen3" from config.json's architectures (else model_type); ValueError if unsupported."""
-    for arch in config.get("architectures") or ():
-        if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch]
-    if not config.get("architectures") and config.get("model_type") in MODEL_TYPES:
-        return MODEL_TYPES[config["model_type"]]
-    raise ValueError(f"unsupported model: architectures {config.get('architectures')}, model_type "
-                     f"{config.get('model_type')!r}; supported architectures are {', '.join(ARCHITECTURES)} "
-                     f"(model_type {', '.join(MODEL_TYPES)})")
 
 
 @dataclass(frozen=True)
