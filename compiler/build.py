@@ -186,11 +186,9 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
     if autotune and not local:
         raise ValueError("--autotune needs a GPU on this machine: drop it to use the tuning database or heuristics")
     seconds: dict[str, float] = {}
+    src = load_source(source, progress=progress)  # before any progress output: a bad SOURCE is one clean line
+    family = family_of(src.config)
     with Progress(progress) as bar:
-        task = bar.add("loading model", 1)
-        src = load_source(source, progress=progress)
-        family = family_of(src.config)
-        bar.advance(task)
         max_pos = src.config.get("max_position_embeddings") or max_seq_len
         max_seq_len = min(max_seq_len, max_pos)
         limits = Limits(max_seq_len=max_seq_len, max_batch=max_batch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as _Rich
 
@@ -9,7 +10,7 @@ from rich.progress import Progress as _Rich
 class Progress:
     def __init__(self, enabled: bool = True):
         self._rich = _Rich(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                           TimeElapsedColumn(), transient=False) if enabled else None
+                           TimeElapsedColumn(), console=Console(stderr=True)) if enabled else None
 
     def __enter__(self) -> Progress:
         if self._rich:
