@@ -1,0 +1,159 @@
+"""RMSNorm fused into the following linear: out[T, N] = rstd(x) * (x[T, K] @ w[N, K]^T) (+ bias[N]).
+
+The compiler has folded the norm weight g into w (W' = W * diag(g), in fp32, then cast), so what is left of the
+norm is a per-row scalar: rstd(x) = 1 / sqrt(mean(x^2) + eps) commutes with the product and is applied in the
+epilogue ("FlashNorm", arXiv 2407.09577). Its sum of squares comes from the same x tiles the K loop streams for
+the product, so the norm costs no extra pass over x and no [T, K] normed activation is ever written. Layouts
+(GEMV / split-K for decode, tl.dot tiles for prefill) are those of kernels/matmul_helpers.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.matmul_helpers import (
+    launch_config,
+    matmul_configs,
+    matmul_default,
+    matmul_program,
+    partial_numel,
+    reduce_constexprs,
+    reduce_grid,
+    reduce_program,
+    tile_constexprs,
+    tile_grid,
+)
+from kernels.spec import Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
+
+
+@triton.jit
+def _rms_norm_linear_kernel(
+    x_ptr,  # [T, K]
+    w_ptr,  # [N, K], norm weight folded in
+    bias_ptr,  # [N]; without HAS_BIAS bound to w and never read
+    out_ptr,  # [T, N]
+    partial_ptr,  # [SPLIT_K, max_T, N] fp32 scratch; with SPLIT_K == 1 bound to out and never written
+    sumsq_ptr,  # [SPLIT_K, max_T] fp32 scratch; with SPLIT_K == 1 bound to out and never written
+    T,
+    stride_x,
+    stride_out,
+    max_T,
+    eps,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    K_SPAN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    LOOP_M: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    matmul_program(x_ptr, w_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, T, stride_x, stride_out,
+                   stride_out, max_T, eps, N, K, K_SPAN, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, GROUP_M, LOOP_M,
+                   USE_DOT, EVEN_K, True, HAS_BIAS, False)
+
+
+@triton.jit
+def _rms_norm_linear_reduce_kernel(
+    partial_ptr,  # [SPLIT_K, max_T, N] fp32
+    sumsq_ptr,  # [SPLIT_K, max_T] fp32
+    bias_ptr,  # [N]; without HAS_BIAS bound to out and never read
+    out_ptr,  # [T, N]
+    T,
+    stride_out,
+    max_T,
+    eps,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    reduce_program(partial_ptr, sumsq_ptr, bias_ptr, out_ptr, out_ptr, T, stride_out, stride_out, max_T, eps,
+                   N, K, SPLIT_K, BLOCK_R, True, HAS_BIAS, False)
+
+
+def configs(meta: dict) -> list[Config]:
+    return matmul_configs(meta)
+
+
+def default(meta: dict) -> Config:
+    return matmul_default(meta)
+
+
+def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
+    N, K = meta["N"], meta["K"]
+    has_bias = bool(meta["has_bias"])
+    split = config["SPLIT_K"]
+    out = ("out", dtypes["out"])
+    # An absent optional input binds to a tensor the node always has; its HAS_* flag keeps it unread.
+    bias = ("bias", dtypes["bias"]) if has_bias else ("w", dtypes["w"])
+    partial, sumsq = (("partial", "fp32"), ("sumsq", "fp32")) if split > 1 else (out, out)
+    scalars = {"stride_out": ("int", meta.get("stride_out", N)), "max_T": ("int", meta["max_T"]),
+            "eps": ("float", meta["eps"])}
+    scalar_types = {"T": "i32", "stride_out": "i64", "max_T": "i64", "eps": "fp32"}
+    main = make_launch(
+        _rms_norm_linear_kernel,
+        types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "bias_ptr": ptr(bias[1]),
+               "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]), "sumsq_ptr": ptr(sumsq[1]),
+               "stride_x": "i64", **scalar_types},
+        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias and split == 1},
+        args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "bias_ptr": ("tensor", bias[0]),
+              "out_ptr": ("tensor", "out"), "partial_ptr": ("tensor", partial[0]),
+              "sumsq_ptr": ("tensor", sumsq[0]), "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", K)),
+              **scalars},
+        grid=tile_grid(meta, config),
+        config=launch_config(config, dtypes),
+    )
+    if split == 1:
+        return Plan((main,))
+    bias = bias if has_bias else out
+    reduce = make_launch(
+        _rms_norm_linear_reduce_kernel,
+        types={"partial_ptr": ptr("fp32"), "sumsq_ptr": ptr("fp32"), "bias_ptr": ptr(bias[1]),
+               "out_ptr": ptr(dtypes["out"]), **scalar_types},
+        constexprs={**reduce_constexprs(meta, config), "HAS_BIAS": has_bias},
+        args={"partial_ptr": ("tensor", "partial"), "sumsq_ptr": ("tensor", "sumsq"),
+              "bias_ptr": ("tensor", bias[0]), "out_ptr": ("tensor", "out"), "T": ("sym", "T"), **scalars},
+        grid=reduce_grid(meta),
+        config=Config.make(num_warps=2, num_stages=1),
+    )
+    scratch = (("partial", (partial_numel(meta, config), "fp32")), ("sumsq", (split * meta["max_T"], "fp32")))
+    return Plan((main, reduce), scratch=scratch)
+
+
+SPEC = KernelSpec("rms_norm_linear", configs, default, plan, tune_buckets=(1, 16, 64, 256))
+
+
+def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, eps: float,
+                    out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """x [T, K], w [N, K] (norm weight folded in), bias [N] or None -> out [T, N] in x's dtype, via the kernel."""
+    T, K = x.shape
+    N = w.shape[0]
+    assert x.stride(1) == 1 and w.shape == (N, K) and w.is_contiguous(), "x [T, K] unit column stride, w [N, K]"
+    assert bias is None or bias.shape == (N,)
+    if out is None:
+        out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    assert out.shape == (T, N) and out.stride(1) == 1
+    meta = {"K": K, "N": N, "eps": eps, "has_bias": bias is not None, "stride_x": x.stride(0),
+            "stride_out": out.stride(0), "max_T": T, "max_S": 1, "T_bucket": T}
+    tensors = {"x": x, "w": w, "out": out}
+    dtypes = {"x": dtype_name(x), "w": dtype_name(w), "out": dtype_name(out)}
+    if bias is not None:
+        tensors["bias"], dtypes["bias"] = bias, dtype_name(bias)
+    run(plan(meta, dtypes, config or default(meta)), tensors, {"T": T, "S": 1})
+    return out
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, eps: float) -> torch.Tensor:
+    xf = x.float()
+    out = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (xf @ w.float().T)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

@@ -1,0 +1,99 @@
+"""linear, rms_norm_linear and logits on the GPU (Triton JIT) against their fp32 references at model sizes.
+
+Tolerances: the kernels and the references both accumulate in fp32 from the same operands, so they differ by
+summation order (~1e-6 relative in fp32) plus the final rounding of the output: bf16 keeps 8 mantissa bits
+(one rounding step is 2^-8 ~ 4e-3 relative, two steps apart at a rounding boundary 8e-3), fp16 keeps 11
+(~1e-3 relative). Outputs are O(1) by construction (activations scaled by 1/sqrt(K)), so atol matches rtol.
+fp32 runs tl.dot with input_precision="ieee", and torch's fp32 matmul does not use TF32 by default.
+"""
+
+import pytest
+import torch
+
+from kernels import linear as linear_op
+from kernels import logits as logits_op
+from kernels import rms_norm_linear as rnl_op
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+# (K, N): attention o-proj / qkv / gate_up / down of hidden 2048 (intermediate 5632) and 4096 (14336).
+SHAPES = [(2048, 2048), (2048, 2 * 5632), (5632, 2048), (4096, 6144), (14336, 4096)]
+TOKENS = [1, 3, 16, 64, 300]
+
+
+def _rand(*shape, dtype, scale=1.0, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+
+
+def _poisoned(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def _close(out, ref, dtype):
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("T", TOKENS)
+def test_linear_gpu(T, K, N, dtype):
+    x = _rand(T, K, dtype=dtype, scale=K**-0.5, seed=1)
+    w, bias = _rand(N, K, dtype=dtype, seed=2), _rand(N, dtype=dtype, seed=3)
+    residual = _rand(T, N, dtype=dtype, seed=4)
+    expected = linear_op.reference(x, w, bias, residual)
+    _close(linear_op.linear(x, w, bias, residual, out=_poisoned(T, N, dtype=dtype)), expected, dtype)
+    _close(linear_op.linear(x, w, out=_poisoned(T, N, dtype=dtype)), linear_op.reference(x, w), dtype)
+    # The in-place residual add of the o and down projections.
+    assert linear_op.linear(x, w, bias, residual, out=residual) is residual
+    _close(residual, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("K,N", SHAPES[:3])
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_rms_norm_linear_gpu(use_bias, T, K, N, dtype):
+    x = _rand(T, K, dtype=dtype, seed=5) + 0.1
+    w = _rand(N, K, dtype=dtype, scale=K**-0.5, seed=6)
+    bias = _rand(N, dtype=dtype, seed=7) if use_bias else None
+    out = rnl_op.rms_norm_linear(x, w, bias, eps=1e-5, out=_poisoned(T, N, dtype=dtype))
+    _close(out, rnl_op.reference(x, w, bias, eps=1e-5), dtype)
+
+
+@pytest.mark.parametrize("op", ["linear", "rms_norm_linear"])
+@pytest.mark.parametrize("bucket", [1, 16, 64, 1024])
+def test_every_candidate_config_gpu(op, bucket):
+    # What autotuning may pick must be right too: every candidate of each bucket, in bf16 (tensor-core dots).
+    K, N, dtype = 4096, 2 * 5632, torch.bfloat16
+    T = max(1, bucket - 3)
+    x = _rand(T, K, dtype=dtype, scale=K**-0.5, seed=8) + 0.01
+    w, bias = _rand(N, K, dtype=dtype, seed=9), _rand(N, dtype=dtype, seed=10)
+    mod = linear_op if op == "linear" else rnl_op
+    attrs = {"has_residual": False} if op == "linear" else {"eps": 1e-5}
+    meta = {"K": K, "N": N, "has_bias": True, **attrs, "max_T": T, "max_S": 1, "T_bucket": bucket}
+    if op == "linear":
+        run = lambda config: linear_op.linear(x, w, bias, out=_poisoned(T, N, dtype=dtype), config=config)
+        ref = linear_op.reference(x, w, bias)
+    else:
+        run = lambda config: rnl_op.rms_norm_linear(x, w, bias, eps=1e-5, out=_poisoned(T, N, dtype=dtype),
+                                                    config=config)
+        ref = rnl_op.reference(x, w, bias, eps=1e-5)
+    for config in dict.fromkeys([*mod.SPEC.configs(meta), mod.SPEC.default(meta)]):
+        torch.testing.assert_close(run(config).float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype],
+                                   msg=lambda m, c=config: f"{c}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D,V", [(2048, 32000), (4096, 128256)])
+@pytest.mark.parametrize("S", [1, 8, 32])
+def test_logits_gpu(S, D, V, dtype):
+    T = 4 * S
+    x = _rand(T, D, dtype=dtype, seed=11) * 2
+    norm_w = 1 + _rand(D, dtype=dtype, scale=0.1, seed=12)
+    weight = _rand(V, D, dtype=dtype, scale=D**-0.5, seed=13)
+    last_idx = torch.arange(S, device="cuda", dtype=torch.int32) * 4 + 3
+    out = logits_op.logits(x, norm_w, weight, last_idx, eps=1e-5, out=_poisoned(S, V, dtype=torch.float32))
+    # fp32 in and out on both sides: only the order of the D-long sums differs.
+    torch.testing.assert_close(out, logits_op.reference(x, norm_w, weight, last_idx, eps=1e-5), atol=1e-3, rtol=1e-3)
