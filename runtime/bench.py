@@ -86,6 +86,7 @@ class _Runner:
         self.gen = torch.Generator().manual_seed(0)
         vocab = int(engine.artifact.graph.get_meta("vocab_size"))
         self.ids = lambda n: torch.randint(0, vocab, (n,), generator=self.gen).tolist()
+        self._greedy: dict[int, tuple] = {}
 
     def blocks(self, seqs: int, tokens: int) -> list[list[int]] | None:
         need = -(-tokens // self.bs)
@@ -98,11 +99,12 @@ class _Runner:
             self.engine.allocator.free(t)
 
     def greedy(self, logits: torch.Tensor) -> list[int]:
-        rows, dev = logits.shape[0], logits.device
-        zeros = torch.zeros(rows, device=dev)
-        z64 = torch.zeros(rows, dtype=torch.int64, device=dev)
-        return self.backend.sample(logits, zeros, torch.zeros(rows, dtype=torch.int32, device=dev),
-                                   torch.ones(rows, device=dev), zeros, z64, z64).tolist()
+        # CPU parameters: the backend stages them into one upload, as the engine's should be
+        rows = logits.shape[0]
+        if rows not in self._greedy:
+            zeros, z64 = torch.zeros(rows), torch.zeros(rows, dtype=torch.int64)
+            self._greedy[rows] = (zeros, torch.zeros(rows, dtype=torch.int32), torch.ones(rows), zeros, z64, z64)
+        return self.backend.sample(logits, *self._greedy[rows]).tolist()
 
     def prefill(self, ids: list[int], table: list[int]) -> torch.Tensor:
         chunk = self.limits.max_num_tokens

@@ -225,7 +225,7 @@ def test_greedy_generation_matches_torch_backend_token_for_token(tmp_path_factor
     vocab, width = cuda.program.vocab_size, cuda.program.max_blocks
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (11, 26, 3)]
-    tables = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    tables = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]  # 26 + 24 tokens need 4 blocks
     outs = []
     for b in (cuda, ref):
         step = make_step("prefill", [Chunk(p, 0, t) for p, t in zip(prompts, tables)], 16, width)
