@@ -2,7 +2,7 @@
 
 The memory plan is static, so a ``Program`` allocates everything up front: the activation arena (one uint8
 tensor; each activation is a typed view at its planned offset, sized for the largest step), the step inputs
-(one int32 buffer, each input at a 16-byte-aligned offset, mirrored in pinned host memory so a step is one
+(one device buffer, each input at a 16-byte-aligned offset, mirrored in pinned host memory so a step is one
 host-to-device copy), the paged KV caches, one scratch buffer shared by all nodes (they run one after the
 other) and the sampling buffers. Then it resolves index.json: each launch parameter becomes a tensor, a step
 symbol (T, S, R) or a constant, so a backend only has to turn the bound launches into calls: driver launches
@@ -341,7 +341,9 @@ class Program:
             raise ValueError(f"{R} rows to sample, the artifact allows {self.max_batch}")
         if logits.data_ptr() != self._logits.data_ptr():
             self._logits[:R].copy_(logits)
-        staged = self._extra_staged["sampling"]
+        staged = self._extra_staged.get("sampling")
+        if staged is None:
+            raise ArtifactError("this artifact's index.json has no sampling kernel: rebuild the artifact")
         if all(v.device.type == "cpu" for v in rows.values()):
             host = staged.host()
             for role, value in rows.items():
