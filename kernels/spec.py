@@ -223,12 +223,20 @@ def _interpreting():
     called outside a compiled kernel; while interpreting, a call to one runs its interpreted twin, which
     is what Triton does itself under TRITON_INTERPRET=1. The process stays able to compile for real.
     """
+    from triton.runtime.interpreter import _patch_lang
     from triton.runtime.jit import JITFunction
 
+    def call(self, *args, **kwargs):
+        # Patch the language as seen from the helper's own module (tl.zeros & co. there), and restore it
+        # afterwards: InterpretedFunction.__call__ never restores, which breaks later compilation.
+        scope = _patch_lang(self.fn)
+        try:
+            return _interpreted(self.fn).rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
+
     original = JITFunction.__call__
-    # rewrite() rather than __call__: the latter patches triton.language again and never restores it,
-    # which would break later compilation in this process. The enclosing grid run has patched it already.
-    JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self.fn).rewrite()(*args, **kwargs)
+    JITFunction.__call__ = call
     try:
         yield
     finally:
