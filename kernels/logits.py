@@ -80,7 +80,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
               "last_idx_ptr": ("tensor", "last_idx"), "out_ptr": ("tensor", "out"),
               "stride_x": ("int", meta.get("stride_x", D)), "stride_out": ("int", meta.get("stride_out", V)),
               "eps": ("float", meta["eps"])},
-        grid=[grid_dim(("S", 1, 1)), grid_dim(num_v)],
+        grid=[grid_dim(("R", 1, 1)), grid_dim(num_v)],
         config=config,
     )
     return Plan((launch,))
@@ -104,7 +104,7 @@ def logits(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, last_idx
             "max_S": S}
     tensors = {"x": x, "norm_w": norm_w, "weight": weight, "last_idx": last_idx, "out": out}
     run(plan(meta, {k: dtype_name(t) for k, t in tensors.items()}, config or default(meta)), tensors,
-        {"T": T, "S": S})
+        {"T": T, "S": S, "R": S})
     return out
 
 
