@@ -79,7 +79,6 @@ def test_padded_decode_rows_change_nothing(backends):
         assert torch.equal(p.caches[k], after[k]), f"{k}: padding row wrote into the cache"
 
 
-@pytest.mark.xfail(strict=True, reason="kernels/logits.py grids over S; docs/ops.md has the logits op run over R rows")
 def test_every_position_logits_of_a_chunk(backends):
     """R = T rows (Engine.logits' chunked prefill) continuing a cached prefix."""
     interp, ref = backends
