@@ -24,10 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-# tl.max, tl.cumsum and tl.rand run code of triton.language.core; kernels.spec.run's interpreter path
-# patches that module's builtins only for kernels whose module holds a reference to it.
-from triton.language import core  # noqa: F401
-
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 _INF_BITS = tl.constexpr(0x7F800000)  # bits of +inf; key(s) = _INF_BITS − bits(|s|), key(0) = _INF_BITS
