@@ -55,8 +55,9 @@ class TorchBackend(Backend):
         missing = [t.name for t in self.graph.by_kind("weight") if t.name not in self.weights]
         if missing:
             raise KeyError(f"weights.safetensors lacks graph weights {missing[:5]}")
-        # zeros, not empty: a block never written must not hold NaN that a masked attention could still multiply.
-        self.caches = {t.name: torch.zeros(tuple(self.num_blocks if d == "NB" else d for d in t.shape),
+        # empty, not zeros: attention reads only a sequence's first seq_len tokens, all written by then, and
+        # filling gigabytes of cache would cost seconds at start-up on the CPU.
+        self.caches = {t.name: torch.empty(tuple(self.num_blocks if d == "NB" else d for d in t.shape),
                                            dtype=DTYPES[t.dtype], device=self.device)
                        for t in self.graph.by_kind("cache")}
         self._refs: dict[str, _Reference] = {}

@@ -1,0 +1,153 @@
+"""``runtime run | verify | inspect | bench``: thin click commands over functions tests call directly.
+
+An ArtifactError or ValueError ends a command with its one-line message on stderr and exit code 1,
+no traceback: those messages already say what to do.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from runtime.backends import NAMES
+from runtime.errors import ArtifactError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ArtifactError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group)
+def main() -> None:
+    """trilite runtime: run, verify, inspect and benchmark compiled artifacts."""
+
+
+_artifact = click.argument("artifact", type=click.Path(path_type=Path))
+_backend = click.option("--backend", type=click.Choice(NAMES), default="auto", show_default=True,
+                        help="auto: the GPU when the artifact has kernels for it, else torch on the CPU")
+_kv = click.option("--kv-cache-gb", type=float, default=None, help="KV-cache size (default: from free memory)")
+
+
+def chat_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as one user message in the artifact's chat template."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+
+
+@main.command()
+@_artifact
+@click.option("--prompt", required=True, help="text to continue (or the user message with --chat)")
+@click.option("--chat", is_flag=True, help="apply the artifact's chat template to the prompt")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0: off")
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="stop string (repeatable); not printed")
+@_backend
+@_kv
+def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float, top_k: int,
+        min_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...], backend: str,
+        kv_cache_gb: float | None) -> None:
+    """Generate from ARTIFACT, streaming text to stdout as tokens come."""
+    from runtime.engine import load
+    from runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
+    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb)
+    source = chat_prompt(engine.tokenizer, prompt) if chat else prompt
+    for piece in engine.stream(source, params):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+
+
+@main.command()
+@_artifact
+@_backend
+@_kv
+def verify(artifact: Path, backend: str, kv_cache_gb: float | None) -> None:
+    """Check ARTIFACT's logits for its reference prompt against reference.safetensors."""
+    from runtime.verify import verify as run_verify
+
+    result = run_verify(artifact, backend=backend, kv_cache_gb=kv_cache_gb)
+    for line in result.lines():
+        click.echo(line)
+    if not result.passed:
+        sys.exit(1)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@_artifact
+def inspect(artifact: Path) -> None:
+    """Summarise ARTIFACT: model, limits, graph ops, kernels per target, weights."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from runtime.artifact import describe, load_artifact
+
+    d = describe(load_artifact(artifact, check_hashes=False))
+    console = Console()
+    m = d["model"]
+    console.print(f"[bold]{d['name']}[/]  format {d['format']}  {m['architecture']} ({m['family']}), {m['dtype']}, "
+                  f"source {m['source']}")
+    console.print("build   " + ", ".join(f"{k} {v}" for k, v in sorted(d["build"].items())))
+    console.print("limits  " + ", ".join(f"{k} {v}" for k, v in sorted(d["limits"].items())))
+    g = d["graph"]
+    console.print(f"graph   {g['nodes']} nodes, {g['layers']} layers, vocab {g['vocab_size']}: "
+                  + ", ".join(f"{op} ×{n}" for op, n in g["ops"].items()))
+    w = d["weights"]
+    console.print(f"weights {w['tensors']} tensors, {w['parameters'] / 1e6:.2f} M parameters, {_size(w['bytes'])}")
+    table = Table("target", "binaries", "launch sites", "size")
+    for target, k in d["kernels"].items():
+        table.add_row(target, str(k["binaries"]), str(k["launch sites"]), _size(k["bytes"]))
+    console.print(table)
+
+
+@main.command()
+@_artifact
+@click.option("--pp", type=int, default=512, show_default=True, help="prompt tokens of the prefill test")
+@click.option("--tg", type=int, default=128, show_default=True, help="tokens of the generation test")
+@click.option("--batch", type=int, multiple=True, default=(1, 16), show_default=True,
+              help="batch sizes of the generation test (repeatable)")
+@_backend
+@_kv
+def bench(artifact: Path, pp: int, tg: int, batch: tuple[int, ...], backend: str, kv_cache_gb: float | None) -> None:
+    """Measure prompt processing and generation speed on ARTIFACT (a llama-bench-like table)."""
+    from rich.console import Console
+
+    from runtime.bench import run_bench
+    from runtime.engine import load
+
+    rows = run_bench(load(artifact, backend=backend, kv_cache_gb=kv_cache_gb), pp=pp, tg=tg, batch_sizes=batch)
+    Console().print(bench_table(rows))
+
+
+def bench_table(rows: list[dict]):
+    """rich Table of run_bench rows (dicts with the same keys); None shows as "-"."""
+    from rich.table import Table
+
+    table = Table(*(rows[0] if rows else ["test"]))
+    for row in rows:
+        table.add_row(*["-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()])
+    return table
+
+
+if __name__ == "__main__":
+    main()

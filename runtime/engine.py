@@ -1,0 +1,203 @@
+"""The engine: an artifact, a backend and a tokenizer behind ``logits``, ``generate`` and ``stream``.
+
+Each step the scheduler picks (prefill or decode) runs as one ``backend.forward`` and one
+``backend.sample``; the sampled ids are the only thing read back to the host per step. Stop
+conditions (EOS, stop token ids, stop strings, max_tokens) are checked here, on the host.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from runtime.artifact import Artifact, load_artifact, max_blocks
+from runtime.backends import make_backend
+from runtime.backends.base import Backend
+from runtime.kv_cache import BlockAllocator
+from runtime.sampling import Finish, SamplingParams, StopChecker, apply_repetition_penalty, sampling_inputs
+from runtime.scheduler import Batch, Scheduler
+from runtime.scheduler import Sequence as Seq
+from runtime.step import Chunk, make_step
+from runtime.tokenizer import StreamDecoder, Tokenizer
+
+# Seeds for requests that bring none; seeded from the OS so two processes differ.
+_SEEDS = random.Random()
+# Prompt tokens the detokeniser sees before the first generated one (leading spaces, merges across the seam).
+DECODE_CONTEXT = 4
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens only (a final EOS or stop token id included)
+    text: str  # their text, without the stop string or EOS
+    finish_reason: str | None  # "stop" | "length"
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Seq
+    params: SamplingParams
+    seed: int
+    prompt: str | None
+    decoder: StreamDecoder
+    checker: StopChecker
+    text: str = ""  # the output text so far (cut at a stop string once one is found)
+    released: int = 0  # characters of text handed to a stream consumer
+    safe: int = 0  # characters of text that can no longer become part of a stop string
+    finish_reason: str | None = None
+
+    def take(self) -> str:
+        """Text that became final since the last call."""
+        piece, self.released = self.text[self.released:self.safe], self.safe
+        return piece
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.seq.seq_id, self.prompt, self.seq.token_ids[: self.seq.num_prompt_tokens],
+                             self.seq.generated, self.text, self.finish_reason)
+
+
+class Engine:
+    def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer) -> None:
+        self.artifact = artifact
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.limits = artifact.limits
+        self.vocab_size = int(artifact.graph.get_meta("vocab_size"))
+        self.allocator = BlockAllocator(backend.num_blocks)
+        self.scheduler = Scheduler(self.allocator, self.limits.block_size, self.limits.max_batch,
+                                   self.limits.max_num_tokens, self.limits.max_seq_len)
+        self._next_id = 0
+
+    # -- every position's logits -------------------------------------------------------------------
+
+    def logits(self, token_ids: Sequence[int]) -> Tensor:
+        """Logits [len(token_ids), V] fp32 (CPU) of every position, by chunked prefill of one sequence.
+
+        Chunks hold at most max_batch tokens: the logits output is planned for max_batch rows.
+        """
+        ids = self._check_ids(token_ids)
+        self.scheduler.check(len(ids), 0)
+        table = self.scheduler.new_table()
+        if not table.ensure(len(ids)):
+            raise RuntimeError("KV blocks are in use by another request: call logits() between generations")
+        chunk = min(self.limits.max_batch, self.limits.max_num_tokens)
+        out = []
+        try:
+            for start in range(0, len(ids), chunk):
+                part = ids[start:start + chunk]
+                step = make_step("prefill", [Chunk(part, start, table.blocks)], self.limits.block_size,
+                                 max_blocks(self.limits), all_logits=True)
+                out.append(self.backend.forward(step).float().cpu())
+        finally:
+            table.release()
+        return torch.cat(out)
+
+    # -- generation --------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids), batched continuously; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            raise TypeError("generate() takes a list of prompts; wrap a single prompt in a list")
+        plist = self._params_list(params, len(prompts))
+        requests = [self._request(p, sp) for p, sp in zip(prompts, plist)]
+        for _ in self._run(requests):
+            pass
+        return [r.output() for r in requests]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces as tokens come (never part of a stop string, never half a character)."""
+        request = self._request(prompt, params or SamplingParams())
+        for r in self._run([request]):
+            piece = r.take()
+            if piece:
+                yield piece
+
+    def _params_list(self, params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        if params is None or isinstance(params, SamplingParams):
+            return [params or SamplingParams()] * n
+        plist = list(params)
+        if len(plist) != n:
+            raise ValueError(f"got {len(plist)} SamplingParams for {n} prompts: give one, or one per prompt")
+        return plist
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside this model's vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def _request(self, prompt: str | Sequence[int], params: SamplingParams) -> _Request:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.limits.max_seq_len - len(ids)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.scheduler.check(len(ids), max_tokens)
+        seq = Seq(self._next_id, ids, max_tokens, self.scheduler.new_table())
+        self._next_id += 1
+        seed = params.seed if params.seed is not None else _SEEDS.getrandbits(62)
+        decoder = self.tokenizer.stream(ids[-DECODE_CONTEXT:])
+        checker = StopChecker(params, self.tokenizer.eos_token_ids)
+        return _Request(seq, params, seed, prompt if isinstance(prompt, str) else None, decoder, checker)
+
+    def _run(self, requests: list[_Request]) -> Iterator[_Request]:
+        """Drive the scheduler until every request finishes; yield a request each time it gets a token."""
+        by_seq = {r.seq: r for r in requests}
+        for r in requests:
+            self.scheduler.add(r.seq)
+        try:
+            while (batch := self.scheduler.schedule()) is not None:
+                sampled = self._step(batch, [by_seq[s] for s in batch.seqs])
+                for seq, tok in self.scheduler.update(batch, sampled):
+                    r = by_seq[seq]
+                    r.finish_reason = self._accept(r, tok)
+                    if r.finish_reason is not None:
+                        self.scheduler.finish(seq)
+                    yield r
+        finally:
+            for r in requests:  # a consumer that stopped early leaves nothing behind in the scheduler
+                if r.finish_reason is None:
+                    self.scheduler.abort(r.seq)
+
+    def _step(self, batch: Batch, reqs: list[_Request]) -> list[int]:
+        step = make_step(batch.kind, batch.chunks(), self.limits.block_size, max_blocks(self.limits))
+        logits = self.backend.forward(step)
+        params = [r.params for r in reqs]
+        if any(p.repetition_penalty != 1.0 for p in params):
+            logits = apply_repetition_penalty(logits, [r.seq.token_ids for r in reqs],
+                                              [p.repetition_penalty for p in params])
+        inputs = sampling_inputs(params, [r.seed for r in reqs], [r.seq.num_generated for r in reqs], logits.device)
+        return self.backend.sample(logits, **inputs).tolist()
+
+    def _accept(self, r: _Request, tok: int) -> str | None:
+        """Take a new token into the request's text; the finish reason if it ends the request."""
+        piece = r.decoder.push(tok)
+        r.text += piece
+        finish = r.checker.check(tok, r.text, len(piece), r.seq.num_generated)
+        if finish is None and r.seq.num_generated >= r.seq.max_tokens:  # max_tokens None: the sequence is full
+            finish = Finish("length", r.text)
+        if finish is None:
+            r.safe = r.checker.releasable(r.text)
+            return None
+        # Out of tokens: a character still missing bytes is shown as U+FFFD rather than dropped.
+        r.text = finish.text + (r.decoder.flush() if finish.reason == "length" else "")
+        r.safe = len(r.text)
+        return finish.reason
+
+
+def load(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = None, **backend_kw) -> Engine:
+    """Load and validate the artifact at ``path`` and make an engine on ``backend`` (auto, torch, cuda, ...)."""
+    artifact = load_artifact(path)
+    be = make_backend(backend, artifact, kv_cache_gb=kv_cache_gb, **backend_kw)
+    return Engine(artifact, be, Tokenizer.from_dir(artifact.tokenizer_dir))

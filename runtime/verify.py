@@ -1,0 +1,63 @@
+"""``runtime verify``: the artifact's logits for its reference prompt against reference.safetensors.
+
+Two checks: the relative error ‖out − ref‖ / ‖ref‖ over every position's logits, within a tolerance
+set by the model dtype, and greedy next-token agreement (argmax of each position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor
+
+from runtime.errors import ArtifactError
+
+TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
+# Half precision may flip a near-tie between two candidates; fp32 must not.
+MIN_AGREEMENT = {"fp32": 1.0, "bf16": 0.9, "fp16": 0.9}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    dtype: str
+    positions: int
+    rel_err: float
+    tolerance: float
+    agreement: float  # share of positions whose argmax matches the reference's
+    min_agreement: float
+
+    @property
+    def passed(self) -> bool:
+        return self.rel_err <= self.tolerance and self.agreement >= self.min_agreement
+
+    def lines(self) -> list[str]:
+        verdict = "PASS" if self.passed else "FAIL"
+        return [f"relative error  {self.rel_err:.3e}  (tolerance {self.tolerance:g} for {self.dtype})",
+                f"greedy agreement {self.agreement:.1%} of {self.positions} positions  "
+                f"(needs {self.min_agreement:.0%})",
+                verdict]
+
+
+def compare(out: Tensor, ref: Tensor, dtype: str) -> VerifyResult:
+    """out, ref: logits [len, V]; the verdict for an artifact of model dtype ``dtype``."""
+    if out.shape != ref.shape:
+        raise ArtifactError(f"logits have shape {tuple(out.shape)} but reference.safetensors holds "
+                            f"{tuple(ref.shape)}: rebuild the artifact")
+    out, ref = out.float().cpu(), ref.float().cpu()
+    rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    return VerifyResult(dtype, ref.shape[0], rel, TOLERANCE[dtype], agree, MIN_AGREEMENT[dtype])
+
+
+def verify_engine(engine) -> VerifyResult:
+    """Run ``engine`` (runtime.Engine) on its artifact's reference prompt and compare."""
+    ids, ref = engine.artifact.reference()
+    return compare(engine.logits(ids), ref, engine.artifact.dtype)
+
+
+def verify(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = None) -> VerifyResult:
+    """Load the artifact at ``path`` (hashes checked) on ``backend`` and verify it."""
+    from runtime.engine import load
+
+    return verify_engine(load(path, backend=backend, kv_cache_gb=kv_cache_gb))

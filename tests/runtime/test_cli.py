@@ -1,0 +1,107 @@
+"""`runtime run | verify | inspect | bench` through click's CliRunner on a built tiny-llama, torch backend."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from compiler.artifact import sha256_file
+from runtime.cli import main
+from runtime.engine import load
+from runtime.sampling import SamplingParams
+from tests.runtime.tiny_artifact import copy_artifact, tiny_artifact
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def art():
+    return tiny_artifact()
+
+
+@pytest.fixture(scope="module")
+def engine(art):
+    return load(art, backend="torch")
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_run_streams_what_generate_gives(art, engine):
+    res = _invoke("run", art, "--prompt", "The capital of France is", "--max-tokens", 9, "--backend", "torch")
+    assert res.exit_code == 0, res.output
+    expected = engine.generate(["The capital of France is"], SamplingParams(max_tokens=9, temperature=0))[0].text
+    assert res.stdout == expected + "\n"
+
+
+def test_run_chat_applies_the_template(art, engine):
+    res = _invoke("run", art, "--chat", "--prompt", "Hi there", "--max-tokens", 6, "--backend", "torch",
+                  "--temperature", 0.8, "--seed", 3, "--top-k", 40)
+    assert res.exit_code == 0, res.output
+    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=True)
+    sp = SamplingParams(max_tokens=6, temperature=0.8, seed=3, top_k=40)
+    assert res.stdout == engine.generate([ids], sp)[0].text + "\n"
+
+
+def test_run_refuses_too_many_tokens_in_one_line(art):
+    res = _invoke("run", art, "--prompt", "hello", "--max-tokens", 500, "--backend", "torch")
+    _one_line_error(res, "max_seq_len 128")
+
+
+def test_verify_passes(art):
+    res = _invoke("verify", art, "--backend", "torch")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[-1] == "PASS" and "relative error" in res.stdout
+
+
+def test_verify_fails_on_wrong_reference(art, tmp_path):
+    copy = copy_artifact(tmp_path / "art")
+    ref = load_file(str(copy / "reference.safetensors"))
+    ref["logits"] = ref["logits"] * 1.01
+    save_file(ref, str(copy / "reference.safetensors"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["reference.safetensors"] = sha256_file(copy / "reference.safetensors")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    res = _invoke("verify", copy, "--backend", "torch")
+    assert res.exit_code == 1 and res.stdout.strip().splitlines()[-1] == "FAIL", res.output
+
+
+def test_verify_damaged_artifact_is_one_line(art, tmp_path):
+    copy = copy_artifact(tmp_path / "art")
+    data = bytearray((copy / "weights.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "weights.safetensors").write_bytes(bytes(data))
+    _one_line_error(_invoke("verify", copy, "--backend", "torch"), "weights.safetensors", "sha256")
+    _one_line_error(_invoke("inspect", tmp_path / "missing"), "does not exist")
+
+
+def test_inspect(art):
+    res = _invoke("inspect", art)
+    assert res.exit_code == 0, res.output
+    for needle in ("tiny-llama", "LlamaForCausalLM", "fp32", "attention ×2", "cuda:90", "max_seq_len 128"):
+        assert needle in res.stdout, (needle, res.stdout)
+
+
+def test_bench_prints_the_table(art):
+    res = _invoke("bench", art, "--backend", "torch", "--pp", 16, "--tg", 4, "--batch", 1, "--batch", 2)
+    assert res.exit_code == 0, res.output
+    assert "pp16" in res.stdout and res.stdout.count("tg4") == 2
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and all(c in out.stdout for c in ("run", "verify", "inspect", "bench"))
