@@ -139,10 +139,8 @@ class Engine:
     def _request(self, prompt: str | Sequence[int], params: SamplingParams) -> _Request:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.limits.max_seq_len - len(ids)
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if max_tokens is None:  # as many as the sequence can hold
+            max_tokens = max(1, self.limits.max_seq_len - len(ids))
         self.scheduler.check(len(ids), max_tokens)
         seq = Seq(self._next_id, ids, max_tokens, self.scheduler.new_table())
         self._next_id += 1

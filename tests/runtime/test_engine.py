@@ -76,6 +76,19 @@ def test_preemption_happens_with_a_small_cache(small_engine):
     assert seen, "ten blocks for eight growing sequences should force preemption"
 
 
+def test_seeded_sampling_survives_preemption(engine, small_engine):
+    prompts = _prompts(engine.vocab_size, seed=5)
+    params = [SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=i, ignore_eos=True)
+              for i in range(len(prompts))]
+    assert [o.token_ids for o in small_engine.generate(prompts, params)] == \
+        [o.token_ids for o in engine.generate(prompts, params)]
+
+
+def test_max_tokens_none_fills_the_sequence(engine):
+    out = engine.generate([[5] * 120], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8 and out.finish_reason == "length"
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_batching(engine):
     prompts = _prompts(engine.vocab_size, seed=3)
     sp = SamplingParams(max_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
