@@ -50,7 +50,10 @@ class CudaBackend(Backend):
     name = "cuda"
     api: _Api = CUDA_API
 
-    def __init__(self, artifact: Artifact, kv_cache_gb: float | None = None, max_blocks_total: int | None = None):
+    def __init__(self, artifact: Artifact, kv_cache_gb: float | None = None, max_blocks_total: int | None = None,
+                 cuda_graphs: bool = True):
+        """cuda_graphs: capture the decode graphs now (``capture_seconds`` says how long it took); without them
+        every step launches eagerly until ``capture_graphs()`` is called."""
         super().__init__(artifact, kv_cache_gb, max_blocks_total)
         if not torch.cuda.is_available():
             raise ArtifactError(f"backend {self.name} needs a GPU and torch sees none: use --backend torch")
@@ -77,6 +80,7 @@ class CudaBackend(Backend):
         self._sites = [_Site(b, kernels[b.key]) for b in self.program.all_launches()]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets: list[int] = []
+        self.capture_seconds = self.capture_graphs() if cuda_graphs else 0.0
 
     def device_target(self) -> str:
         major, minor = torch.cuda.get_device_capability(self.device)

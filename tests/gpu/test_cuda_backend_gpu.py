@@ -114,8 +114,8 @@ def test_hand_artifact_prefill_decode_graphs_and_sampling(dtype, tol):
     from runtime.step import Chunk, make_step
 
     art = hand_artifact(dtype)
-    backend = CudaBackend(art, max_blocks_total=9)
-    assert backend.num_blocks == 9 and backend.target == art.index["target"]
+    backend = CudaBackend(art, max_blocks_total=9, cuda_graphs=False)
+    assert backend.num_blocks == 9 and not backend._graphs and backend.target == art.index["target"]
     scale = lambda ref: tol * ref.abs().max().item()
     prefill = make_step("prefill", [Chunk([3, 1, 4, 1, 5, 9, 2], 0, [0]), Chunk([299, 0, 7, 7, 8], 0, [1])],
                         BS, MAX_SEQ // BS)
@@ -160,6 +160,7 @@ def test_kv_cache_gb_sizes_the_cache():
     from runtime.backends.cuda import CudaBackend
 
     backend = CudaBackend(hand_artifact("fp32"), kv_cache_gb=0.001)
+    assert backend.capture_seconds > 0 and sorted(backend._graphs) == [1, 2, 4]  # captured by default
     per_block = BS * 1 * 8 * 4
     assert backend.num_blocks == int(0.001 * (1 << 30)) // per_block
     assert tuple(backend.program.caches["k_cache.0"].shape) == (backend.num_blocks, BS, 1, 8)
@@ -184,7 +185,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _pair(artifact):
     from runtime.backends import make_backend
 
-    return (make_backend("cuda", artifact, max_blocks_total=32),
+    return (make_backend("cuda", artifact, max_blocks_total=32, cuda_graphs=False),
             make_backend("torch", artifact, max_blocks_total=32, device="cuda"))
 
 
@@ -221,7 +222,7 @@ def test_greedy_generation_matches_torch_backend_token_for_token(tmp_path_factor
     from runtime.step import Chunk, make_step
 
     cuda, ref = _pair(_build(tmp_path_factory, "fp32"))
-    cuda.capture_graphs()
+    assert cuda.capture_graphs() > 0
     vocab, width = cuda.program.vocab_size, cuda.program.max_blocks
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (11, 26, 3)]
@@ -243,3 +244,15 @@ def _greedy(backend, logits: torch.Tensor) -> list[int]:
     z, z64 = torch.zeros(rows, device=dev), torch.zeros(rows, dtype=torch.int64, device=dev)
     return backend.sample(logits, z, torch.zeros(rows, dtype=torch.int32, device=dev), torch.ones(rows, device=dev),
                           z, z64, z64).tolist()
+
+
+def test_engine_generates_the_same_tokens_on_cuda_as_on_torch(tmp_path_factory):
+    """The whole path: runtime.load with backend cuda (graphs captured at load), continuous batching, sampling."""
+    import runtime
+
+    artifact = _build(tmp_path_factory, "fp32")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [300, 2], list(range(40, 73))]
+    params = runtime.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    got = [o.token_ids for o in runtime.load(artifact.path, backend="cuda").generate(prompts, params)]
+    want = [o.token_ids for o in runtime.load(artifact.path, backend="torch", device="cuda").generate(prompts, params)]
+    assert got == want and all(len(t) == 20 for t in got)
