@@ -129,6 +129,7 @@ def _row(test: str, batch: int, **values: float | None) -> dict:
 def run_bench(engine: Any, pp: int = 512, tg: int = 128, batch_sizes: Sequence[int] = (1, 16)) -> list[dict]:
     """Measure ``engine`` (runtime.engine.Engine); one dict per test row, all with the same keys.
 
+    tokens_per_s counts every sequence's tokens; ms_per_token is the time of one step (one token per sequence).
     Rows: pp{pp} (batch 1) with the seconds from process start to the first sampled token (a 16-token prompt,
     measured before anything else here, so meaningful when the bench is the process's first work), then
     tg{tg} per batch size (above max_batch or beyond the free KV blocks: skipped) with the graph capture time.
