@@ -95,7 +95,8 @@ class Engine:
                 part = ids[start:start + chunk]
                 step = make_step("prefill", [Chunk(part, start, table.blocks)], self.limits.block_size,
                                  max_blocks(self.limits), all_logits=True)
-                out.append(self.backend.forward(step).float().cpu())
+                # a copy: backends may return a view of their arena, which the next chunk overwrites
+                out.append(self.backend.forward(step).to("cpu", torch.float32, copy=True))
         finally:
             table.release()
         return torch.cat(out)
