@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1 TRILITE_CACHE=/tmp/trilite-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
-    tests) python3 -m pytest -q -m gpu tests/gpu -n 8 -p xdist 2>&1 | tail -60 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -m gpu tests/gpu -n 8 2>&1 | tail -60 | tee "$OUT/tests.log" ;;
     kernels) python3 benchmarks/kernels.py --out "$OUT/kernels.md" 2>&1 | tail -80 | tee "$OUT/kernels.log" ;;
     tinyllama)
       t0=$(date +%s.%N)
