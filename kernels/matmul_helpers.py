@@ -68,6 +68,14 @@ def mm_tile(
     w_rows = w_ptr + cols[:, None] * K
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     sumsq = tl.full((BLOCK_M,), 0.0, tl.float32)
+    if USE_RMS:
+        # The sum of squares gets its own pass over the x tile rather than sharing the product's loads: with
+        # a tl.dot operand also reduced in registers, software pipelining (num_stages >= 3) miscompiled some
+        # tiles on sm_90 (seen on an H100, Triton 3.6). x is [BLOCK_M, K], small next to W, and L2-resident.
+        for k in range(k_lo, k_lo + K_SPAN, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            xf = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+            sumsq += tl.sum(xf * xf, axis=1)
     for k in range(k_lo, k_lo + K_SPAN, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         if EVEN_K:
@@ -77,9 +85,6 @@ def mm_tile(
             k_mask = ks < K
             x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        if USE_RMS:
-            xf = x.to(tl.float32)
-            sumsq += tl.sum(xf * xf, axis=1)
         if USE_DOT:
             if x.dtype == tl.float32:
                 # fp32 models expect fp32 results; the default tf32 would round operands to 10 mantissa bits.
