@@ -3,7 +3,10 @@
 # named by the arguments, each step's log under $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_check.sh STEP...
 #   tests      pytest -m gpu tests/gpu
 #   kernels    benchmarks/kernels.py
-#   tinyllama  compile tinyllama-1.1b with autotune, verify on cuda, bench, HF baseline
+#   matmul     the matmul GPU tests only
+#   compile    compile $MODEL (default tinyllama-1.1b) with autotune into artifacts/
+#   serve      verify it on cuda, time a 1-token run from process start, runtime bench
+#   hf         HF transformers baseline on the same preset
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -19,15 +22,20 @@ for step in "$@"; do
   case $step in
     tests) python3 -m pytest -q -m gpu tests/gpu -n 8 2>&1 | tail -60 | tee "$OUT/tests.log" ;;
     kernels) python3 benchmarks/kernels.py --out "$OUT/kernels.md" 2>&1 | tail -80 | tee "$OUT/kernels.log" ;;
-    tinyllama)
+    matmul) python3 -m pytest -q -m gpu tests/gpu/test_matmul_gpu.py -n 8 2>&1 | tail -30 | tee "$OUT/matmul.log" ;;
+    compile)  # MODEL=tinyllama-1.1b by default; autotuned for this GPU
       t0=$(date +%s.%N)
-      python3 -m compiler.cli compile tinyllama-1.1b --out artifacts/tinyllama-1.1b --autotune 2>&1 | tail -60 \
-        | tee "$OUT/compile.log"
-      echo "compile wall: $(echo "$(date +%s.%N) - $t0" | bc) s" | tee -a "$OUT/compile.log"
-      cp compiler/tuning_db.json "$OUT/tuning_db.json"
-      python3 -m runtime.cli verify artifacts/tinyllama-1.1b --backend cuda 2>&1 | tail -20 | tee "$OUT/verify.log"
-      python3 -m runtime.cli bench artifacts/tinyllama-1.1b 2>&1 | tail -30 | tee "$OUT/bench.log"
-      python3 benchmarks/hf_baseline.py tinyllama-1.1b 2>&1 | tail -5 | tee "$OUT/hf.log" ;;
+      python3 -m compiler.cli compile "${MODEL:-tinyllama-1.1b}" --out "artifacts/${MODEL:-tinyllama-1.1b}" --autotune \
+        2>&1 | tail -80 | tee "$OUT/compile.log"
+      echo "compile wall: $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" | tee -a "$OUT/compile.log"
+      cp compiler/tuning_db.json "$OUT/tuning_db.json" ;;
+    serve)
+      A="artifacts/${MODEL:-tinyllama-1.1b}"
+      python3 -m runtime.cli verify "$A" --backend cuda 2>&1 | tail -20 | tee "$OUT/verify.log"
+      /usr/bin/time -f "run wall %e s" python3 -m runtime.cli run "$A" --prompt "Hello" --max-tokens 1 --backend cuda \
+        2>&1 | tail -3 | tee "$OUT/first_token.log"
+      python3 -m runtime.cli bench "$A" 2>&1 | tail -30 | tee "$OUT/bench.log" ;;
+    hf) python3 benchmarks/hf_baseline.py "${MODEL:-tinyllama-1.1b}" 2>&1 | tail -5 | tee "$OUT/hf.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done
