@@ -80,8 +80,8 @@ def choose_configs(graph: Graph, variants: list[VariantSpec], limits: Limits, au
             meta = v.meta_dict()
             if autotune:
                 env = _timing_env(v)
-                shapes = {role: _concrete(_role_shape(graph, v, role), env, limits, num_blocks=_blocks_for(meta, env))
-                          for role, _ in v.dtypes}
+                blocks = env["S"] * limits.max_blocks + 1  # every timing sequence can hold max_seq_len tokens
+                shapes = {role: _concrete(_role_shape(graph, v, role), env, limits, blocks) for role, _ in v.dtypes}
                 config, timings = autotune_variant(v, shapes, env)
                 decisions[key] = {"config": config.to_json(), "timings_us": timings}
                 rows.append((v.op, meta["T_bucket"], key, config.to_json(), timings))
@@ -100,10 +100,6 @@ def choose_configs(graph: Graph, variants: list[VariantSpec], limits: Limits, au
         db.setdefault(db_section(gpu), {}).update({k: d["config"] for k, d in decisions.items()})
         save_db(db)
     return chosen, {"gpu": gpu, "source": source, "decisions": decisions}, source, rows
-
-
-def _blocks_for(meta: dict, env: dict) -> int:
-    return env["S"] * meta.get("max_blocks", 1) + 1
 
 
 _SAMPLING_SHAPES = {"logits": ("S", "V"), "out": ("S",)}
