@@ -3,7 +3,7 @@
 Batch 1, bf16, a 128-token prompt then 256 new tokens, greedy; eager and with static cache + torch.compile.
 Run on the GPU machine, in the same call as `runtime bench`, so both numbers come from one card:
 
-    PYTHONPATH=. python benchmarks/hf_baseline.py tinyllama-1.1b [--compile/--no-compile]
+    PYTHONPATH=. python -m benchmarks.hf_baseline tinyllama-1.1b [--compile/--no-compile]
 """
 
 from __future__ import annotations
