@@ -35,7 +35,7 @@ for step in "$@"; do
       /usr/bin/time -f "run wall %e s" python3 -m runtime.cli run "$A" --prompt "Hello" --max-tokens 1 --backend cuda \
         2>&1 | tail -3 | tee "$OUT/first_token.log"
       python3 -m runtime.cli bench "$A" 2>&1 | tail -30 | tee "$OUT/bench.log" ;;
-    hf) python3 -m benchmarks.hf_baseline "${MODEL:-tinyllama-1.1b}" 2>&1 | tail -15 | tee "$OUT/hf.log" ;;
+    hf) python3 -m benchmarks.hf_baseline "${MODEL:-tinyllama-1.1b}" > "$OUT/hf.log" 2>&1; grep "tok/s" "$OUT/hf.log" || tail -20 "$OUT/hf.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done
