@@ -253,13 +253,27 @@ def gemm(block_m: int, block_n: int, block_k: int, warps: int, stages: int = 3) 
                        SPLIT_K=1, GROUP_M=8, LOOP_M=False, USE_DOT=True)
 
 
+def _gemv_blocks(N: int, K: int, T: int) -> list[tuple[int, int]]:
+    """(BLOCK_N, BLOCK_K) candidates for the broadcast GEMV, largest tiles first.
+
+    One row (decode at batch 1) is pure weight streaming: narrow column blocks with long K chunks give every SM
+    several programs with ~8 KB loads in flight and need no split-K reduce launch. With 2..4 rows the
+    [BLOCK_M, BLOCK_N, BLOCK_K] product lives in registers, so K chunks stay short.
+    """
+    bk_max = min(512, triton.next_power_of_2(K))
+    if T == 1:
+        return list(dict.fromkeys((bn, min(bk, bk_max)) for bn, bk in ((16, 256), (8, 512), (8, 256), (4, 512))))
+    return [(16, min(128, bk_max)), (8, min(128, bk_max)), (32, min(64, bk_max))]
+
+
 def matmul_configs(meta: dict) -> list[Config]:
     """Candidates for one token bucket: GEMV layouts for decode-sized T, GEMM tiles for prefill."""
     N, K, T = meta["N"], meta["K"], t_bucket(meta)
     if T <= 4:
         bm = triton.next_power_of_2(T)
-        return [gemv(bm, bn, bk, s, False) for bn, bk in ((16, 128), (32, 128), (32, 64))
-                for s in dict.fromkeys((1, _split_k(N, K, bn, bk)))]
+        blocks = _gemv_blocks(N, K, bm)
+        split = [gemv(bm, 32, min(128, triton.next_power_of_2(K)), _split_k(N, K, 32, 128), False)]
+        return list(dict.fromkeys([*(gemv(bm, bn, bk, 1, False) for bn, bk in blocks), *split]))
     if T <= 64:
         bm = max(16, triton.next_power_of_2(T))
         return [*(gemv(bm, bn, 64, s, True) for bn in (32, 64) for s in dict.fromkeys((1, _split_k(N, K, bn, 64)))),
@@ -273,8 +287,13 @@ def matmul_default(meta: dict) -> Config:
     """Heuristic when nothing was tuned: stream W once with enough programs in flight, tensor-core tiles above 64."""
     N, K, T = meta["N"], meta["K"], t_bucket(meta)
     if T <= 4:
-        bn, bk = (32, 128) if T == 1 else (16, 128)
-        return gemv(triton.next_power_of_2(T), bn, bk, _split_k(N, K, bn, bk), False)
+        bm = triton.next_power_of_2(T)
+        # The widest column block that still gives every SM of a large GPU (132 on an H100) two programs.
+        for bn, bk in _gemv_blocks(N, K, bm):
+            if triton.cdiv(N, bn) >= 2 * 132:
+                return gemv(bm, bn, bk, 1, False)
+        bn, bk = 32, min(128, triton.next_power_of_2(K))  # small N: split K instead
+        return gemv(bm, bn, bk, _split_k(N, K, bn, bk), False)
     if T <= 64:
         return gemv(max(16, triton.next_power_of_2(T)), 64, 64, _split_k(N, K, 64, 64), True)
     return gemm(128, 128, 32, 8) if T >= 256 else gemm(64, 128, 32, 4)
