@@ -136,18 +136,22 @@ def bench(artifact: Path, pp: int, tg: int, batch: tuple[int, ...], backend: str
     from runtime.engine import load
 
     rows = run_bench(load(artifact, backend=backend, kv_cache_gb=kv_cache_gb), pp=pp, tg=tg, batch_sizes=batch)
-    Console().print(bench_table(rows))
+    Console(width=160).print(bench_table(rows))
+
+
+_BENCH_HEADERS = {"test": "test", "batch": "batch", "tokens_per_s": "tokens/s", "ms_per_token": "ms/token",
+                  "gb_per_s": "GB/s", "pct_copy_bw": "% of copy BW", "copy_gb_per_s": "copy GB/s",
+                  "graph_capture_s": "graph capture s", "first_token_s": "start to first token s"}
 
 
 def bench_table(rows: list[dict]):
     """rich Table of run_bench rows (dicts with the same keys); None shows as "-"."""
     from rich.table import Table
 
-    table = Table(*(rows[0] if rows else ["test"]))
+    table = Table(*(_BENCH_HEADERS.get(k, k) for k in (rows[0] if rows else ["test"])))
     for row in rows:
         table.add_row(*["-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()])
     return table
-
 
 if __name__ == "__main__":
     main()
