@@ -1,7 +1,7 @@
 """Rotary position embedding, in place on the q and k heads of the fused qkv buffer.
 
 Row layout (docs/ops.md): Hq q heads, Hk k heads, Hk v heads, each Dh wide. The Hq + Hk q and k heads are
-contiguous, so one program takes a [BLOCK_H, *] tile of them for one token; v is never touched.
+contiguous, so one program takes a [BLOCK_H, *] tile of them for one token; v is never written.
 
 Each rotated pair (x1, x2) with frequency index i in [0, Dr/2) becomes
     (x1 * cos_i - x2 * sin_i,  x2 * cos_i + x1 * sin_i)
@@ -13,6 +13,11 @@ scaling (llama3, linear) already applied. Columns Dr .. Dh (partial rotary) pass
 
 With USE_QK_NORM (Qwen3) every q head is first RMS-normalised over all Dh columns and scaled by q_norm,
 every k head by k_norm; the pass-through columns then need writing back too.
+
+With WRITE_CACHE the kernel also does kv_cache_write's job, saving a launch per layer: the tiles run over all
+Hq + 2 Hk heads, and each token with slot_mapping[t] >= 0 gets its rotated k heads and its v heads (copied
+as they are) stored to row slot of k_cache / v_cache. q and k are still rotated in qkv, as in the plain form:
+attention reads q from there, and qkv stays a valid input to kv_cache_write. The v heads of qkv stay as they were.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kv_cache_write import reference as write_reference
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
@@ -31,6 +37,9 @@ def _rope_kernel(
     cos_sin_ptr,  # [max_pos, ROT_DIM] fp32: cos | sin
     q_norm_ptr,  # [HEAD_DIM], read only with USE_QK_NORM
     k_norm_ptr,  # [HEAD_DIM], read only with USE_QK_NORM
+    slot_mapping_ptr,  # [T] i32, -1 = padding row; read only with WRITE_CACHE
+    k_cache_ptr,  # [num_blocks, block_size, HK, HEAD_DIM], written only with WRITE_CACHE
+    v_cache_ptr,  # [num_blocks, block_size, HK, HEAD_DIM], written only with WRITE_CACHE
     T,
     stride_qkv,
     eps,
@@ -40,13 +49,20 @@ def _rope_kernel(
     ROT_DIM: tl.constexpr,
     IS_NEOX: tl.constexpr,
     USE_QK_NORM: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,  # next_power_of_2(ROT_DIM // 2)
     BLOCK_P: tl.constexpr,  # next_power_of_2(HEAD_DIM - ROT_DIM), at least 1
 ):
     row = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_ok = heads < HQ + HK
+    # With WRITE_CACHE the v heads join the tiles, to be copied to v_cache as they are.
+    if WRITE_CACHE:
+        head_ok = heads < HQ + 2 * HK
+    else:
+        head_ok = heads < HQ + HK
+    is_q = (heads < HQ)[:, None]
+    is_v = (heads >= HQ + HK)[:, None]
     half = tl.arange(0, BLOCK_R)
     half_ok = half < ROT_DIM // 2
     if IS_NEOX:
@@ -59,14 +75,15 @@ def _rope_kernel(
     rot_ok = head_ok[:, None] & half_ok[None, :]
     x1 = tl.load(base + c1[None, :], mask=rot_ok, other=0.0).to(tl.float32)
     x2 = tl.load(base + c2[None, :], mask=rot_ok, other=0.0).to(tl.float32)
+    pcols = ROT_DIM + tl.arange(0, BLOCK_P)
+    pass_ok = head_ok[:, None] & (pcols < HEAD_DIM)[None, :]
+    # Pass-through columns matter when the norm rescales them or the cache needs whole heads.
+    if USE_QK_NORM or (WRITE_CACHE and ROT_DIM < HEAD_DIM):
+        xp = tl.load(base + pcols[None, :], mask=pass_ok, other=0.0).to(tl.float32)
 
     if USE_QK_NORM:
-        pcols = ROT_DIM + tl.arange(0, BLOCK_P)
-        pass_ok = head_ok[:, None] & (pcols < HEAD_DIM)[None, :]
-        xp = tl.load(base + pcols[None, :], mask=pass_ok, other=0.0).to(tl.float32)
         sq = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1) + tl.sum(xp * xp, axis=1)
         rstd = (1.0 / tl.sqrt(sq / HEAD_DIM + eps))[:, None]
-        is_q = (heads < HQ)[:, None]
         w1 = tl.where(is_q, tl.load(q_norm_ptr + c1, mask=half_ok, other=0.0)[None, :],
                       tl.load(k_norm_ptr + c1, mask=half_ok, other=0.0)[None, :]).to(tl.float32)
         w2 = tl.where(is_q, tl.load(q_norm_ptr + c2, mask=half_ok, other=0.0)[None, :],
@@ -74,15 +91,36 @@ def _rope_kernel(
         pcols_ok = pcols < HEAD_DIM
         wp = tl.where(is_q, tl.load(q_norm_ptr + pcols, mask=pcols_ok, other=0.0)[None, :],
                       tl.load(k_norm_ptr + pcols, mask=pcols_ok, other=0.0)[None, :]).to(tl.float32)
-        x1 = x1 * rstd * w1
-        x2 = x2 * rstd * w2
-        tl.store(base + pcols[None, :], (xp * rstd * wp).to(qkv_ptr.dtype.element_ty), mask=pass_ok)
+        # v heads (present with WRITE_CACHE) are neither normed nor rotated.
+        x1 = tl.where(is_v, x1, x1 * rstd * w1)
+        x2 = tl.where(is_v, x2, x2 * rstd * w2)
+        xp = tl.where(is_v, xp, xp * rstd * wp)
+        tl.store(base + pcols[None, :], xp.to(qkv_ptr.dtype.element_ty), mask=pass_ok & ~is_v)
 
     pos = tl.load(positions_ptr + row).to(tl.int64)
     cos = tl.load(cos_sin_ptr + pos * ROT_DIM + half, mask=half_ok, other=0.0)[None, :]
     sin = tl.load(cos_sin_ptr + pos * ROT_DIM + ROT_DIM // 2 + half, mask=half_ok, other=0.0)[None, :]
-    tl.store(base + c1[None, :], (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty), mask=rot_ok)
-    tl.store(base + c2[None, :], (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty), mask=rot_ok)
+    o1 = tl.where(is_v, x1, x1 * cos - x2 * sin)
+    o2 = tl.where(is_v, x2, x2 * cos + x1 * sin)
+    tl.store(base + c1[None, :], o1.to(qkv_ptr.dtype.element_ty), mask=rot_ok & ~is_v)
+    tl.store(base + c2[None, :], o2.to(qkv_ptr.dtype.element_ty), mask=rot_ok & ~is_v)
+
+    if WRITE_CACHE:
+        # Cache row `slot` is [HK, HEAD_DIM] contiguous (as in kv_cache_write): kv head h starts at
+        # slot * HK * HEAD_DIM + h * HEAD_DIM, whichever block the slot lies in.
+        slot = tl.load(slot_mapping_ptr + row).to(tl.int64)
+        is_k = ~is_q & ~is_v
+        kv_head = tl.where(is_v, heads[:, None] - HQ - HK, heads[:, None] - HQ).to(tl.int64)
+        dst = slot * (HK * HEAD_DIM) + kv_head * HEAD_DIM  # [BLOCK_H, 1]
+        k_ok = is_k & (slot >= 0)
+        v_ok = is_v & (slot >= 0)
+        tl.store(k_cache_ptr + dst + c1[None, :], o1.to(k_cache_ptr.dtype.element_ty), mask=rot_ok & k_ok)
+        tl.store(k_cache_ptr + dst + c2[None, :], o2.to(k_cache_ptr.dtype.element_ty), mask=rot_ok & k_ok)
+        tl.store(v_cache_ptr + dst + c1[None, :], o1.to(v_cache_ptr.dtype.element_ty), mask=rot_ok & v_ok)
+        tl.store(v_cache_ptr + dst + c2[None, :], o2.to(v_cache_ptr.dtype.element_ty), mask=rot_ok & v_ok)
+        if ROT_DIM < HEAD_DIM:
+            tl.store(k_cache_ptr + dst + pcols[None, :], xp.to(k_cache_ptr.dtype.element_ty), mask=pass_ok & k_ok)
+            tl.store(v_cache_ptr + dst + pcols[None, :], xp.to(v_cache_ptr.dtype.element_ty), mask=pass_ok & v_ok)
 
 
 def _check(meta: dict) -> None:
@@ -95,19 +133,24 @@ def _block_r(meta: dict) -> int:
     return triton.next_power_of_2(meta["rotary_dim"] // 2)
 
 
+def _heads(meta: dict) -> int:
+    """Heads one token's programs cover: q and k, plus v when they go to the cache."""
+    return meta["num_q_heads"] + meta["num_kv_heads"] * (2 if meta.get("write_cache") else 1)
+
+
 def _warps(elems: int) -> int:
     return 1 if elems <= 256 else 2 if elems <= 512 else 4
 
 
 def configs(meta: dict) -> list[Config]:
-    heads = triton.next_power_of_2(meta["num_q_heads"] + meta["num_kv_heads"])
+    heads = triton.next_power_of_2(_heads(meta))
     return [Config.make(num_warps=w, num_stages=1, BLOCK_H=bh)
             for bh, w in ((1, 1), (2, 1), (4, 2), (8, 4), (16, 4)) if bh <= heads]
 
 
 def default(meta: dict) -> Config:
-    # Four heads per program: a decode step (few tokens) still spreads over (Hq + Hk) / 4 programs per token.
-    bh = min(4, triton.next_power_of_2(meta["num_q_heads"] + meta["num_kv_heads"]))
+    # Four heads per program: a decode step (few tokens) still spreads over heads / 4 programs per token.
+    bh = min(4, triton.next_power_of_2(_heads(meta)))
     return Config.make(num_warps=_warps(bh * _block_r(meta)), num_stages=1, BLOCK_H=bh)
 
 
@@ -115,23 +158,26 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     _check(meta)
     Hq, Hk, Dh, Dr = meta["num_q_heads"], meta["num_kv_heads"], meta["head_dim"], meta["rotary_dim"]
     qk_norm = bool(meta.get("use_qk_norm", False))
-    # Without q/k norm the weight pointers are never read; qkv stands in so the signature stays fixed.
+    write = bool(meta.get("write_cache", False))
+    # Pointers a variant never reads are bound to qkv, so the signature stays the same for every variant.
     norm_roles = ("q_norm", "k_norm") if qk_norm else ("qkv", "qkv")
+    cache_roles = ("slot_mapping", "k_cache", "v_cache") if write else ("qkv", "qkv", "qkv")
     bh = config["BLOCK_H"]
+    pointers = dict(zip(("q_norm_ptr", "k_norm_ptr", "slot_mapping_ptr", "k_cache_ptr", "v_cache_ptr"),
+                        norm_roles + cache_roles))
     launch = make_launch(
         _rope_kernel,
         types={"qkv_ptr": ptr(dtypes["qkv"]), "positions_ptr": ptr(dtypes["positions"]),
-               "cos_sin_ptr": ptr(dtypes["cos_sin"]), "q_norm_ptr": ptr(dtypes[norm_roles[0]]),
-               "k_norm_ptr": ptr(dtypes[norm_roles[1]]), "T": "i32", "stride_qkv": "i64", "eps": "fp32"},
+               "cos_sin_ptr": ptr(dtypes["cos_sin"]), **{p: ptr(dtypes[r]) for p, r in pointers.items()},
+               "T": "i32", "stride_qkv": "i64", "eps": "fp32"},
         constexprs={"HQ": Hq, "HK": Hk, "HEAD_DIM": Dh, "ROT_DIM": Dr, "IS_NEOX": bool(meta["is_neox"]),
-                    "USE_QK_NORM": qk_norm, "BLOCK_H": bh, "BLOCK_R": _block_r(meta),
+                    "USE_QK_NORM": qk_norm, "WRITE_CACHE": write, "BLOCK_H": bh, "BLOCK_R": _block_r(meta),
                     "BLOCK_P": triton.next_power_of_2(max(Dh - Dr, 1))},
         args={"qkv_ptr": ("tensor", "qkv"), "positions_ptr": ("tensor", "positions"),
-              "cos_sin_ptr": ("tensor", "cos_sin"), "q_norm_ptr": ("tensor", norm_roles[0]),
-              "k_norm_ptr": ("tensor", norm_roles[1]), "T": ("sym", "T"),
-              "stride_qkv": ("int", meta.get("stride_qkv", (Hq + 2 * Hk) * Dh)),
+              "cos_sin_ptr": ("tensor", "cos_sin"), **{p: ("tensor", r) for p, r in pointers.items()},
+              "T": ("sym", "T"), "stride_qkv": ("int", meta.get("stride_qkv", (Hq + 2 * Hk) * Dh)),
               "eps": ("float", meta.get("eps", 1e-6))},
-        grid=[grid_dim(("T", 1, 1)), grid_dim(-(-(Hq + Hk) // bh))],
+        grid=[grid_dim(("T", 1, 1)), grid_dim(-(-_heads(meta) // bh))],
         config=config,
     )
     return Plan((launch,))
@@ -141,13 +187,17 @@ SPEC = KernelSpec("rope", configs, default, plan)
 
 
 def rope(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, q_norm: torch.Tensor | None = None,
-         k_norm: torch.Tensor | None = None, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
-         rotary_dim: int, is_neox: bool, use_qk_norm: bool = False, eps: float = 1e-6,
-         config: Config | None = None) -> torch.Tensor:
+         k_norm: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+         k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *, num_q_heads: int,
+         num_kv_heads: int, head_dim: int, rotary_dim: int, is_neox: bool, use_qk_norm: bool = False,
+         eps: float = 1e-6, write_cache: bool = False,
+         config: Config | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rotate (and with use_qk_norm first normalise) the q and k heads of qkv in place, through the kernel.
 
     qkv [T, (Hq + 2 Hk) * Dh], positions [T] i32, cos_sin [max_pos, Dr] fp32, q_norm / k_norm [Dh].
-    Returns qkv.
+    With write_cache, also write each token's rotated k heads and its v heads to k_cache / v_cache
+    [num_blocks, block_size, Hk, Dh] at slot_mapping [T] i32 (-1: skip), and return (qkv, k_cache, v_cache);
+    otherwise return qkv.
     """
     T, width = qkv.shape
     assert width == (num_q_heads + 2 * num_kv_heads) * head_dim and qkv.stride(1) == 1, "qkv row has the wrong width"
@@ -157,18 +207,31 @@ def rope(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, q_no
     if use_qk_norm:
         assert q_norm is not None and k_norm is not None and q_norm.shape == k_norm.shape == (head_dim,)
         tensors |= {"q_norm": q_norm, "k_norm": k_norm}
+    if write_cache:
+        assert slot_mapping is not None and slot_mapping.shape == (T,) and slot_mapping.dtype == torch.int32
+        assert k_cache is not None and v_cache is not None and k_cache.shape == v_cache.shape
+        assert k_cache.shape[2:] == (num_kv_heads, head_dim) and k_cache.is_contiguous() and v_cache.is_contiguous()
+        tensors |= {"slot_mapping": slot_mapping, "k_cache": k_cache, "v_cache": v_cache}
     meta = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
             "rotary_dim": rotary_dim, "is_neox": is_neox, "use_qk_norm": use_qk_norm, "eps": eps,
-            "max_pos": cos_sin.shape[0], "stride_qkv": qkv.stride(0), "max_T": T, "max_S": 1}
+            "write_cache": write_cache, "max_pos": cos_sin.shape[0], "stride_qkv": qkv.stride(0), "max_T": T,
+            "max_S": 1}
     dtypes = {r: dtype_name(t) for r, t in tensors.items()}
     run(plan(meta, dtypes, config or default(meta)), tensors, {"T": T, "S": 1})
-    return qkv
+    return (qkv, k_cache, v_cache) if write_cache else qkv
 
 
 def reference(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, q_norm: torch.Tensor | None = None,
-              k_norm: torch.Tensor | None = None, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
-              rotary_dim: int, is_neox: bool, use_qk_norm: bool = False, eps: float = 1e-6) -> torch.Tensor:
-    """In place on qkv [T, (Hq + 2 Hk) * Dh]: q and k heads (optionally RMS-normed per head) rotated; returns qkv."""
+              k_norm: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+              k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *, num_q_heads: int,
+              num_kv_heads: int, head_dim: int, rotary_dim: int, is_neox: bool, use_qk_norm: bool = False,
+              eps: float = 1e-6,
+              write_cache: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place on qkv [T, (Hq + 2 Hk) * Dh]: q and k heads (optionally RMS-normed per head) rotated; returns qkv.
+
+    With write_cache, then kv_cache_write: k heads (rotated) and v heads of every token with slot_mapping >= 0
+    go to that row of k_cache / v_cache [num_blocks, block_size, Hk, Dh], in place; returns (qkv, k_cache, v_cache).
+    """
     T = qkv.shape[0]
     Hqk, Dh, half = num_q_heads + num_kv_heads, head_dim, rotary_dim // 2
     x = qkv[:, :Hqk * Dh].float().reshape(T, Hqk, Dh)
@@ -183,4 +246,9 @@ def reference(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
     rotated = torch.cat([o1, o2], -1) if is_neox else torch.stack([o1, o2], -1).flatten(-2)
     x = torch.cat([rotated, x[..., rotary_dim:]], -1)
     qkv[:, :Hqk * Dh] = x.reshape(T, Hqk * Dh).to(qkv.dtype)
-    return qkv
+    if not write_cache:
+        return qkv
+    # The fused form is rope followed by kv_cache_write on the rotated qkv, by definition.
+    write_reference(qkv, slot_mapping, k_cache, v_cache, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                    head_dim=head_dim)
+    return qkv, k_cache, v_cache

@@ -1,7 +1,7 @@
 """Row-wise kernels on the GPU (Triton JIT through kernels.spec.run) against their torch references.
 
-Covers add_rms_norm, rms_norm_gated, silu_mul, gelu_tanh_mul, embedding and rope at model sizes, in bf16,
-fp16 and fp32, plus every candidate config of each op once in bf16.
+Covers add_rms_norm, rms_norm_gated, silu_mul, gelu_tanh_mul, embedding and rope (plain and writing the KV cache)
+at model sizes, in bf16, fp16 and fp32, plus every candidate config of each op once in bf16.
 
 Tolerances: kernel and reference both compute in fp32 from the same inputs and round once to the output
 dtype, so they differ only by fp32 reduction order and fast exp (~1e-6 relative), which can flip the final
@@ -119,6 +119,39 @@ def test_rope(shape, T, dtype):
     v = (shape[0] + shape[1]) * shape[2]
     assert torch.equal(qkv[:, v:], expected[:, v:]), "v heads must be untouched"
     _close(qkv, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=ROPE_IDS)
+def test_rope_writes_the_cache(shape, T, dtype, config=None):
+    Hq, Hk, Dh = shape[:3]
+    qkv, positions, cos_sin, q_norm, k_norm, attrs = _rope_inputs(shape, T, dtype)
+    num_blocks, bs = -(-2 * T // 16) + 1, 16
+    k_cache = _nan(num_blocks, bs, Hk, Dh, dtype=dtype)
+    v_cache = _nan(num_blocks, bs, Hk, Dh, dtype=dtype)
+    slots = torch.randperm(num_blocks * bs, generator=_gen(T, Hk, Dh), device=CUDA)[:T].to(torch.int32)
+    slots[1::3] = -1  # padding rows
+    original = qkv.clone()
+    expected = rope.reference(qkv.clone(), positions, cos_sin, q_norm, k_norm, **attrs)
+    rope.rope(qkv, positions, cos_sin, q_norm, k_norm, slots, k_cache, v_cache, **attrs, write_cache=True,
+              config=config)
+    _close(qkv, expected)
+    # The cache rows hold exactly the k the kernel wrote to qkv and the v it left there; other slots stay NaN.
+    keep = slots >= 0
+    rows = slots[keep].long()
+    k_written = k_cache.view(-1, Hk * Dh)[rows]
+    v_written = v_cache.view(-1, Hk * Dh)[rows]
+    assert torch.equal(k_written, qkv[keep, Hq * Dh:(Hq + Hk) * Dh])
+    assert torch.equal(v_written, original[keep, (Hq + Hk) * Dh:])
+    assert torch.equal(qkv[:, (Hq + Hk) * Dh:], original[:, (Hq + Hk) * Dh:]), "v heads of qkv must be untouched"
+    assert k_cache.isnan().sum().item() == v_cache.isnan().sum().item() == (num_blocks * bs - len(rows)) * Hk * Dh
+
+
+# Every config of the cache-writing form (its own binaries), once, at the Qwen3 shape (q/k norm, GQA).
+@pytest.mark.parametrize("config", rope.configs({"num_q_heads": 16, "num_kv_heads": 8, "write_cache": True}), ids=str)
+def test_rope_writes_the_cache_every_config_bf16(config):
+    test_rope_writes_the_cache(ROPE_SHAPES[2], 37, torch.bfloat16, config=config)
 
 
 # Each candidate config is its own binary: run every one once, as the autotuner would.

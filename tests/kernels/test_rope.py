@@ -153,6 +153,92 @@ def test_every_config(config):
     torch.testing.assert_close(qkv, expected, atol=1e-5, rtol=1e-5)
 
 
+# (T, Hq, Hk, Dh, Dr, use_qk_norm, is_neox) for the cache-writing form: MHA and GQA, head_dim 80, partial rotary
+# (the cache needs the pass-through columns too), Qwen3 q/k norm (v heads must not be normed), GPT-J pairing.
+CACHE_CASES = [
+    (1, 4, 2, 64, 64, False, True),
+    (7, 3, 3, 80, 80, False, True),
+    (9, 8, 2, 80, 48, False, False),
+    (5, 6, 2, 96, 32, True, True),
+    (6, 4, 1, 128, 128, True, False),
+]
+BLOCK_SIZE = 4
+
+
+def _cache_case(T, Hk, Dh, dtype, seed):
+    """NaN-filled caches over enough blocks that slots spread, and a slot mapping with padding rows (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = -(-2 * T // BLOCK_SIZE) + 1
+    k_cache = torch.full((num_blocks, BLOCK_SIZE, Hk, Dh), float("nan"), dtype=dtype)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, generator=g)[:T].to(torch.int32)
+    slots[1::3] = -1
+    return slots, k_cache, k_cache.clone()
+
+
+def _expected_caches(qkv_after, original, slots, k_cache, v_cache, Hq, Hk, Dh):
+    """The caches as the maths says: row slot of each cache holds that token's k (rotated) and v heads."""
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            block, offset = divmod(slot, BLOCK_SIZE)
+            k_cache[block, offset] = qkv_after[t, Hq * Dh:(Hq + Hk) * Dh].view(Hk, Dh)
+            v_cache[block, offset] = original[t, (Hq + Hk) * Dh:].view(Hk, Dh)
+    return k_cache, v_cache
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("T,Hq,Hk,Dh,Dr,use_qk_norm,is_neox", CACHE_CASES)
+def test_rope_writes_the_cache(T, Hq, Hk, Dh, Dr, use_qk_norm, is_neox, dtype, atol, rtol):
+    qkv, positions, cos_sin, q_norm, k_norm = _inputs(T, Hq, Hk, Dh, Dr, dtype)
+    slots, k_cache, v_cache = _cache_case(T, Hk, Dh, dtype, seed=T * 31 + Dh)
+    attrs = _attrs(Hq, Hk, Dh, Dr, is_neox, use_qk_norm)
+    original, k_before, v_before = qkv.clone(), k_cache.clone(), v_cache.clone()
+    expected_qkv = reference(qkv.clone(), positions, cos_sin, q_norm, k_norm, **attrs)
+    out = rope(qkv, positions, cos_sin, q_norm, k_norm, slots, k_cache, v_cache, **attrs, write_cache=True)
+    assert out[0] is qkv and out[1] is k_cache and out[2] is v_cache
+    # qkv is exactly what the plain form gives: q and k rotated, v left bit for bit.
+    torch.testing.assert_close(qkv, expected_qkv, atol=atol, rtol=rtol)
+    assert torch.equal(qkv[:, (Hq + Hk) * Dh:], original[:, (Hq + Hk) * Dh:])
+    # The cache holds the very values the kernel wrote to qkv (one rounding, shared), v copied exactly, and
+    # nothing else: padding rows and unused slots keep their NaN (equal_nan compares them as equal).
+    k_want, v_want = _expected_caches(qkv, original, slots, k_before, v_before, Hq, Hk, Dh)
+    torch.testing.assert_close(k_cache, k_want, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_want, atol=0, rtol=0, equal_nan=True)
+    written = (slots >= 0).sum().item() * Hk * Dh
+    assert (~k_cache.isnan()).sum().item() == written == (~v_cache.isnan()).sum().item()
+
+
+def test_cache_writing_reference_is_rope_then_kv_cache_write():
+    T, Hq, Hk, Dh, Dr = 6, 4, 2, 80, 80
+    qkv, positions, cos_sin, q_norm, k_norm = _inputs(T, Hq, Hk, Dh, Dr, torch.float32)
+    slots, k_cache, v_cache = _cache_case(T, Hk, Dh, torch.float32, seed=5)
+    attrs = _attrs(Hq, Hk, Dh, Dr, True, True)
+    original, k_before, v_before = qkv.clone(), k_cache.clone(), v_cache.clone()
+    out_qkv, out_k, out_v = reference(qkv, positions, cos_sin, q_norm, k_norm, slots, k_cache, v_cache, **attrs,
+                                      write_cache=True)
+    assert out_qkv is qkv and out_k is k_cache and out_v is v_cache, "the caches are updated in place"
+    torch.testing.assert_close(qkv, reference(original.clone(), positions, cos_sin, q_norm, k_norm, **attrs),
+                               atol=0, rtol=0)
+    k_want, v_want = _expected_caches(qkv, original, slots, k_before, v_before, Hq, Hk, Dh)
+    torch.testing.assert_close(k_cache, k_want, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_want, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("config", configs({**_attrs(5, 2, 80, 48, True, True), "write_cache": True}), ids=str)
+def test_every_config_writes_the_cache(config):
+    # 9 heads (5 q, 2 k, 2 v) fill no tile exactly, so k and v heads share tiles with each other and with q.
+    T, Hq, Hk, Dh, Dr = 5, 5, 2, 80, 48
+    qkv, positions, cos_sin, q_norm, k_norm = _inputs(T, Hq, Hk, Dh, Dr, torch.float32)
+    slots, k_cache, v_cache = _cache_case(T, Hk, Dh, torch.float32, seed=11)
+    attrs = _attrs(Hq, Hk, Dh, Dr, False, True)
+    want = reference(qkv.clone(), positions, cos_sin, q_norm, k_norm, slots, k_cache.clone(), v_cache.clone(),
+                     **attrs, write_cache=True)
+    got = rope(qkv, positions, cos_sin, q_norm, k_norm, slots, k_cache, v_cache, **attrs, write_cache=True,
+               config=config)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 def test_odd_rotary_dim_is_rejected():
     qkv, positions, cos_sin, _, _ = _inputs(2, 1, 1, 64, 64, torch.float32)
     with pytest.raises(ValueError, match="rotary_dim=63"):
@@ -173,6 +259,26 @@ def test_rope_cross_compiles(shape, dtype):
 
     meta = {**_attrs(*shape), "max_pos": 4096, "max_blocks": 128, "max_T": 64, "max_S": 8}
     dtypes = {"qkv": dtype, "positions": "i32", "cos_sin": "fp32"}
+    if shape[-1]:
+        dtypes |= {"q_norm": dtype, "k_norm": dtype}
+    assert assert_cross_compiles(SPEC, meta, dtypes) >= 3
+
+
+# The cache-writing form: the Llama layout in every dtype, Qwen3 and partial rotary (pass-through columns go
+# to the cache) in one each.
+@pytest.mark.parametrize("shape,dtype", [
+    ((32, 8, 128, 128, True, False), "fp32"),
+    ((32, 8, 128, 128, True, False), "fp16"),
+    ((32, 8, 128, 128, True, False), "bf16"),
+    ((16, 8, 128, 128, True, True), "bf16"),
+    ((32, 32, 80, 40, False, False), "fp16"),
+], ids=["llama-fp32", "llama-fp16", "llama-bf16", "qwen3-bf16", "partial-gptj-fp16"])
+def test_rope_cache_write_cross_compiles(shape, dtype):
+    from tests.kernels.aot_util import assert_cross_compiles
+
+    meta = {**_attrs(*shape), "write_cache": True, "max_pos": 4096, "max_blocks": 128, "max_T": 64, "max_S": 8}
+    dtypes = {"qkv": dtype, "positions": "i32", "cos_sin": "fp32", "slot_mapping": "i32", "k_cache": dtype,
+              "v_cache": dtype}
     if shape[-1]:
         dtypes |= {"q_norm": dtype, "k_norm": dtype}
     assert assert_cross_compiles(SPEC, meta, dtypes) >= 3
