@@ -3,6 +3,7 @@
 Order matters, and each step says why it comes where it does:
   fuse_silu_mul       first, so the gate/up concat it makes is there for merge_linears
   fuse_qk_norm_rope   Qwen3's per-head norms go into rope before anything else reads around them
+  fuse_rope_cache_write  kv_cache_write joins the rope before it (after the q/k norm did, which rebuilds rope)
   merge_linears       q/k/v -> qkv, gate/up -> gate_up (weights concatenated)
   fuse_residual       residual adds become the epilogue of the linear before them
   fuse_logits         final norm + gather + lm_head -> logits, before add_rms_norm could take the norm
@@ -11,8 +12,8 @@ Order matters, and each step says why it comes where it does:
   eliminate_dead      unused nodes and weights go
   cast_weights        fp32 values -> the build dtype (cos_sin stays fp32)
 
-Per Llama decoder layer the result is rms_norm_linear(qkv), rope, kv_cache_write, attention,
-linear(o, +residual), rms_norm_linear(gate_up), silu_mul, linear(down, +residual).
+Per Llama decoder layer the result is rms_norm_linear(qkv), rope (writing the KV cache), attention,
+linear(o, +residual), rms_norm_linear(gate_up), silu_mul, linear(down, +residual): seven launches.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from collections.abc import Callable, Mapping
 import torch
 
 from compiler.graph import GRAPH_OPS, Graph
-from compiler.passes.fuse import fuse_add_rms_norm, fuse_logits, fuse_qk_norm_rope, fuse_residual, fuse_silu_mul
+from compiler.passes.fuse import (
+    fuse_add_rms_norm,
+    fuse_logits,
+    fuse_qk_norm_rope,
+    fuse_residual,
+    fuse_rope_cache_write,
+    fuse_silu_mul,
+)
 from compiler.passes.weights import cast_weights, eliminate_dead, fold_norms, merge_linears
 
 Pass = Callable[[Graph, Mapping[str, torch.Tensor]], tuple[Graph, dict[str, torch.Tensor], list[dict]]]
@@ -36,6 +44,7 @@ def structural(fn: Callable[[Graph], Graph]) -> Pass:
 PASSES: tuple[tuple[str, Pass], ...] = (
     ("fuse_silu_mul", structural(fuse_silu_mul)),
     ("fuse_qk_norm_rope", structural(fuse_qk_norm_rope)),
+    ("fuse_rope_cache_write", structural(fuse_rope_cache_write)),
     ("merge_linears", merge_linears),
     ("fuse_residual", structural(fuse_residual)),
     ("fuse_logits", structural(fuse_logits)),

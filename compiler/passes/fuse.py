@@ -44,6 +44,28 @@ def fuse_qk_norm_rope(g: Graph) -> Graph:
     return e.graph()
 
 
+def fuse_rope_cache_write(g: Graph) -> Graph:
+    """rope then kv_cache_write of its output -> one rope with write_cache: a launch fewer per layer.
+
+    The fused node keeps rope's qkv output (attention reads q there) and takes over the write's cache outputs
+    under their names, so attention reads the caches the fused node produces.
+    """
+    e = Edit(g)
+    heads = ("num_q_heads", "num_kv_heads", "head_dim")
+    for node in g.nodes:
+        # Rule: a kv_cache_write of a plain rope's qkv output (the rope's other readers, attention, stay),
+        # both over the same head layout.
+        rope = e.producer(node.input("qkv"), "rope") if node.op == "kv_cache_write" else None
+        if rope is None or rope.attr("write_cache") or any(rope.attr(k) != node.attr(k) for k in heads):
+            continue
+        fused = make_node("rope", rope.name, {**dict(rope.inputs), "slot_mapping": node.input("slot_mapping"),
+                                              "k_cache": node.input("k_cache"), "v_cache": node.input("v_cache")},
+                          {**dict(rope.outputs), "k_cache": node.output("k_cache"), "v_cache": node.output("v_cache")},
+                          **{**dict(rope.attrs), "write_cache": True})
+        e.replace([rope, node], fused, at=rope)
+    return e.graph()
+
+
 def fuse_residual(g: Graph) -> Graph:
     """linear + add -> linear with the residual-add epilogue (out = x @ w^T + bias + residual)."""
     e = Edit(g)

@@ -144,6 +144,8 @@ def _rope(i: dict, a: dict) -> torch.Tensor:
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
     i["qkv"].copy_(torch.cat([rotate(q), rotate(k), v], dim=1).reshape(i["qkv"].shape))
+    if a.get("write_cache"):  # the fused form: kv_cache_write of the rotated qkv
+        return (i["qkv"], *_cache_write(i, {**a, "block_size": i["k_cache"].shape[1]}))
     return i["qkv"]
 
 

@@ -42,9 +42,10 @@ def test_layout_follows_the_artifact_format():
                for n, node in zip(g.node, fused.nodes))
     rope = next(n for n in g.node if n.op_type == "rope")
     attrs = {a.name: a for a in rope.attribute}
-    assert [s.decode() for s in attrs["input_roles"].strings] == ["qkv", "positions", "cos_sin", "q_norm", "k_norm"]
-    assert [s.decode() for s in attrs["output_roles"].strings] == ["qkv"]
-    assert attrs["use_qk_norm"].i == 1 and abs(attrs["eps"].f - 1e-5) < 1e-10
+    assert [s.decode() for s in attrs["input_roles"].strings] == ["qkv", "positions", "cos_sin", "q_norm", "k_norm",
+                                                                 "slot_mapping", "k_cache", "v_cache"]
+    assert [s.decode() for s in attrs["output_roles"].strings] == ["qkv", "k_cache", "v_cache"]
+    assert attrs["use_qk_norm"].i == 1 and attrs["write_cache"].i == 1 and abs(attrs["eps"].f - 1e-5) < 1e-10
     # Weights are graph inputs marked in their doc string; their values never enter the ONNX file.
     kinds = {v.name: v.doc_string for v in g.input}
     assert {n for n, k in kinds.items() if k == "weight"} == {t.name for t in fused.by_kind("weight")}

@@ -9,8 +9,7 @@ from compiler.ops import Tracer
 from compiler.passes import optimize
 from tests.compiler.graph_eval import LIMITS, MODELS, SEQS, evaluate, hf_logits, prefill_feeds, traced
 
-FUSED_LAYER = ["rms_norm_linear", "rope", "kv_cache_write", "attention", "linear", "rms_norm_linear", "silu_mul",
-               "linear"]
+FUSED_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm_linear", "silu_mul", "linear"]
 
 
 def optimized(name, dtype="fp32"):
@@ -24,12 +23,12 @@ def layer(graph, i):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
-def test_each_layer_is_eight_kernels(name):
+def test_each_layer_is_seven_kernels(name):
     _, _, g, _, _, _ = optimized(name)
     assert [n.op for n in g.nodes] == ["embedding", *FUSED_LAYER * 2, "logits"]
     assert all(n.op in GRAPH_OPS for n in g.nodes)
     for i in range(2):
-        qkv, rope, write, attn, o, gate_up, act, down = layer(g, i)
+        qkv, rope, attn, o, gate_up, act, down = layer(g, i)
         assert qkv.name == f"layers.{i}.self_attn.qkv_proj" and gate_up.name == f"layers.{i}.mlp.gate_up_proj"
         assert qkv.attr("has_bias") is (name == "qwen2") and bool(qkv.input("bias")) is (name == "qwen2")
         assert not gate_up.attr("has_bias") and o.attr("has_residual") and down.attr("has_residual")
@@ -37,9 +36,13 @@ def test_each_layer_is_eight_kernels(name):
         assert (rope.input("q_norm"), rope.input("k_norm")) == ((
             f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight")
             if name == "qwen3" else (None, None))
+        # rope took in kv_cache_write: it writes layer i's caches, and attention reads the caches it produces.
+        assert rope.attr("write_cache") is True and rope.input("slot_mapping") == "slot_mapping"
+        assert (rope.input("k_cache"), rope.input("v_cache")) == (f"k_cache.{i}", f"v_cache.{i}")
+        assert (attn.input("k_cache"), attn.input("v_cache")) == (rope.output("k_cache"), rope.output("v_cache"))
+        assert [g.storage(rope.output(c)) for c in ("k_cache", "v_cache")] == [f"k_cache.{i}", f"v_cache.{i}"]
         # The data flows through the fused chain, each node reading the one before.
-        assert rope.input("qkv") == qkv.output("out") and write.input("qkv") == attn.input("qkv") == rope.output("qkv")
-        assert (attn.input("k_cache"), attn.input("v_cache")) == (write.output("k_cache"), write.output("v_cache"))
+        assert rope.input("qkv") == qkv.output("out") and attn.input("qkv") == rope.output("qkv")
         assert o.input("x") == attn.output("out") and act.input("x") == gate_up.output("out")
         assert down.input("x") == act.output("out")
 
@@ -146,6 +149,34 @@ def test_add_without_a_linear_becomes_add_rms_norm():
              "last_idx": torch.tensor([6, 2], dtype=torch.int32)}
     want = evaluate(graph, weights, feeds)["logits"]
     torch.testing.assert_close(evaluate(fused, fw, feeds)["logits"], want, rtol=1e-5, atol=1e-5)
+
+
+def _attention_graph(with_rope: bool):
+    """qkv -> [rope ->] kv_cache_write -> attention -> a linear to logits, over one layer's caches."""
+    t = Tracer("fp32")
+    src = lambda name, *shape: t.source(name, "i32", shape, "input")
+    heads = {"num_q_heads": 2, "num_kv_heads": 1, "head_dim": 4}
+    qkv = ops.linear(ops.embedding(src("ids", "T"), t.weight("e.weight", torch.randn(9, 8))),
+                     t.weight("qkv.weight", torch.randn(16, 8)))
+    if with_rope:
+        qkv = ops.rope(qkv, src("positions", "T"), t.weight("cs", torch.randn(32, 4), "fp32"), eps=1e-6, **heads)
+    caches = [t.source(f"{c}_cache.0", "fp32", ("NB", 4, 1, 4), "cache") for c in "kv"]
+    k, v = ops.kv_cache_write(qkv, src("slot_mapping", "T"), *caches, **heads)
+    o = ops.attention(qkv, k, v, src("cu_seqlens_q", "S+1"), src("seq_lens", "S"), src("block_tables", "S", 8),
+                      scale=0.5, **heads)
+    logits = ops.linear(o, t.weight("head.weight", torch.randn(5, 8)), out_dtype="fp32", name="logits")
+    return t.graph({"logits": logits}, {"dtype": "fp32"}), dict(t.weights)
+
+
+def test_rope_takes_in_the_cache_write_only_after_a_rope():
+    fused, _, _ = optimize(*_attention_graph(with_rope=True), "fp32")
+    assert [n.op for n in fused.nodes] == ["embedding", "linear", "rope", "attention", "linear"]
+    rope, attn = fused.nodes[2], fused.nodes[3]
+    assert rope.attr("write_cache") and dict(rope.aliases) == {"qkv": "qkv", "k_cache": "k_cache", "v_cache": "v_cache"}
+    assert (attn.input("k_cache"), attn.input("v_cache")) == (rope.output("k_cache"), rope.output("v_cache"))
+    # Known non-fusion: a model without rope keeps its kv_cache_write (it has no rope to join).
+    plain, _, _ = optimize(*_attention_graph(with_rope=False), "fp32")
+    assert [n.op for n in plain.nodes] == ["embedding", "linear", "kv_cache_write", "attention", "linear"]
 
 
 def test_leftover_basic_op_is_an_error():
