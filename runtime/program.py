@@ -95,16 +95,20 @@ class Program:
 
     @property
     def kv_block_bytes(self) -> int:
-        """Bytes one KV-cache block takes over every cache tensor (all layers, K and V)."""
-        return sum(math.prod(self._shape(t.shape, 1)) * DTYPES[t.dtype].itemsize for t in self.graph.by_kind("cache"))
+        """Bytes one KV-cache block takes over every cache buffer (all layers, K and V)."""
+        return sum(math.prod(self._shape(t.shape, 1)) * DTYPES[t.dtype].itemsize for t in self.graph.sources("cache"))
 
     def allocate_kv(self, num_blocks: int) -> None:
-        """Allocate the caches ([num_blocks, block_size, Hk, Dh] each) and bind every launch to the buffers."""
+        """Allocate the caches ([num_blocks, block_size, Hk, Dh] each) and bind every launch to the buffers.
+
+        Only the graph's source caches (k_cache.{i}, v_cache.{i}) get buffers: the names a cache-writing node
+        gives them afterwards are the same storage (Graph.storage).
+        """
         if self.nodes:
             raise RuntimeError("the KV cache is allocated once per Program")
         self.num_blocks = num_blocks
         self.caches = {t.name: torch.zeros(self._shape(t.shape, num_blocks), dtype=DTYPES[t.dtype],
-                                           device=self.device) for t in self.graph.by_kind("cache")}
+                                           device=self.device) for t in self.graph.sources("cache")}
         entries = list(self.index["nodes"]) + list(self.index.get("extra", {}).values())
         self.scratch = torch.empty(max([self._scratch_bytes(v) for e in entries for v in e["variants"]] + [ALIGN]),
                                    dtype=torch.uint8, device=self.device)
@@ -131,7 +135,7 @@ class Program:
         if kind == "input":
             return self.inputs[name]
         if kind == "cache":
-            return self.caches[name]
+            return self.caches[self.graph.storage(name)]
         if kind == "weight":
             if name not in self.weights:
                 raise ArtifactError(f"weights.safetensors has no tensor {name}: rebuild the artifact")

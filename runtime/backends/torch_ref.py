@@ -56,10 +56,11 @@ class TorchBackend(Backend):
         if missing:
             raise KeyError(f"weights.safetensors lacks graph weights {missing[:5]}")
         # empty, not zeros: attention reads only a sequence's first seq_len tokens, all written by then, and
-        # filling gigabytes of cache would cost seconds at start-up on the CPU.
+        # filling gigabytes of cache would cost seconds at start-up on the CPU. Only source caches get memory:
+        # the names cache-writing nodes produce are bound, as they run, to the buffers they wrote into.
         self.caches = {t.name: torch.empty(tuple(self.num_blocks if d == "NB" else d for d in t.shape),
                                            dtype=DTYPES[t.dtype], device=self.device)
-                       for t in self.graph.by_kind("cache")}
+                       for t in self.graph.sources("cache")}
         self._refs: dict[str, _Reference] = {}
 
     def _ref(self, op: str) -> _Reference:
