@@ -277,8 +277,9 @@ def logits_case(b: Bench, m: Model, mods: dict, T: int) -> Case:
     last = b.perm(T)[:S]
     out, fn = launch(mod, mod.logits, x, g, weight, last, eps=EPS, out=b.nan(S, m.V, dtype=torch.float32))
     ref, rows = mod.reference(x, g, weight, last, eps=EPS), last.long()
+    # From 2 rows up the tensor-core path rounds the normed rows to bf16 (as torch's F.linear does): bf16 tolerance.
     return Case(f"S={S} T={T} {m.H}->{m.V}", fn, lambda: F.linear(rms(x[rows], g), weight).float(),
-                max_err(out, ref), ref.abs().max().item(), size(weight) + S * m.V * 4, tol=1e-3)
+                max_err(out, ref), ref.abs().max().item(), size(weight) + S * m.V * 4)
 
 
 def torch_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
