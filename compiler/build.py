@@ -58,9 +58,10 @@ def _concrete(shape: tuple, env: dict, limits: Limits, num_blocks: int) -> tuple
 
 
 def _timing_env(v: VariantSpec) -> dict:
-    T = v.meta_dict()["T_bucket"]
-    S = T if v.step == "decode" or v.op == "sampling" else max(1, min(v.meta_dict()["max_S"], T // 64 or 1))
-    return {"T": T, "S": S, "R": S}
+    """Step sizes a variant is timed at: its token bucket, spread over sequences as a step of that size would be."""
+    T, max_S = v.meta_dict()["T_bucket"], v.meta_dict()["max_S"]
+    S = T if v.step == "decode" or v.op == "sampling" else max(1, min(max_S, T // 64 or 1))
+    return {"T": T, "S": S, "R": min(T, max_S) if v.op == "logits" else S}
 
 
 def choose_configs(graph: Graph, variants: list[VariantSpec], limits: Limits, autotune: bool, bar: Progress
@@ -86,7 +87,7 @@ def choose_configs(graph: Graph, variants: list[VariantSpec], limits: Limits, au
                 decisions[key] = {"config": config.to_json(), "timings_us": timings}
                 rows.append((v.op, meta["T_bucket"], key, config.to_json(), timings))
                 source = "autotune"
-            elif key in section:
+            elif key in section and _plannable(v, Config.from_json(section[key])):
                 config = Config.from_json(section[key])
                 decisions[key] = {"config": config.to_json(), "from": "database"}
                 source = "database" if source == "heuristic" else source
@@ -103,6 +104,15 @@ def choose_configs(graph: Graph, variants: list[VariantSpec], limits: Limits, au
 
 
 _SAMPLING_SHAPES = {"logits": ("S", "V"), "out": ("S",)}
+
+
+def _plannable(v: VariantSpec, config: Config) -> bool:
+    """A database entry written for an older version of a kernel may no longer fit its spec: then it is ignored."""
+    try:
+        v.plan(config)
+    except (KeyError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _role_shape(graph: Graph, v: VariantSpec, role: str) -> tuple:
