@@ -69,9 +69,9 @@ def decode_weight_bytes(graph: Any) -> int:
 
 
 def kv_bytes_per_token(graph: Any, block_size: int) -> int:
-    """KV-cache bytes one token takes over every layer, K and V."""
+    """KV-cache bytes one token takes over every layer, K and V (source caches only: written names alias them)."""
     return sum(math.prod(d for d in t.shape if d != "NB") * DTYPE_BYTES[t.dtype]
-               for t in graph.by_kind("cache")) // block_size
+               for t in graph.sources("cache")) // block_size
 
 
 class _Runner:

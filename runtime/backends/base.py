@@ -47,9 +47,9 @@ class Backend(ABC):
 
 
 def kv_bytes_per_block(artifact: Artifact) -> int:
-    """Bytes of one KV block summed over every cache tensor of the graph ([NB, block_size, Hk, Dh] each)."""
+    """Bytes of one KV block summed over the cache buffers (source caches; written names alias them)."""
     total = 0
-    for spec in artifact.graph.by_kind("cache"):
+    for spec in artifact.graph.sources("cache"):
         total += math.prod(d for d in spec.shape if d != "NB") * ELEMENT_BYTES[spec.dtype]
     return total
 
