@@ -15,9 +15,11 @@ import torch
 
 
 def decode_tok_s(model, prompt: torch.Tensor, new_tokens: int, **generate_kw) -> float:
-    """Tokens per second of the decode phase: (time(prompt + N) - time(prompt + 1)) / (N - 1)."""
+    """Tokens per second of the decode phase: (time(prompt + N) - time(prompt + 1)) / (N - 1), each timed after
+    a warm-up call of the same length (a static cache is sized by the length, so a new length recompiles)."""
 
     def timed(n: int) -> float:
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, **generate_kw)
         torch.cuda.synchronize()
         t = time.perf_counter()
         model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, **generate_kw)
