@@ -72,8 +72,8 @@ def _binary(kernel: str, module: str, **constexprs) -> dict:
 def _index() -> dict:
     binaries = {
         "norm": _binary("_rms_norm_kernel", "kernels.rms_norm", D=D, BLOCK_D=64),
-        "act8": _binary("_silu_mul_kernel", "kernels.silu_mul", I=I, BLOCK_I=8),
-        "act32": _binary("_silu_mul_kernel", "kernels.silu_mul", I=I, BLOCK_I=32),
+        "act8": _binary("_glu_kernel", "kernels.silu_mul", I=I, BLOCK_I=8, USE_GELU=False),
+        "act32": _binary("_glu_kernel", "kernels.silu_mul", I=I, BLOCK_I=32, USE_GELU=False),
         "dec": {**_binary("decode", "none"), "global_scratch_size": 24, "global_scratch_align": 128},
         "pre": _binary("prefill", "none"),
         "samp": _binary("sample", "none"),
