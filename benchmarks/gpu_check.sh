@@ -6,6 +6,7 @@
 #   matmul     the matmul GPU tests only
 #   compile    compile $MODEL (default tinyllama-1.1b) with autotune into artifacts/
 #   serve      verify it on cuda, time a 1-token run from process start, runtime bench
+#   startup    where the time from process start to the first token goes
 #   hf         HF transformers baseline on the same preset
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -25,7 +26,8 @@ for step in "$@"; do
     matmul) python3 -m pytest -q -m gpu tests/gpu/test_matmul_gpu.py -n 8 2>&1 | tail -30 | tee "$OUT/matmul.log" ;;
     compile)  # MODEL=tinyllama-1.1b by default; autotuned for this GPU
       t0=$(date +%s.%N)
-      python3 -m compiler.cli compile "${MODEL:-tinyllama-1.1b}" --out "artifacts/${MODEL:-tinyllama-1.1b}" --autotune \
+      python3 -m compiler.cli compile "${MODEL:-tinyllama-1.1b}" --out "artifacts/${MODEL:-tinyllama-1.1b}" \
+        ${COMPILE_ARGS:---autotune} \
         2>&1 | tail -80 | tee "$OUT/compile.log"
       echo "compile wall: $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" | tee -a "$OUT/compile.log"
       cp compiler/tuning_db.json "$OUT/tuning_db.json" ;;
@@ -35,6 +37,8 @@ for step in "$@"; do
       /usr/bin/time -f "run wall %e s" python3 -m runtime.cli run "$A" --prompt "Hello" --max-tokens 1 --backend cuda \
         2>&1 | tail -3 | tee "$OUT/first_token.log"
       python3 -m runtime.cli bench "$A" 2>&1 | tail -30 | tee "$OUT/bench.log" ;;
+    startup) python3 -m benchmarks.startup "artifacts/${MODEL:-tinyllama-1.1b}" --backend cuda 2>&1 | tail -12 \
+        | tee "$OUT/startup.log" ;;
     hf) python3 -m benchmarks.hf_baseline "${MODEL:-tinyllama-1.1b}" > "$OUT/hf.log" 2>&1; grep "tok/s" "$OUT/hf.log" || tail -20 "$OUT/hf.log" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -1,0 +1,51 @@
+"""Where start-up time goes: a fresh process from imports to the first sampled token, phase by phase.
+
+    PYTHONPATH=. python -m benchmarks.startup artifacts/NAME [--backend cuda]
+
+Prints seconds for: importing the runtime, loading and validating the artifact (sha256 of every file),
+reading the weights, building the backend (weights to the device, KV cache, binaries, CUDA-graph capture),
+the tokenizer, and the first token of a short prompt.
+"""
+
+from __future__ import annotations
+
+import time
+
+T0 = time.perf_counter()
+
+import click  # noqa: E402
+
+
+@click.command()
+@click.argument("artifact")
+@click.option("--backend", default="auto")
+def main(artifact: str, backend: str) -> None:
+    marks = [("python start -> main", time.perf_counter() - T0)]
+
+    def mark(name: str, since: float) -> float:
+        now = time.perf_counter()
+        marks.append((name, now - since))
+        return now
+
+    t = time.perf_counter()
+    import runtime
+    from runtime.artifact import load_artifact
+
+    t = mark("import runtime", t)
+    load_artifact(artifact, check_hashes=False)
+    t = mark("load artifact, no hashes", t)
+    art = load_artifact(artifact)
+    t = mark("load artifact with sha256 of every file", t)
+    art.weights()
+    t = mark("read weights (safetensors, page cache warm)", t)
+    engine = runtime.load(artifact, backend=backend)
+    t = mark(f"runtime.load (backend {engine.backend.name}) incl. the above again", t)
+    engine.generate(["Hello"], runtime.SamplingParams(max_tokens=1, temperature=0))
+    mark("first token", t)
+    for name, seconds in marks:
+        print(f"| {name} | {seconds:.2f} s |")
+    print(f"| total from process start | {time.perf_counter() - T0:.2f} s |")
+
+
+if __name__ == "__main__":
+    main()
