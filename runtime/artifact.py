@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -30,6 +31,56 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("TRILITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "trilite")
+    return Path(root) / "verified.json"
+
+
+def _stat_key(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+class _Verified:
+    """sha256 results of files this machine already hashed, keyed by path and stat (size, mtime, ctime, inode).
+
+    Hashing a multi-GB weights file costs seconds at every start; a file whose stat is unchanged since it was
+    hashed (ctime changes on any write and cannot be set back) is not read again. `runtime verify` rehashes.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.entries: dict = {}
+        self.dirty = False
+        if enabled:
+            try:
+                self.entries = json.loads(_cache_file().read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def matches(self, path: Path, digest: str) -> bool:
+        key = str(path.resolve())
+        if self.enabled and self.entries.get(key) == [*_stat_key(path), digest]:
+            return True
+        if _sha256(path) != digest:
+            return False
+        self.entries[key] = [*_stat_key(path), digest]
+        self.dirty = True
+        return True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            target = _cache_file()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, target)
+        except OSError:
+            pass  # a read-only home only costs the next start a rehash
 
 
 def target_dir(target: str) -> str:
@@ -114,11 +165,12 @@ def _rebuild_hint(path: Path, manifest: dict) -> str:
     return f"rebuild it with `compiler compile {source} --out {path}`"
 
 
-def load_artifact(path: str | Path, check_hashes: bool = True) -> Artifact:
+def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = False) -> Artifact:
     """Read manifest.json and check the artifact before anything uses it.
 
     Checks: the format version, that every file the manifest lists exists (and, with
     ``check_hashes``, has the recorded sha256), the required files, the limits and each target's index.
+    Files hashed before on this machine and unchanged since are not read again unless ``rehash``.
     """
     path = Path(path)
     if not (path / "manifest.json").is_file():
@@ -146,15 +198,17 @@ def load_artifact(path: str | Path, check_hashes: bool = True) -> Artifact:
     for rel in needed:
         if rel not in files:
             raise ArtifactError(f"artifact {path} does not list {rel} in its manifest: {hint}")
+    verified = _Verified(enabled=not rehash)
     for rel, digest in sorted(files.items()):
         p = PurePosixPath(rel)
         if p.is_absolute() or ".." in p.parts:
             raise ArtifactError(f"{path}/manifest.json names a file outside the artifact ({rel}): {hint}")
         if not (path / rel).is_file():
             raise ArtifactError(f"artifact file {rel} is missing from {path}: {hint}")
-        if check_hashes and _sha256(path / rel) != digest:
+        if check_hashes and not verified.matches(path / rel, digest):
             raise ArtifactError(f"artifact file {rel} in {path} does not match its sha256 in manifest.json (damaged "
                                 f"or edited): copy the artifact again or {hint}")
+    verified.save()
     return Artifact(path, manifest)
 
 

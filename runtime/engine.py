@@ -195,8 +195,11 @@ class Engine:
         return finish.reason
 
 
-def load(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = None, **backend_kw) -> Engine:
-    """Load and validate the artifact at ``path`` and make an engine on ``backend`` (auto, torch, cuda, ...)."""
-    artifact = load_artifact(path)
+def load(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = None, rehash: bool = False,
+         **backend_kw) -> Engine:
+    """Load and validate the artifact at ``path`` and make an engine on ``backend`` (auto, torch, cuda, ...).
+
+    ``rehash``: read every file for its sha256 even when this machine verified it unchanged before."""
+    artifact = load_artifact(path, rehash=rehash)
     be = make_backend(backend, artifact, kv_cache_gb=kv_cache_gb, **backend_kw)
     return Engine(artifact, be, Tokenizer.from_dir(artifact.tokenizer_dir))

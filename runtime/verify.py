@@ -64,4 +64,4 @@ def verify(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = 
     """Load the artifact at ``path`` (hashes checked) on ``backend`` and verify it."""
     from runtime.engine import load
 
-    return verify_engine(load(path, backend=backend, kv_cache_gb=kv_cache_gb))
+    return verify_engine(load(path, backend=backend, kv_cache_gb=kv_cache_gb, rehash=True))
