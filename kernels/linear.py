@@ -56,7 +56,7 @@ def _linear_kernel(
 ):
     matmul_program(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, partial_ptr, T, stride_x, stride_res,
                    stride_out, max_T, 0.0, N, K, K_SPAN, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, GROUP_M, LOOP_M,
-                   USE_DOT, EVEN_K, False, HAS_BIAS, HAS_RESIDUAL)
+                   USE_DOT, EVEN_K, False, HAS_BIAS, HAS_RESIDUAL, False)
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def _linear_reduce_kernel(
     HAS_RESIDUAL: tl.constexpr,
 ):
     reduce_program(partial_ptr, partial_ptr, bias_ptr, residual_ptr, out_ptr, T, stride_res, stride_out, max_T, 0.0,
-                   N, K, SPLIT_K, BLOCK_R, False, HAS_BIAS, HAS_RESIDUAL)
+                   N, K, SPLIT_K, BLOCK_R, False, HAS_BIAS, HAS_RESIDUAL, False)
 
 
 def configs(meta: dict) -> list[Config]:

@@ -14,6 +14,10 @@ Two regimes, picked by config per token bucket (KernelSpec.tune_buckets, meta["T
 The RMSNorm fusion (FlashNorm, arXiv 2407.09577): the norm weight is folded into W by the compiler, so the
 kernel only needs each row's sum of squares, accumulated from the very x tiles the product streams (USE_RMS),
 and scales the accumulator by rstd = 1 / sqrt(sum(x^2) / K + eps) in the epilogue.
+
+The SwiGLU fusion (ACT_SILU_MUL): over a gate_up weight whose rows the compiler interleaved (gate_j, up_j), the
+epilogue pairs adjacent columns and stores silu(gate) * up, [T, N / 2], so no [T, N] activation is written and
+silu_mul needs no launch of its own. Split-K partials stay [T, N]; the reduce launch applies it.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def store_rows(
     T,
     bias_ptr,  # [N]
     residual_ptr,  # [T, N]
-    out_ptr,  # [T, N]
+    out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
     stride_res,
     stride_out,
     eps,
@@ -114,9 +118,14 @@ def store_rows(
     USE_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    ACT_SILU_MUL: tl.constexpr,
 ):
-    """The epilogue: rstd scale, + bias, + residual, cast, store. Each element is read from residual and
-    written to out by the same program, so out may alias residual."""
+    """The epilogue: rstd scale, + bias, + residual, SwiGLU, cast, store. Each element is read from residual
+    and written to out by the same program, so out may alias residual.
+
+    ACT_SILU_MUL: w's rows are interleaved (row 2j gate_j, row 2j + 1 up_j), so each even/odd column pair of
+    the tile is one (gate, up) pair; out column j = silu(gate_j) * up_j. BLOCK_N is even and every tile starts
+    at an even column, so no pair straddles two programs."""
     col_mask = cols < N
     mask = (rows < T)[:, None] & col_mask[None, :]
     if USE_RMS:
@@ -126,6 +135,14 @@ def store_rows(
     if HAS_RESIDUAL:
         res = tl.load(residual_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
         acc += res.to(tl.float32)
+    if ACT_SILU_MUL:
+        BM: tl.constexpr = acc.shape[0]
+        BN: tl.constexpr = acc.shape[1]
+        gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+        acc = gate * tl.sigmoid(gate) * up
+        even, _ = tl.split(tl.reshape(cols, (BN // 2, 2)))
+        cols = even // 2
+        mask = (rows < T)[:, None] & (cols < N // 2)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -135,7 +152,7 @@ def matmul_program(
     w_ptr,  # [N, K]
     bias_ptr,  # [N]
     residual_ptr,  # [T, N]
-    out_ptr,  # [T, N]
+    out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
     partial_ptr,  # [SPLIT_K, max_T, N] fp32
     sumsq_ptr,  # [SPLIT_K, max_T] fp32
     T,
@@ -158,6 +175,7 @@ def matmul_program(
     USE_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    ACT_SILU_MUL: tl.constexpr,
 ):
     """One program of the main launch, either layout (see the module docstring)."""
     if LOOP_M:
@@ -170,7 +188,7 @@ def matmul_program(
                                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
             if SPLIT_K == 1:
                 store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out, eps,
-                           N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL)
+                           N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
             else:
                 mask = (rows < T)[:, None] & (cols < N)[None, :]
                 split = pid_k * max_T * N
@@ -186,7 +204,7 @@ def matmul_program(
         acc, sumsq = mm_tile(x_ptr, w_ptr, rows, cols, T, stride_x, 0, N, K, K_SPAN,
                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
         store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out, eps,
-                   N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL)
+                   N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
 
 
 @triton.jit
@@ -195,7 +213,7 @@ def reduce_program(
     sumsq_ptr,  # [SPLIT_K, max_T] fp32
     bias_ptr,  # [N]
     residual_ptr,  # [T, N]
-    out_ptr,  # [T, N]
+    out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
     T,
     stride_res,
     stride_out,
@@ -208,6 +226,7 @@ def reduce_program(
     USE_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    ACT_SILU_MUL: tl.constexpr,
 ):
     """Second launch of split-K, grid (T, cdiv(N, BLOCK_R)): sum one row's partials over the splits, then the
     epilogue. Partial sums of squares add up to the row's full sum of squares, so rstd is exact."""
@@ -222,7 +241,7 @@ def reduce_program(
             sumsq += tl.load(sumsq_ptr + split_row)
     rows = row + tl.arange(0, 1)
     store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out, eps,
-               N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL)
+               N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
 
 
 # ---- host side: configs, heuristics and the pieces of a plan both ops share ----------------------------------

@@ -5,6 +5,9 @@ norm is a per-row scalar: rstd(x) = 1 / sqrt(mean(x^2) + eps) commutes with the 
 epilogue ("FlashNorm", arXiv 2407.09577). Its sum of squares comes from the same x tiles the K loop streams for
 the product, so the norm costs no extra pass over x and no [T, K] normed activation is ever written. Layouts
 (GEMV / split-K for decode, tl.dot tiles for prefill) are those of kernels/matmul_helpers.py.
+
+With act "silu_mul" (the compiler's SwiGLU fusion) w is the gate_up weight with its rows interleaved, row 2j =
+gate_j and row 2j + 1 = up_j, and out[T, N / 2] = silu(gate) * up: silu_mul runs in the epilogue.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _rms_norm_linear_kernel(
     x_ptr,  # [T, K]
     w_ptr,  # [N, K], norm weight folded in
     bias_ptr,  # [N]; without HAS_BIAS bound to w and never read
-    out_ptr,  # [T, N]
+    out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
     partial_ptr,  # [SPLIT_K, max_T, N] fp32 scratch; with SPLIT_K == 1 bound to out and never written
     sumsq_ptr,  # [SPLIT_K, max_T] fp32 scratch; with SPLIT_K == 1 bound to out and never written
     T,
@@ -53,10 +56,11 @@ def _rms_norm_linear_kernel(
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ACT_SILU_MUL: tl.constexpr,
 ):
     matmul_program(x_ptr, w_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, T, stride_x, stride_out,
                    stride_out, max_T, eps, N, K, K_SPAN, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, GROUP_M, LOOP_M,
-                   USE_DOT, EVEN_K, True, HAS_BIAS, False)
+                   USE_DOT, EVEN_K, True, HAS_BIAS, False, ACT_SILU_MUL)
 
 
 @triton.jit
@@ -64,7 +68,7 @@ def _rms_norm_linear_reduce_kernel(
     partial_ptr,  # [SPLIT_K, max_T, N] fp32
     sumsq_ptr,  # [SPLIT_K, max_T] fp32
     bias_ptr,  # [N]; without HAS_BIAS bound to out and never read
-    out_ptr,  # [T, N]
+    out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
     T,
     stride_out,
     max_T,
@@ -74,9 +78,10 @@ def _rms_norm_linear_reduce_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ACT_SILU_MUL: tl.constexpr,
 ):
     reduce_program(partial_ptr, sumsq_ptr, bias_ptr, out_ptr, out_ptr, T, stride_out, stride_out, max_T, eps,
-                   N, K, SPLIT_K, BLOCK_R, True, HAS_BIAS, False)
+                   N, K, SPLIT_K, BLOCK_R, True, HAS_BIAS, False, ACT_SILU_MUL)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -87,15 +92,25 @@ def default(meta: dict) -> Config:
     return matmul_default(meta)
 
 
+def _act(meta: dict) -> bool:
+    """Whether the SwiGLU epilogue is on (attr act: absent or None = off, "silu_mul" = on)."""
+    act = meta.get("act")
+    if act not in (None, "silu_mul"):
+        raise ValueError(f"rms_norm_linear: act {act!r} is not None or 'silu_mul'")
+    if act and meta["N"] % 2:
+        raise ValueError(f"rms_norm_linear: act silu_mul needs an even N (interleaved gate/up rows), got {meta['N']}")
+    return act == "silu_mul"
+
+
 def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     N, K = meta["N"], meta["K"]
-    has_bias = bool(meta["has_bias"])
+    has_bias, act = bool(meta["has_bias"]), _act(meta)
     split = config["SPLIT_K"]
     out = ("out", dtypes["out"])
     # An absent optional input binds to a tensor the node always has; its HAS_* flag keeps it unread.
     bias = ("bias", dtypes["bias"]) if has_bias else ("w", dtypes["w"])
     partial, sumsq = (("partial", "fp32"), ("sumsq", "fp32")) if split > 1 else (out, out)
-    scalars = {"stride_out": ("int", meta.get("stride_out", N)), "max_T": ("int", meta["max_T"]),
+    scalars = {"stride_out": ("int", meta.get("stride_out", N // 2 if act else N)), "max_T": ("int", meta["max_T"]),
             "eps": ("float", meta["eps"])}
     scalar_types = {"T": "i32", "stride_out": "i64", "max_T": "i64", "eps": "fp32"}
     main = make_launch(
@@ -103,7 +118,8 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "bias_ptr": ptr(bias[1]),
                "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]), "sumsq_ptr": ptr(sumsq[1]),
                "stride_x": "i64", **scalar_types},
-        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias and split == 1},
+        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias and split == 1,
+                    "ACT_SILU_MUL": act and split == 1},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "bias_ptr": ("tensor", bias[0]),
               "out_ptr": ("tensor", "out"), "partial_ptr": ("tensor", partial[0]),
               "sumsq_ptr": ("tensor", sumsq[0]), "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", K)),
@@ -118,7 +134,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         _rms_norm_linear_reduce_kernel,
         types={"partial_ptr": ptr("fp32"), "sumsq_ptr": ptr("fp32"), "bias_ptr": ptr(bias[1]),
                "out_ptr": ptr(dtypes["out"]), **scalar_types},
-        constexprs={**reduce_constexprs(meta, config), "HAS_BIAS": has_bias},
+        constexprs={**reduce_constexprs(meta, config), "HAS_BIAS": has_bias, "ACT_SILU_MUL": act},
         args={"partial_ptr": ("tensor", "partial"), "sumsq_ptr": ("tensor", "sumsq"),
               "bias_ptr": ("tensor", bias[0]), "out_ptr": ("tensor", "out"), "T": ("sym", "T"), **scalars},
         grid=reduce_grid(meta),
@@ -132,16 +148,21 @@ SPEC = KernelSpec("rms_norm_linear", configs, default, plan, tune_buckets=(1, 16
 
 
 def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, eps: float,
-                    out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
-    """x [T, K], w [N, K] (norm weight folded in), bias [N] or None -> out [T, N] in x's dtype, via the kernel."""
+                    act: str | None = None, out: torch.Tensor | None = None, config: Config | None = None
+                    ) -> torch.Tensor:
+    """x [T, K], w [N, K] (norm weight folded in), bias [N] or None -> out [T, N] in x's dtype, via the kernel.
+
+    act "silu_mul": w (and bias) rows interleaved gate/up, out [T, N / 2] = silu(gate) * up.
+    """
     T, K = x.shape
     N = w.shape[0]
+    N_out = N // 2 if act == "silu_mul" else N
     assert x.stride(1) == 1 and w.shape == (N, K) and w.is_contiguous(), "x [T, K] unit column stride, w [N, K]"
     assert bias is None or bias.shape == (N,)
     if out is None:
-        out = torch.empty(T, N, dtype=x.dtype, device=x.device)
-    assert out.shape == (T, N) and out.stride(1) == 1
-    meta = {"K": K, "N": N, "eps": eps, "has_bias": bias is not None, "stride_x": x.stride(0),
+        out = torch.empty(T, N_out, dtype=x.dtype, device=x.device)
+    assert out.shape == (T, N_out) and out.stride(1) == 1
+    meta = {"K": K, "N": N, "eps": eps, "has_bias": bias is not None, "act": act, "stride_x": x.stride(0),
             "stride_out": out.stride(0), "max_T": T, "max_S": 1, "T_bucket": T}
     tensors = {"x": x, "w": w, "out": out}
     dtypes = {"x": dtype_name(x), "w": dtype_name(w), "out": dtype_name(out)}
@@ -151,9 +172,15 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     return out
 
 
-def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, eps: float) -> torch.Tensor:
+def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, eps: float,
+              act: str | None = None) -> torch.Tensor:
     xf = x.float()
     out = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (xf @ w.float().T)
     if bias is not None:
         out = out + bias.float()
+    if act == "silu_mul":
+        gate, up = out[:, 0::2], out[:, 1::2]  # interleaved rows: gate_j at 2j, up_j at 2j + 1
+        out = torch.nn.functional.silu(gate) * up
+    elif act is not None:
+        raise ValueError(f"act {act!r} is not None or 'silu_mul'")
     return out.to(x.dtype)

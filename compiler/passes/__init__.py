@@ -9,11 +9,13 @@ Order matters, and each step says why it comes where it does:
   fuse_logits         final norm + gather + lm_head -> logits, before add_rms_norm could take the norm
   fuse_add_rms_norm   adds left over (no linear to take them) fuse with the norm after them
   fold_norms          norms read only by linears fold into them (rms_norm_linear, W' = W diag(g))
+  fuse_swiglu         rms_norm_linear(gate_up) + silu_mul -> one rms_norm_linear with act "silu_mul" (gate/up
+                      rows interleaved); after fold_norms, which makes the rms_norm_linear it needs
   eliminate_dead      unused nodes and weights go
   cast_weights        fp32 values -> the build dtype (cos_sin stays fp32)
 
 Per Llama decoder layer the result is rms_norm_linear(qkv), rope (writing the KV cache), attention,
-linear(o, +residual), rms_norm_linear(gate_up), silu_mul, linear(down, +residual): seven launches.
+linear(o, +residual), rms_norm_linear(gate_up with the SwiGLU epilogue), linear(down, +residual): six launches.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from compiler.passes.fuse import (
     fuse_rope_cache_write,
     fuse_silu_mul,
 )
-from compiler.passes.weights import cast_weights, eliminate_dead, fold_norms, merge_linears
+from compiler.passes.weights import cast_weights, eliminate_dead, fold_norms, fuse_swiglu, merge_linears
 
 Pass = Callable[[Graph, Mapping[str, torch.Tensor]], tuple[Graph, dict[str, torch.Tensor], list[dict]]]
 
@@ -50,6 +52,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("fuse_logits", structural(fuse_logits)),
     ("fuse_add_rms_norm", structural(fuse_add_rms_norm)),
     ("fold_norms", fold_norms),
+    ("fuse_swiglu", fuse_swiglu),
     ("eliminate_dead", eliminate_dead),
     ("cast_weights", cast_weights),
 )

@@ -83,6 +83,40 @@ def fold_norms(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, We
     return e.graph(), out, records
 
 
+def interleave_pairs(w: torch.Tensor) -> torch.Tensor:
+    """[2I, ...] gate rows then up rows -> [2I, ...] with row 2j = gate_j, row 2j + 1 = up_j."""
+    return w.unflatten(0, (2, w.shape[0] // 2)).transpose(0, 1).flatten(0, 1).contiguous()
+
+
+def fuse_swiglu(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
+    """rms_norm_linear(gate_up) -> silu_mul -> one rms_norm_linear with act "silu_mul" over interleaved rows.
+
+    The kernel's epilogue pairs adjacent output columns (gate_j, up_j) within one tile, so the gate_up weight
+    (and bias) rows are interleaved here; the fused node writes silu_mul's [T, I] output directly.
+    """
+    e, out, records = Edit(g), dict(weights), []
+    for node in g.nodes:
+        # Rule: a silu_mul whose x is the output of an rms_norm_linear without act, read by nothing else, of
+        # the same dtype (the epilogue writes the linear's dtype); otherwise the two launches stay.
+        lin = e.producer(node.input("x"), "rms_norm_linear", user=node) if node.op == "silu_mul" else None
+        if lin is None or lin.attr("act") or e.spec(lin.output("out")).dtype != e.spec(node.output("out")).dtype:
+            continue
+        roles = ["w", "bias"] if lin.attr("has_bias") else ["w"]
+        new = {}
+        for role in roles:
+            src = lin.input(role)
+            suffix = {"w": "weight", "bias": "bias"}[role]
+            name = e.fresh(src.removesuffix(f".{suffix}") + f".swiglu.{suffix}")
+            out[name] = interleave_pairs(weights[src])
+            e.add_spec(TensorSpec(name, g.tensor(src).dtype, tuple(out[name].shape), "weight"))
+            records.append({"op": "interleave_rows", "inputs": [src], "output": name, "groups": 2})
+            new[role] = name
+        fused = make_node("rms_norm_linear", lin.name, {"x": lin.input("x"), "w": new["w"], "bias": new.get("bias")},
+                          {"out": node.output("out")}, **{**dict(lin.attrs), "act": "silu_mul"})
+        e.replace([lin, node], fused, at=node)
+    return e.graph(), out, records
+
+
 def eliminate_dead(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
     """Drop nodes nothing reads (transitively from the graph outputs) and weights no node uses."""
     live, keep = set(g.outputs), []

@@ -192,6 +192,14 @@ def _silu_mul(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def _rms_norm_linear(i: dict, a: dict) -> torch.Tensor:
+    out = _linear({**i, "x": _norm(i["x"], torch.ones(i["x"].shape[1]), a["eps"])}, a)
+    if a.get("act") == "silu_mul":
+        # The weight rows alternate gate/up; undo that to the concatenated [gate | up] silu_mul reads.
+        out = _silu_mul(torch.cat([out[:, 0::2], out[:, 1::2]], dim=1))
+    return out
+
+
 OWN = {
     "embedding": lambda i, a: i["weight"][i["ids"].long()],
     "rms_norm": lambda i, a: _norm(i["x"], i["w"], a["eps"]),
@@ -208,7 +216,7 @@ OWN = {
     "attention": _attention,
     "add_rms_norm": lambda i, a: (_norm(i["x"].float() + i["residual"].float(), i["w"], a["eps"]),
                                   i["x"].float() + i["residual"].float()),
-    "rms_norm_linear": lambda i, a: _linear({**i, "x": _norm(i["x"], torch.ones(i["x"].shape[1]), a["eps"])}, a),
+    "rms_norm_linear": _rms_norm_linear,
     "silu_mul": lambda i, a: _silu_mul(i["x"]),
     "logits": lambda i, a: _norm(i["x"][i["last_idx"].long()], i["norm_w"], a["eps"]) @ i["weight"].float().T,
 }

@@ -9,7 +9,7 @@ from compiler.ops import Tracer
 from compiler.passes import optimize
 from tests.compiler.graph_eval import LIMITS, MODELS, SEQS, evaluate, hf_logits, prefill_feeds, traced
 
-FUSED_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm_linear", "silu_mul", "linear"]
+FUSED_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm_linear", "linear"]
 
 
 def optimized(name, dtype="fp32"):
@@ -23,15 +23,18 @@ def layer(graph, i):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
-def test_each_layer_is_seven_kernels(name):
+def test_each_layer_is_six_kernels(name):
     _, _, g, _, _, _ = optimized(name)
     assert [n.op for n in g.nodes] == ["embedding", *FUSED_LAYER * 2, "logits"]
     assert all(n.op in GRAPH_OPS for n in g.nodes)
     for i in range(2):
-        qkv, rope, attn, o, gate_up, act, down = layer(g, i)
+        qkv, rope, attn, o, gate_up, down = layer(g, i)
         assert qkv.name == f"layers.{i}.self_attn.qkv_proj" and gate_up.name == f"layers.{i}.mlp.gate_up_proj"
         assert qkv.attr("has_bias") is (name == "qwen2") and bool(qkv.input("bias")) is (name == "qwen2")
         assert not gate_up.attr("has_bias") and o.attr("has_residual") and down.attr("has_residual")
+        # silu_mul went into gate_up's epilogue: [T, 2I] interleaved rows in, [T, I] out.
+        assert gate_up.attr("act") == "silu_mul" and qkv.attr("act") is None
+        assert g.tensor(gate_up.output("out")).shape[1] * 2 == g.tensor(gate_up.input("w")).shape[0]
         assert rope.attr("use_qk_norm") is (name == "qwen3")
         assert (rope.input("q_norm"), rope.input("k_norm")) == ((
             f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight")
@@ -43,15 +46,14 @@ def test_each_layer_is_seven_kernels(name):
         assert [g.storage(rope.output(c)) for c in ("k_cache", "v_cache")] == [f"k_cache.{i}", f"v_cache.{i}"]
         # The data flows through the fused chain, each node reading the one before.
         assert rope.input("qkv") == qkv.output("out") and attn.input("qkv") == rope.output("qkv")
-        assert o.input("x") == attn.output("out") and act.input("x") == gate_up.output("out")
-        assert down.input("x") == act.output("out")
+        assert o.input("x") == attn.output("out") and down.input("x") == gate_up.output("out")
 
 
 def test_residual_stream_starts_at_the_embedding():
     _, _, g, _, _, _ = optimized("llama")
     emb = g.nodes[0].output("out")
-    qkv0, *_, o0, gate_up0, _, down0 = layer(g, 0)
-    qkv1, *_, o1, _, _, down1 = layer(g, 1)
+    qkv0, *_, o0, gate_up0, down0 = layer(g, 0)
+    qkv1, *_, o1, _, down1 = layer(g, 1)
     # Layer 0 norms the embedding and adds the attention output to it; each later add takes the stream so far.
     assert qkv0.input("x") == emb and o0.input("residual") == emb
     assert gate_up0.input("x") == o0.output("out") and down0.input("residual") == o0.output("out")
@@ -80,12 +82,17 @@ def test_weight_transforms():
     torch.testing.assert_close(fw[p + "self_attn.qkv_proj.folded.weight"], qkv, rtol=0, atol=0)
     torch.testing.assert_close(fw[p + "self_attn.qkv_proj.bias"],
                                torch.cat([w[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]), rtol=0, atol=0)
-    gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]) * g_post
-    torch.testing.assert_close(fw[p + "mlp.gate_up_proj.folded.weight"], gate_up, rtol=0, atol=0)
+    gate, up = w[p + "mlp.gate_proj.weight"] * g_post, w[p + "mlp.up_proj.weight"] * g_post
+    # The SwiGLU epilogue reads gate_j and up_j from adjacent rows 2j and 2j + 1.
+    swiglu = fw[p + "mlp.gate_up_proj.folded.swiglu.weight"]
+    torch.testing.assert_close(swiglu[0::2], gate, rtol=0, atol=0)
+    torch.testing.assert_close(swiglu[1::2], up, rtol=0, atol=0)
     assert {"op": "concat", "inputs": [p + f"self_attn.{x}_proj.bias" for x in "qkv"],
             "output": p + "self_attn.qkv_proj.bias", "axis": 0} in records
     assert {"op": "fold_rms_norm", "inputs": [p + "mlp.gate_up_proj.weight", p + "post_attention_layernorm.weight"],
             "output": p + "mlp.gate_up_proj.folded.weight"} in records
+    assert {"op": "interleave_rows", "inputs": [p + "mlp.gate_up_proj.folded.weight"],
+            "output": p + "mlp.gate_up_proj.folded.swiglu.weight", "groups": 2} in records
     # Dead weights are gone, and every weight the graph names is there.
     assert set(fw) == {t.name for t in fused.by_kind("weight")}
     assert set(fw) == {name for n in fused.nodes for _, name in n.inputs if fused.tensor(name).kind == "weight"}
@@ -97,9 +104,9 @@ def test_cast_to_bf16_after_folding_in_fp32():
     assert fw["rope.cos_sin"].dtype == torch.float32 and fused.tensor("rope.cos_sin").dtype == "fp32"
     assert all(v.dtype == torch.bfloat16 for k, v in fw.items() if k != "rope.cos_sin")
     p = "model.layers.0."
-    folded = (torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
+    folded = (torch.stack([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], dim=1).flatten(0, 1)
               * w[p + "post_attention_layernorm.weight"]).to(torch.bfloat16)
-    assert torch.equal(fw[p + "mlp.gate_up_proj.folded.weight"], folded)
+    assert torch.equal(fw[p + "mlp.gate_up_proj.folded.swiglu.weight"], folded)
     casts = {r["output"] for r in records if r["op"] == "cast"}
     assert casts == set(fw) - {"rope.cos_sin"} and all(r["dtype"] == "bf16" for r in records if r["op"] == "cast")
     # Tied: the logits node reads the embedding tensor itself; there is no copy.

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from kernels import silu_mul
 from kernels.matmul_helpers import gemm, gemv
-from kernels.rms_norm_linear import SPEC, reference, rms_norm_linear
+from kernels.rms_norm_linear import SPEC, configs, reference, rms_norm_linear
 from tests.kernels.test_linear import assert_fits_shared_memory
 
 # The layouts of tests/kernels/test_linear.py; split-K is where rstd needs care (partial sums of squares).
@@ -85,6 +86,54 @@ def test_split_k_plan_scratch():
     assert dict(plan.scratch) == {"partial": (2 * 256 * 2560, "fp32"), "sumsq": (2 * 256, "fp32")}
 
 
+def _interleaved(gate_up: torch.Tensor) -> torch.Tensor:
+    """[gate; up] rows -> row 2j gate_j, row 2j + 1 up_j (the layout the SwiGLU epilogue reads)."""
+    gate, up = gate_up.chunk(2, dim=0)
+    return torch.stack([gate, up], dim=1).flatten(0, 1).contiguous()
+
+
+def _swiglu_case(T, K, I, dtype, use_bias, config):
+    x, w, bias = _inputs(T, K, 2 * I, dtype, seed=T * 5 + K * 3 + I)
+    bias = bias if use_bias else None
+    out = rms_norm_linear(x, _interleaved(w), None if bias is None else _interleaved(bias[:, None])[:, 0], eps=EPS,
+                          act="silu_mul", out=_poisoned(T, I, dtype), config=config)
+    # The unfused pair over the plain [gate; up] weight: rms_norm_linear -> [T, 2I] -> silu_mul -> [T, I].
+    want = silu_mul.reference(reference(x.float(), w.float(), None if bias is None else bias.float(), eps=EPS))
+    return out, want.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-4, 1e-4), (torch.float16, 2e-3, 2e-3)])
+@pytest.mark.parametrize("name,T,K,N", CASES)
+def test_swiglu_epilogue_matches_linear_then_silu_mul(name, T, K, N, dtype, atol, rtol):
+    out, want = _swiglu_case(T, K, N // 2 + 1, dtype, T % 2 == 1, CONFIGS[name])
+    torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-4, 1e-4), (torch.float16, 2e-3, 2e-3)])
+@pytest.mark.parametrize("bucket", [1, 3, 16, 64, 256])
+def test_swiglu_epilogue_every_candidate_config(bucket, dtype, atol, rtol):
+    # K of 512 so the split-K candidates really split (reduce launch with the epilogue); I of 37 leaves a
+    # partial column tile in every layout.
+    T, K, I = bucket if bucket < 64 else bucket - 5, 512, 37
+    meta = {"K": K, "N": 2 * I, "eps": EPS, "has_bias": True, "act": "silu_mul", "max_T": T, "max_S": 1,
+            "T_bucket": bucket}
+    cands = configs(meta)
+    assert bucket > 4 or any(c["SPLIT_K"] > 1 for c in cands)
+    for config in cands:
+        out, want = _swiglu_case(T, K, I, dtype, True, config)
+        torch.testing.assert_close(out, want, atol=atol, rtol=rtol, msg=lambda m, c=config: f"{c}: {m}")
+
+
+def test_swiglu_plan_writes_half_width():
+    meta = {"K": 2048, "N": 2 * 5632, "eps": EPS, "has_bias": False, "act": "silu_mul", "max_T": 64, "max_S": 8,
+            "T_bucket": 1}
+    dtypes = {"x": "bf16", "w": "bf16", "out": "bf16"}
+    main, red = SPEC.plan(meta, dtypes, gemv(1, 32, 128, 2, False)).launches
+    assert dict(main.constexprs)["ACT_SILU_MUL"] is False and dict(red.constexprs)["ACT_SILU_MUL"] is True
+    with pytest.raises(ValueError, match="act"):
+        SPEC.plan({**meta, "act": "gelu"}, dtypes, gemv(1, 32, 128, 1, False))
+
+
 COMPILE_CASES = [("fp16", b) for b in (1, 16, 64, 2048)] + [("bf16", 1), ("bf16", 2048), ("fp32", 2048)]
 
 
@@ -96,3 +145,13 @@ def test_rms_norm_linear_cross_compiles(dtype, bucket):
     dtypes = {"x": dtype, "w": dtype, "bias": dtype, "out": dtype}
     assert assert_cross_compiles(SPEC, meta, dtypes) >= 3
     assert_fits_shared_memory(SPEC, meta, dtypes)
+
+
+@pytest.mark.parametrize("dtype,bucket", [("fp32", 2048), ("fp16", 16), ("bf16", 1), ("bf16", 2048)])
+def test_swiglu_epilogue_cross_compiles(dtype, bucket):
+    from tests.kernels.aot_util import assert_cross_compiles
+
+    meta = {"K": 2048, "N": 2 * 5632, "eps": 1e-5, "has_bias": False, "act": "silu_mul", "max_T": 2048, "max_S": 32,
+            "T_bucket": bucket}
+    dtypes = {"x": dtype, "w": dtype, "out": dtype}
+    assert assert_cross_compiles(SPEC, meta, dtypes) >= 3
