@@ -11,17 +11,13 @@ import os
 from pathlib import Path
 
 from compiler.aot import Target, cache_key, compile_launch
+from compiler.frontends import cache_dir
 from kernels.spec import Launch
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("TRILITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "trilite")
-    return Path(root) / "kernels"
 
 
 class BinaryCache:
     def __init__(self, root: Path | None = None):
-        self.root = root or cache_dir()
+        self.root = root or cache_dir() / "kernels"
         self.hits = 0
         self.misses = 0
 

@@ -6,7 +6,6 @@ safetensors are read (plus the ONNX graph through protobuf): nothing here unpick
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,6 +16,8 @@ from typing import Any
 
 from torch import Tensor
 
+from compiler.artifact import sha256_file as _sha256
+from compiler.frontends import cache_dir
 from compiler.graph import Limits
 from runtime.errors import ArtifactError
 
@@ -25,17 +26,8 @@ REQUIRED_FILES = ("graph.onnx", "weights.safetensors", "tokenizer.json")
 LIMIT_KEYS = ("max_seq_len", "max_batch", "max_num_tokens", "block_size")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_file() -> Path:
-    root = os.environ.get("TRILITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "trilite")
-    return Path(root) / "verified.json"
+    return cache_dir() / "verified.json"
 
 
 def _stat_key(path: Path) -> list:
