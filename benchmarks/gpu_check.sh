@@ -8,6 +8,9 @@
 #   serve      verify it on cuda, time a 1-token run from process start, runtime bench
 #   startup    where the time from process start to the first token goes
 #   hf         HF transformers baseline on the same preset
+#   decode     benchmarks/decode.py on artifacts/$MODEL (issue 8's protocol, HF in the same process, kernel profile)
+#   nopdl      the same at batch 1 with programmatic dependent launch off (same binaries launched plainly)
+#   gemv       benchmarks/gemv.py over the pack's own GEMV candidates (every decode shape, T = 1, 4, 16, 32)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -40,6 +43,11 @@ for step in "$@"; do
     startup) python3 -m benchmarks.startup "artifacts/${MODEL:-tinyllama-1.1b}" --backend cuda 2>&1 | tail -12 \
         | tee "$OUT/startup.log" ;;
     hf) python3 -m benchmarks.hf_baseline "${MODEL:-tinyllama-1.1b}" > "$OUT/hf.log" 2>&1; grep "tok/s" "$OUT/hf.log" || tail -20 "$OUT/hf.log" ;;
+    decode) python3 -m benchmarks.decode "artifacts/${MODEL:-tinyllama-1.1b}" --out "$OUT/decode-${MODEL:-tinyllama-1.1b}.md" \
+        2>&1 | tail -40 | tee "$OUT/decode.log" ;;
+    nopdl) python3 -m benchmarks.decode "artifacts/${MODEL:-tinyllama-1.1b}" --batch 1 --no-hf --no-profile --no-pdl \
+        2>&1 | tail -8 | tee "$OUT/nopdl.log" ;;
+    gemv) python3 benchmarks/gemv.py --out "$OUT" --space pack --pdl 2>&1 | grep -v "^  fail" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
 done

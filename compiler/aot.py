@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.spec import Launch
+from kernels.spec import USE_PDL, Launch
 
 TARGET_HELP = "targets look like cuda:80, cuda:90 or hip:gfx942"
 
@@ -41,6 +42,19 @@ class Target:
     @property
     def binary_ext(self) -> str:
         return "cubin" if self.backend == "cuda" else "hsaco"
+
+    @property
+    def has_pdl(self) -> bool:
+        """Programmatic dependent launch (griddepcontrol) exists from sm_90 on; not on sm_80 or AMD."""
+        return self.backend == "cuda" and int(self.arch) >= 90
+
+
+def for_target(launch: Launch, target: Target) -> Launch:
+    """The launch as built for ``target``: kernels with a USE_PDL constexpr get it on where the target has PDL."""
+    constexprs = dict(launch.constexprs)
+    if USE_PDL in constexprs and target.has_pdl:
+        return dataclasses.replace(launch, constexprs=tuple(sorted({**constexprs, USE_PDL: True}.items())))
+    return launch
 
 
 def source_hash(launch: Launch) -> str:

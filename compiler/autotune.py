@@ -1,7 +1,8 @@
 """Choosing a config per kernel variant: autotune on the local GPU, else the tuning database, else the heuristic.
 
 Autotuning times every candidate config of a variant at its token bucket with CUDA graphs (median over
-replays, `triton.testing.do_bench_cudagraph`) on fresh random inputs, and keeps the fastest. Decisions
+replays, `triton.testing.do_bench_cudagraph`) on fresh random inputs cycled through several copies so that they
+do not sit in L2, and keeps the fastest. Decisions
 are written to the artifact's tuning.json and merged into compiler/tuning_db.json, keyed by GPU name and
 Triton version, so a machine without that GPU can cross-compile tuned configs.
 """
@@ -15,7 +16,7 @@ import torch
 import triton
 
 from compiler.lower import VariantSpec
-from kernels.spec import DTYPE_NAMES, Config, Plan, run
+from kernels.spec import DTYPE_NAMES, Config, Plan, alloc_scratch, run
 
 DB_PATH = Path(__file__).with_name("tuning_db.json")
 
@@ -68,23 +69,44 @@ def timing_inputs(v: VariantSpec, shapes: dict[str, tuple], env: dict, device) -
     return tensors
 
 
-def time_config(v: VariantSpec, config: Config, tensors: dict, env: dict) -> float:
-    """Median microseconds of one run of the variant's plan under a CUDA graph."""
+# Bytes of inputs cycled through per timed replay: several times a large GPU's L2 (H200: 60 MB), so that weights
+# come from memory as in a whole model, not from the cache a lone kernel timed on repeat would leave them in.
+ROTATE_BYTES = 256 << 20
+MAX_COPIES = 32
+
+
+def rotating_copies(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The timing inputs and enough clones of them that one pass over all exceeds ROTATE_BYTES."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    copies = max(1, min(MAX_COPIES, -(-ROTATE_BYTES // max(nbytes, 1))))
+    return [tensors] + [{k: t.clone() for k, t in tensors.items()} for _ in range(copies - 1)]
+
+
+def time_config(v: VariantSpec, config: Config, sets: list[dict], env: dict, pdl: bool = False) -> float:
+    """Median microseconds of one run of the variant's plan, replayed under a CUDA graph back to back over the
+    input sets (see rotating_copies) with its scratch allocated once, as the runtime does."""
     plan: Plan = v.plan(config)
-    fn = lambda: run(plan, tensors, env, interpret=False)  # noqa: E731
+    scratch = alloc_scratch(plan, sets[0][next(iter(sets[0]))].device)
+
+    def fn() -> None:
+        for tensors in sets:
+            run(plan, {**tensors, **scratch}, env, interpret=False, pdl=pdl)
+
     fn()  # compile outside the graph
     torch.cuda.synchronize()
-    return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    return 1000.0 * triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") / len(sets)
 
 
 def autotune_variant(v: VariantSpec, shapes: dict[str, tuple], env: dict) -> tuple[Config, dict[str, float]]:
     """Fastest config among the spec's candidates; configs that fail to compile or run are skipped."""
-    tensors = timing_inputs(v, shapes, env, torch.device("cuda"))
+    sets = rotating_copies(timing_inputs(v, shapes, env, torch.device("cuda")))
+    # Kernels are timed as the runtime launches them by default: plainly (PDL is opt-in, TRILITE_PDL=1).
+    pdl = False
     timings: dict[str, float] = {}
     best, best_t = v.spec.default(v.meta_dict()), float("inf")
     for config in dict.fromkeys([*v.spec.configs(v.meta_dict()), best]):
         try:
-            t = time_config(v, config, tensors, env)
+            t = time_config(v, config, sets, env, pdl)
         except Exception as err:  # a config the GPU cannot run (shared memory, registers) is not a candidate
             timings[json.dumps(config.to_json(), sort_keys=True)] = float("nan")
             print(f"  skip {v.op} {config.to_json()}: {type(err).__name__}")

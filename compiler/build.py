@@ -10,13 +10,13 @@ import torch
 import triton
 
 from compiler import artifact as art
-from compiler.aot import Target
+from compiler.aot import Target, for_target
 from compiler.autotune import autotune_variant, db_section, load_db, save_db
 from compiler.graph import Graph, Limits
 from compiler.kcache import BinaryCache
 from compiler.lower import VariantSpec, node_variants, sampling_variant
 from compiler.progress import Progress
-from kernels.spec import Config, Plan, eval_grid
+from kernels.spec import USE_PDL, Config, Plan, eval_grid
 
 DEFAULT_TARGETS = ("cuda:80", "cuda:90", "hip:gfx942")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -146,12 +146,14 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
         for v in variants:
             keys = []
             for launch in plans[v].launches:
+                launch = for_target(launch, target)
                 key, binary, md = cache.get(launch, target)
                 if key not in binaries:
                     (tdir / f"{key}.{target.binary_ext}").write_bytes(binary)
                     binaries[key] = {**md, "file": f"{key}.{target.binary_ext}", "source_hash": launch.kernel.cache_key,
                                      "config": chosen[v].to_json(), "module": launch.kernel.fn.__module__,
-                                     "kernel": launch.kernel.fn.__name__, "constexprs": dict(launch.constexprs)}
+                                     "kernel": launch.kernel.fn.__name__, "constexprs": dict(launch.constexprs),
+                                     "pdl": bool(dict(launch.constexprs).get(USE_PDL, False))}
                 keys.append(key)
                 bar.advance(task)
             entry = index_entry(v, plans[v], keys)

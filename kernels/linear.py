@@ -2,7 +2,8 @@
 
 w is row-major [N, K] (the HF layout). The residual add is the epilogue of the o and down projections; out may
 be the residual buffer itself, which is safe because each element is read and then written by one program.
-Decode (small T) streams W once in a GEMV layout with optional split-K; prefill uses tl.dot tiles. Both
+Decode (small T) streams W once in a GEMV layout with optional split-K (reduced inside the same launch);
+prefill uses tl.dot tiles. Both
 layouts live in kernels/matmul_helpers.py, shared with rms_norm_linear.
 """
 
@@ -17,14 +18,12 @@ from kernels.matmul_helpers import (
     matmul_configs,
     matmul_default,
     matmul_program,
-    partial_numel,
-    reduce_constexprs,
-    reduce_grid,
-    reduce_program,
+    split_rows,
+    split_scratch,
     tile_constexprs,
     tile_grid,
 )
-from kernels.spec import Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
+from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
 
 
 @triton.jit
@@ -34,12 +33,13 @@ def _linear_kernel(
     bias_ptr,  # [N]; without HAS_BIAS bound to w and never read
     residual_ptr,  # [T, N]; without HAS_RESIDUAL bound to out and never read
     out_ptr,  # [T, N], may alias residual
-    partial_ptr,  # [SPLIT_K, max_T, N] fp32 scratch; with SPLIT_K == 1 bound to out and never written
+    partial_ptr,  # [SPLIT_K, ROWS, N] fp32 scratch; with SPLIT_K == 1 bound to out and never written
+    sem_ptr,  # [cdiv(N, BLOCK_N)] i32 scratch, zero between launches; with SPLIT_K == 1 bound to out, never used
     T,
     stride_x,
     stride_res,
     stride_out,
-    max_T,
+    rows_cap,  # ROWS, the rows the partials hold
     N: tl.constexpr,
     K: tl.constexpr,
     K_SPAN: tl.constexpr,
@@ -53,31 +53,12 @@ def _linear_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    matmul_program(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, partial_ptr, T, stride_x, stride_res,
-                   stride_out, max_T, 0.0, N, K, K_SPAN, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, GROUP_M, LOOP_M,
-                   USE_DOT, EVEN_K, False, HAS_BIAS, HAS_RESIDUAL, False)
-
-
-@triton.jit
-def _linear_reduce_kernel(
-    partial_ptr,  # [SPLIT_K, max_T, N] fp32
-    bias_ptr,  # [N]; without HAS_BIAS bound to out and never read
-    residual_ptr,  # [T, N]; without HAS_RESIDUAL bound to out and never read
-    out_ptr,  # [T, N], may alias residual
-    T,
-    stride_res,
-    stride_out,
-    max_T,
-    N: tl.constexpr,
-    K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-):
-    reduce_program(partial_ptr, partial_ptr, bias_ptr, residual_ptr, out_ptr, T, stride_res, stride_out, max_T, 0.0,
-                   N, K, SPLIT_K, BLOCK_R, False, HAS_BIAS, HAS_RESIDUAL, False)
+    matmul_program(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, partial_ptr, sem_ptr, T, stride_x,
+                   stride_res, stride_out, rows_cap, 0.0, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                   BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K,
+                   USE_RMS=False, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=False, USE_PDL=USE_PDL)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -91,42 +72,29 @@ def default(meta: dict) -> Config:
 def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     N, K = meta["N"], meta["K"]
     has_bias, has_res = bool(meta["has_bias"]), bool(meta["has_residual"])
-    split = config["SPLIT_K"]
+    split = config["SPLIT_K"] > 1
     # An absent optional input binds to a tensor the node always has; its HAS_* flag keeps it unread.
     bias = ("bias", dtypes["bias"]) if has_bias else ("w", dtypes["w"])
     res = ("residual", dtypes["residual"]) if has_res else ("out", dtypes["out"])
-    partial = ("partial", "fp32") if split > 1 else ("out", dtypes["out"])
-    scalars = {"stride_x": ("int", meta.get("stride_x", K)), "stride_res": ("int", meta.get("stride_residual", N)),
-            "stride_out": ("int", meta.get("stride_out", N)), "max_T": ("int", meta["max_T"])}
-    scalar_types = {"T": "i32", "stride_x": "i64", "stride_res": "i64", "stride_out": "i64", "max_T": "i64"}
-    main = make_launch(
+    partial = ("partial", "fp32") if split else ("out", dtypes["out"])
+    sem = (SEMAPHORES, "i32") if split else ("out", dtypes["out"])
+    launch = make_launch(
         _linear_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "bias_ptr": ptr(bias[1]),
                "residual_ptr": ptr(res[1]), "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]),
-               **scalar_types},
-        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias and split == 1,
-                    "HAS_RESIDUAL": has_res and split == 1},
+               "sem_ptr": ptr(sem[1]), "T": "i32", "stride_x": "i64", "stride_res": "i64", "stride_out": "i64",
+               "rows_cap": "i64"},
+        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res,
+                    "USE_PDL": False},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "bias_ptr": ("tensor", bias[0]),
               "residual_ptr": ("tensor", res[0]), "out_ptr": ("tensor", "out"),
-              "partial_ptr": ("tensor", partial[0]), "T": ("sym", "T"), **scalars},
+              "partial_ptr": ("tensor", partial[0]), "sem_ptr": ("tensor", sem[0]), "T": ("sym", "T"),
+              "stride_x": ("int", meta.get("stride_x", K)), "stride_res": ("int", meta.get("stride_residual", N)),
+              "stride_out": ("int", meta.get("stride_out", N)), "rows_cap": ("int", split_rows(meta))},
         grid=tile_grid(meta, config),
         config=launch_config(config, dtypes),
     )
-    if split == 1:
-        return Plan((main,))
-    bias = bias if has_bias else ("out", dtypes["out"])
-    reduce = make_launch(
-        _linear_reduce_kernel,
-        types={"partial_ptr": ptr("fp32"), "bias_ptr": ptr(bias[1]), "residual_ptr": ptr(res[1]),
-               "out_ptr": ptr(dtypes["out"]), **{k: v for k, v in scalar_types.items() if k != "stride_x"}},
-        constexprs={**reduce_constexprs(meta, config), "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res},
-        args={"partial_ptr": ("tensor", "partial"), "bias_ptr": ("tensor", bias[0]),
-              "residual_ptr": ("tensor", res[0]), "out_ptr": ("tensor", "out"), "T": ("sym", "T"),
-              **{k: v for k, v in scalars.items() if k != "stride_x"}},
-        grid=reduce_grid(meta),
-        config=Config.make(num_warps=2, num_stages=1),
-    )
-    return Plan((main, reduce), scratch=(("partial", (partial_numel(meta, config), "fp32")),))
+    return Plan((launch,), scratch=split_scratch(meta, config, use_rms=False))
 
 
 SPEC = KernelSpec("linear", configs, default, plan, tune_buckets=(1, 16, 64, 256))

@@ -4,20 +4,23 @@ Two regimes, picked by config per token bucket (KernelSpec.tune_buckets, meta["T
 
 - LOOP_M (GEMV layout, decode): grid (cdiv(N, BLOCK_N), SPLIT_K). A program owns BLOCK_N output columns for
   every row and walks the rows in blocks of BLOCK_M, streaming its slice of W along K (coalesced, K is
-  contiguous). When BLOCK_M covers the step's T, W is read from memory exactly once, which is all that
-  matters for memory-bound decode. With SPLIT_K > 1 each program covers one K range and writes fp32 partials
-  to scratch; a second tiny launch sums them and runs the epilogue. The inner product is either a broadcast
-  multiply + sum (USE_DOT False, for BLOCK_M of 1..4 rows) or tl.dot (BLOCK_M >= 16, tensor cores).
+  contiguous; weights evict-first, activations evict-last). When BLOCK_M covers the step's T, W is read from
+  memory exactly once, which is all that matters for memory-bound decode. Decode is bound by bytes in flight:
+  every SM must hold enough weight loads for the whole kernel, so small-N shapes split K. With SPLIT_K > 1 each
+  program covers one K range and writes fp32 partials to scratch; the last program of a column block to finish
+  (a per-block semaphore, zero between launches) sums them and runs the epilogue, so split-K costs no second
+  launch. The product is a broadcast multiply accumulated in registers (USE_DOT False, 1..4 rows) or tl.dot of
+  w against x^T (BLOCK_M of 16 and more, tensor cores with the wide side as the MMA's M).
 - tile grid (GEMM layout, prefill): one BLOCK_M x BLOCK_N tile per program, tl.dot over K, tiles visited in
   groups of GROUP_M rows of tiles so consecutive programs share W tiles in L2.
 
 The RMSNorm fusion (FlashNorm, arXiv 2407.09577): the norm weight is folded into W by the compiler, so the
-kernel only needs each row's sum of squares, accumulated from the very x tiles the product streams (USE_RMS),
-and scales the accumulator by rstd = 1 / sqrt(sum(x^2) / K + eps) in the epilogue.
+kernel only needs each row's sum of squares (a short pass of its own over x; USE_RMS), and scales the
+accumulator by rstd = 1 / sqrt(sum(x^2) / K + eps) in the epilogue.
 
 The SwiGLU fusion (ACT_SILU_MUL): over a gate_up weight whose rows the compiler interleaved (gate_j, up_j), the
 epilogue pairs adjacent columns and stores silu(gate) * up, [T, N / 2], so no [T, N] activation is written and
-silu_mul needs no launch of its own. Split-K partials stay [T, N]; the reduce launch applies it.
+silu_mul needs no launch of its own. Split-K partials stay [T, N]; the program that reduces them applies it.
 """
 
 from __future__ import annotations
@@ -25,12 +28,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.spec import Config, GridDim, grid_dim
+from kernels.spec import SEMAPHORES, Config, GridDim, grid_dim
 
 # Notional number of SMs/CUs used to size split-K when no GPU is at hand (H100: 132, MI300X: 304): enough
 # programs that every SM holds a few and the memory system sees enough loads in flight.
 _TARGET_PROGRAMS = 512
-_REDUCE_BLOCK = 256
 
 
 @triton.jit
@@ -147,19 +149,108 @@ def store_rows(
 
 
 @triton.jit
+def _w_chunk(w_rows, col_mask, k, K: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] chunk of W from column k: read once and never again, so evict-first."""
+    ks = k + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None], other=0.0, eviction_policy="evict_first")
+    else:
+        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0,
+                    eviction_policy="evict_first")
+    return w
+
+
+@triton.jit
+def _gemv_step(acc, sumsq, x_rows, row_mask, w, k, K: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               USE_DOT: tl.constexpr, USE_RMS: tl.constexpr):
+    """Fold one K chunk into the accumulator (and the rows' sum of squares). x is re-read by every program, so
+    it is kept in cache (evict-last)."""
+    ks = k + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        x_mask = row_mask[:, None]
+    else:
+        x_mask = row_mask[:, None] & (ks < K)[None, :]
+    x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0, eviction_policy="evict_last")
+    if USE_RMS:
+        if USE_DOT:
+            # A load of its own: the tl.dot operand also reduced in registers miscompiled on sm_90 once pipelined
+            # (seen in the GEMM tiles, Triton 3.6). Same addresses, so it hits the cache.
+            xs = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0, eviction_policy="evict_last")
+        else:
+            xs = x
+        xs = xs.to(tl.float32)
+        sumsq += tl.sum(xs * xs, axis=1)
+    if USE_DOT:
+        if x.dtype == tl.float32:
+            # fp32 models expect fp32 results; the default tf32 would round operands to 10 mantissa bits.
+            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc, sumsq
+
+
+@triton.jit
+def gemv_tile(
+    x_ptr,  # [T, K]
+    w_ptr,  # [N, K]
+    rows,  # [BLOCK_M] int64
+    cols,  # [BLOCK_N] int64
+    T,
+    stride_x,
+    k_lo,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    K_SPAN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    USE_RMS: tl.constexpr,
+):
+    """acc[BLOCK_M, BLOCK_N] = x[rows, k_lo:k_lo+K_SPAN] @ w[cols, same]^T, and the rows' sum of x^2 over that
+    K range, for the weight-streaming layout.
+
+    The broadcast product accumulates elementwise in a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 register tile and reduces
+    along K once at the end: reducing every chunk would put a cross-warp reduction (shared memory and a barrier)
+    between consecutive weight loads. The tl.dot form computes w @ x^T, so the wide BLOCK_N side is the MMA's M
+    (Hopper's wgmma wants M >= 64) and the few token rows its N."""
+    row_mask = rows < T
+    col_mask = cols < N
+    x_rows = x_ptr + rows[:, None] * stride_x
+    w_rows = w_ptr + cols[:, None] * K
+    if USE_DOT:
+        acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
+    else:
+        acc = tl.full((BLOCK_M, BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    sumsq = tl.full((BLOCK_M,), 0.0, tl.float32)
+    for k in range(k_lo, k_lo + K_SPAN, BLOCK_K):
+        w = _w_chunk(w_rows, col_mask, k, K, BLOCK_K, EVEN_K)
+        acc, sumsq = _gemv_step(acc, sumsq, x_rows, row_mask, w, k, K, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
+    if USE_DOT:
+        out = tl.trans(acc)
+    else:
+        out = tl.sum(acc, axis=2)
+    return out, sumsq
+
+
+@triton.jit
 def matmul_program(
     x_ptr,  # [T, K]
     w_ptr,  # [N, K]
     bias_ptr,  # [N]
     residual_ptr,  # [T, N]
     out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
-    partial_ptr,  # [SPLIT_K, max_T, N] fp32
-    sumsq_ptr,  # [SPLIT_K, max_T] fp32
+    partial_ptr,  # [SPLIT_K, ROWS, N] fp32
+    sumsq_ptr,  # [cdiv(N, BLOCK_N), SPLIT_K, ROWS] fp32 (USE_RMS)
+    sem_ptr,  # [cdiv(N, BLOCK_N)] i32, zero between launches
     T,
     stride_x,
     stride_res,
     stride_out,
-    max_T,
+    rows_cap,  # ROWS: rows of the partials (the variant's most tokens)
     eps,
     N: tl.constexpr,
     K: tl.constexpr,
@@ -176,27 +267,55 @@ def matmul_program(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ACT_SILU_MUL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    """One program of the main launch, either layout (see the module docstring)."""
+    """One program of the launch, either layout (see the module docstring)."""
+    if USE_PDL:
+        # Programmatic dependent launch: wait for the previous kernel (its whole grid, its writes visible) before
+        # the first load, then let the next kernel be scheduled, which waits the same way for this one. The wait
+        # comes before every load, weights included: Triton's passes move loads (cp.async above all) across the
+        # wait's inline asm, so a weight prefetch placed before it would drag activation loads along (seen in
+        # the sm_90 PTX; tests/kernels/test_pdl.py checks that no load precedes the wait).
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if LOOP_M:
         pid_n = tl.program_id(0).to(tl.int64)
         pid_k = tl.program_id(1).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         for m0 in range(0, T, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-            acc, sumsq = mm_tile(x_ptr, w_ptr, rows, cols, T, stride_x, pid_k * K_SPAN, N, K, K_SPAN,
-                                 BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
+            acc, sumsq = gemv_tile(x_ptr, w_ptr, rows, cols, T, stride_x, pid_k * K_SPAN, N, K, K_SPAN, BLOCK_M,
+                                   BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
             if SPLIT_K == 1:
                 store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out, eps,
                            N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
             else:
                 mask = (rows < T)[:, None] & (cols < N)[None, :]
-                split = pid_k * max_T * N
-                tl.store(partial_ptr + split + rows[:, None] * N + cols[None, :], acc, mask=mask)
+                tl.store(partial_ptr + pid_k * rows_cap * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
                 if USE_RMS:
-                    # Every column block computes the same partial sums of squares; the first one keeps them.
-                    if pid_n == 0:
-                        tl.store(sumsq_ptr + pid_k * max_T + rows, sumsq, mask=rows < T)
+                    tl.store(sumsq_ptr + (pid_n * SPLIT_K + pid_k) * rows_cap + rows, sumsq, mask=rows < T)
+        if SPLIT_K > 1:
+            # Split-K without a second launch: the last of the SPLIT_K programs of this column block to arrive
+            # sums the partials, in split order (deterministic), runs the epilogue and re-arms the semaphore.
+            # The barrier orders every thread's partial stores before the one thread's acq_rel increment.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(sem_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                for m0 in range(0, T, BLOCK_M):
+                    rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+                    mask = (rows < T)[:, None] & (cols < N)[None, :]
+                    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                    sumsq = tl.full((BLOCK_M,), 0.0, tl.float32)
+                    for s in tl.static_range(SPLIT_K):
+                        # .cg: from L2, where the other programs' partials are, never a stale L1 line.
+                        acc += tl.load(partial_ptr + s * rows_cap * N + rows[:, None] * N + cols[None, :], mask=mask,
+                                       other=0.0, cache_modifier=".cg")
+                        if USE_RMS:
+                            sumsq += tl.load(sumsq_ptr + (pid_n * SPLIT_K + s) * rows_cap + rows, mask=rows < T,
+                                             other=0.0, cache_modifier=".cg")
+                    store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out,
+                               eps, N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
+                tl.atomic_xchg(sem_ptr + pid_n, 0)
     else:
         pid_m, pid_n = grouped_tile(tl.program_id(0), T, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -207,58 +326,12 @@ def matmul_program(
                    N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
 
 
-@triton.jit
-def reduce_program(
-    partial_ptr,  # [SPLIT_K, max_T, N] fp32
-    sumsq_ptr,  # [SPLIT_K, max_T] fp32
-    bias_ptr,  # [N]
-    residual_ptr,  # [T, N]
-    out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
-    T,
-    stride_res,
-    stride_out,
-    max_T,
-    eps,
-    N: tl.constexpr,
-    K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    USE_RMS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    ACT_SILU_MUL: tl.constexpr,
-):
-    """Second launch of split-K, grid (T, cdiv(N, BLOCK_R)): sum one row's partials over the splits, then the
-    epilogue. Partial sums of squares add up to the row's full sum of squares, so rstd is exact."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.full((1, BLOCK_R), 0.0, tl.float32)
-    sumsq = tl.full((1,), 0.0, tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        split_row = row + s * max_T  # row of the [SPLIT_K * max_T, N] partials, int64
-        acc += tl.load(partial_ptr + split_row * N + cols, mask=cols < N, other=0.0)[None, :]
-        if USE_RMS:
-            sumsq += tl.load(sumsq_ptr + split_row)
-    rows = row + tl.arange(0, 1)
-    store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out, eps,
-               N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
-
-
 # ---- host side: configs, heuristics and the pieces of a plan both ops share ----------------------------------
 
 
 def t_bucket(meta: dict) -> int:
     """The most tokens the chosen config will see: the compiler's token bucket, else the artifact's max_T."""
     return int(meta.get("T_bucket", meta["max_T"]))
-
-
-def _split_k(N: int, K: int, block_n: int, block_k: int) -> int:
-    """Splits of K that bring the program count near _TARGET_PROGRAMS, keeping >= 2 K blocks per split."""
-    programs = triton.cdiv(N, block_n)
-    split = 1
-    while split < 8 and programs * split * 2 <= _TARGET_PROGRAMS and K >= block_k * split * 4:
-        split *= 2
-    return split
 
 
 def gemv(block_m: int, block_n: int, block_k: int, split_k: int, use_dot: bool, warps: int = 4,
@@ -272,31 +345,50 @@ def gemm(block_m: int, block_n: int, block_k: int, warps: int, stages: int = 3) 
                        SPLIT_K=1, GROUP_M=8, LOOP_M=False, USE_DOT=True)
 
 
-def _gemv_blocks(N: int, K: int, T: int) -> list[tuple[int, int]]:
-    """(BLOCK_N, BLOCK_K) candidates for the broadcast GEMV, largest tiles first.
+def _split_for(N: int, K: int, block_n: int, block_k: int, programs: int) -> int:
+    """The fewest K splits (a power of two, at most 16) that give at least ``programs`` programs, keeping at least
+    one BLOCK_K chunk per split."""
+    split = 1
+    while split < 16 and triton.cdiv(N, block_n) * split < programs and K >= block_k * split * 2:
+        split *= 2
+    return split
 
-    One row (decode at batch 1) is pure weight streaming: narrow column blocks with long K chunks give every SM
-    several programs with ~8 KB loads in flight and need no split-K reduce launch. With 2..4 rows the
-    [BLOCK_M, BLOCK_N, BLOCK_K] product lives in registers, so K chunks stay short.
-    """
-    bk_max = min(512, triton.next_power_of_2(K))
-    if T == 1:
-        return list(dict.fromkeys((bn, min(bk, bk_max)) for bn, bk in ((16, 256), (8, 512), (8, 256), (4, 512))))
-    return [(16, min(128, bk_max)), (8, min(128, bk_max)), (32, min(64, bk_max))]
+
+def _broadcast_candidates(N: int, K: int, bm: int, min_bn: int) -> list[Config]:
+    """Weight-streaming GEMVs for 1..4 rows: every SM needs tens of KB of weight loads in flight for the whole
+    kernel, from enough resident programs, each loading 8-16 KB per K step. On an H200 (benchmarks/gemv.py, every
+    decode shape of the 1.1B and 8B presets at one row) the winners were long K chunks over few columns (2-16)
+    at 4 warps, without split-K: a full 2048-wide K chunk for K = 2048, 1024 at 8 columns for K >= 4096. One
+    split-K candidate stays for matrices whose column blocks alone leave SMs idle."""
+    bk_max = triton.next_power_of_2(K)
+    out = []
+    for elems, bk in ((4096, 2048), (4096, 1024), (4096, 512), (4096, 256), (8192, 2048), (8192, 1024),
+                      (8192, 512)):
+        bk = min(bk, bk_max)
+        out.append(gemv(bm, max(min_bn, elems // (bk * bm)), bk, 1, False, 4, 1))
+    bk = min(512, bk_max)
+    bn = max(min_bn, 8192 // (bk * bm))
+    out.append(gemv(bm, bn, bk, _split_for(N, K, bn, bk, _TARGET_PROGRAMS), False, 4, 1))
+    return list(dict.fromkeys(out))
+
+
+def _min_block_n(meta: dict) -> int:
+    """The SwiGLU epilogue pairs adjacent columns, so its column blocks hold at least one (gate, up) pair."""
+    return 2 if meta.get("act") == "silu_mul" else 1
 
 
 def matmul_configs(meta: dict) -> list[Config]:
     """Candidates for one token bucket: GEMV layouts for decode-sized T, GEMM tiles for prefill."""
     N, K, T = meta["N"], meta["K"], t_bucket(meta)
     if T <= 4:
-        bm = triton.next_power_of_2(T)
-        blocks = _gemv_blocks(N, K, bm)
-        split = [gemv(bm, 32, min(128, triton.next_power_of_2(K)), _split_k(N, K, 32, 128), False)]
-        return list(dict.fromkeys([*(gemv(bm, bn, bk, 1, False) for bn, bk in blocks), *split]))
+        return _broadcast_candidates(N, K, triton.next_power_of_2(T), _min_block_n(meta))
     if T <= 64:
         bm = max(16, triton.next_power_of_2(T))
-        return [*(gemv(bm, bn, 64, s, True) for bn in (32, 64) for s in dict.fromkeys((1, _split_k(N, K, bn, 64)))),
-                gemm(bm, 64, 64, 4)]
+        # The H200 sweep's winners at 4..16 rows: 32-64 columns by 128 of K, 4 stages, with and without split-K.
+        # Stages are capped so the operand tiles fit gfx942's 64 KB of LDS in 16-bit dtypes.
+        return list(dict.fromkeys(
+            gemv(bm, bn, bk, _split_for(N, K, bn, bk, programs), True, 4, min(4, 32768 // ((bm + bn) * bk)))
+            for bn, bk in ((64, 128), (32, 128), (64, 64)) for programs in (1, _TARGET_PROGRAMS)))
     # At most 8192 operand elements per pipeline stage, so every candidate fits gfx942's 64 KB of LDS.
     return [gemm(bm, bn, bk, w) for bm, bn, bk, w in
             ((64, 64, 64, 4), (64, 128, 32, 4), (128, 64, 32, 4), (128, 128, 32, 8), (128, 128, 32, 4))]
@@ -306,15 +398,14 @@ def matmul_default(meta: dict) -> Config:
     """Heuristic when nothing was tuned: stream W once with enough programs in flight, tensor-core tiles above 64."""
     N, K, T = meta["N"], meta["K"], t_bucket(meta)
     if T <= 4:
+        # What won most decode shapes on an H200: 8 KB of weights per K step, the longest K chunk up to 2048.
         bm = triton.next_power_of_2(T)
-        # The widest column block that still gives every SM of a large GPU (132 on an H100) two programs.
-        for bn, bk in _gemv_blocks(N, K, bm):
-            if triton.cdiv(N, bn) >= 2 * 132:
-                return gemv(bm, bn, bk, 1, False)
-        bn, bk = 32, min(128, triton.next_power_of_2(K))  # small N: split K instead
-        return gemv(bm, bn, bk, _split_k(N, K, bn, bk), False)
+        bk = min(2048, triton.next_power_of_2(K))
+        bn = max(_min_block_n(meta), 4096 // (bk * bm))
+        return gemv(bm, bn, bk, 1, False, 4, 1)
     if T <= 64:
-        return gemv(max(16, triton.next_power_of_2(T)), 64, 64, _split_k(N, K, 64, 64), True)
+        bm = max(16, triton.next_power_of_2(T))
+        return gemv(bm, 64, 64, _split_for(N, K, 64, 64, _TARGET_PROGRAMS), True)
     return gemm(128, 128, 32, 8) if T >= 256 else gemm(64, 128, 32, 4)
 
 
@@ -327,7 +418,7 @@ def launch_config(config: Config, dtypes: dict) -> Config:
 
 
 def tile_constexprs(meta: dict, config: Config) -> dict:
-    """Constexprs of the main launch shared by both ops (sizes, tiles, layout flags, K range per split)."""
+    """Constexprs of the launch shared by both ops (sizes, tiles, layout flags, K range per split)."""
     N, K = meta["N"], meta["K"]
     split, bk = config["SPLIT_K"], config["BLOCK_K"]
     if split > 1 and not config["LOOP_M"]:
@@ -345,14 +436,17 @@ def tile_grid(meta: dict, config: Config) -> list[GridDim]:
     return [grid_dim(("T", config["BLOCK_M"], num_n))]
 
 
-def reduce_constexprs(meta: dict, config: Config) -> dict:
-    return {"N": meta["N"], "K": meta["K"], "SPLIT_K": config["SPLIT_K"], "BLOCK_R": _REDUCE_BLOCK}
+def split_rows(meta: dict) -> int:
+    """Rows the split-K partials hold: the most tokens the variant runs with."""
+    return min(meta["max_T"], t_bucket(meta))
 
 
-def reduce_grid(meta: dict) -> list[GridDim]:
-    return [grid_dim(("T", 1, 1)), grid_dim(triton.cdiv(meta["N"], _REDUCE_BLOCK))]
-
-
-def partial_numel(meta: dict, config: Config) -> int:
-    """fp32 elements of the split-K partials scratch, [SPLIT_K, max_T, N]."""
-    return config["SPLIT_K"] * meta["max_T"] * meta["N"]
+def split_scratch(meta: dict, config: Config, use_rms: bool) -> tuple[tuple[str, tuple[int, str]], ...]:
+    """Scratch of a split-K launch: fp32 partials [SPLIT_K, ROWS, N], with the RMSNorm the partial sums of squares
+    [column blocks, SPLIT_K, ROWS], and one semaphore per column block."""
+    split = config["SPLIT_K"]
+    if split == 1:
+        return ()
+    num_n, rows = triton.cdiv(meta["N"], config["BLOCK_N"]), split_rows(meta)
+    sumsq = (("sumsq", (num_n * split * rows, "fp32")),) if use_rms else ()
+    return (("partial", (split * rows * meta["N"], "fp32")), *sumsq, (SEMAPHORES, (num_n, "i32")))

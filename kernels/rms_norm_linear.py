@@ -2,8 +2,8 @@
 
 The compiler has folded the norm weight g into w (W' = W * diag(g), in fp32, then cast), so what is left of the
 norm is a per-row scalar: rstd(x) = 1 / sqrt(mean(x^2) + eps) commutes with the product and is applied in the
-epilogue ("FlashNorm", arXiv 2407.09577). Its sum of squares comes from the same x tiles the K loop streams for
-the product, so the norm costs no extra pass over x and no [T, K] normed activation is ever written. Layouts
+epilogue ("FlashNorm", arXiv 2407.09577). Its sum of squares comes from a short pass over the row of x (tiny next
+to W and cache-resident), so no [T, K] normed activation is ever written. Layouts
 (GEMV / split-K for decode, tl.dot tiles for prefill) are those of kernels/matmul_helpers.py.
 
 With act "silu_mul" (the compiler's SwiGLU fusion) w is the gate_up weight with its rows interleaved, row 2j =
@@ -21,14 +21,12 @@ from kernels.matmul_helpers import (
     matmul_configs,
     matmul_default,
     matmul_program,
-    partial_numel,
-    reduce_constexprs,
-    reduce_grid,
-    reduce_program,
+    split_rows,
+    split_scratch,
     tile_constexprs,
     tile_grid,
 )
-from kernels.spec import Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
+from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
 
 
 @triton.jit
@@ -37,12 +35,13 @@ def _rms_norm_linear_kernel(
     w_ptr,  # [N, K], norm weight folded in
     bias_ptr,  # [N]; without HAS_BIAS bound to w and never read
     out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
-    partial_ptr,  # [SPLIT_K, max_T, N] fp32 scratch; with SPLIT_K == 1 bound to out and never written
-    sumsq_ptr,  # [SPLIT_K, max_T] fp32 scratch; with SPLIT_K == 1 bound to out and never written
+    partial_ptr,  # [SPLIT_K, ROWS, N] fp32 scratch; with SPLIT_K == 1 bound to out and never written
+    sumsq_ptr,  # [cdiv(N, BLOCK_N), SPLIT_K, ROWS] fp32 scratch; with SPLIT_K == 1 bound to out and never written
+    sem_ptr,  # [cdiv(N, BLOCK_N)] i32 scratch, zero between launches; with SPLIT_K == 1 bound to out, never used
     T,
     stride_x,
     stride_out,
-    max_T,
+    rows_cap,  # ROWS, the rows the partials hold
     eps,
     N: tl.constexpr,
     K: tl.constexpr,
@@ -57,31 +56,12 @@ def _rms_norm_linear_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT_SILU_MUL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    matmul_program(x_ptr, w_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, T, stride_x, stride_out,
-                   stride_out, max_T, eps, N, K, K_SPAN, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, GROUP_M, LOOP_M,
-                   USE_DOT, EVEN_K, True, HAS_BIAS, False, ACT_SILU_MUL)
-
-
-@triton.jit
-def _rms_norm_linear_reduce_kernel(
-    partial_ptr,  # [SPLIT_K, max_T, N] fp32
-    sumsq_ptr,  # [SPLIT_K, max_T] fp32
-    bias_ptr,  # [N]; without HAS_BIAS bound to out and never read
-    out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
-    T,
-    stride_out,
-    max_T,
-    eps,
-    N: tl.constexpr,
-    K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACT_SILU_MUL: tl.constexpr,
-):
-    reduce_program(partial_ptr, sumsq_ptr, bias_ptr, out_ptr, out_ptr, T, stride_out, stride_out, max_T, eps,
-                   N, K, SPLIT_K, BLOCK_R, True, HAS_BIAS, False, ACT_SILU_MUL)
+    matmul_program(x_ptr, w_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, sem_ptr, T, stride_x,
+                   stride_out, stride_out, rows_cap, eps, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                   BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K,
+                   USE_RMS=True, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=False, ACT_SILU_MUL=ACT_SILU_MUL, USE_PDL=USE_PDL)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -105,43 +85,27 @@ def _act(meta: dict) -> bool:
 def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     N, K = meta["N"], meta["K"]
     has_bias, act = bool(meta["has_bias"]), _act(meta)
-    split = config["SPLIT_K"]
-    out = ("out", dtypes["out"])
+    split = config["SPLIT_K"] > 1
     # An absent optional input binds to a tensor the node always has; its HAS_* flag keeps it unread.
     bias = ("bias", dtypes["bias"]) if has_bias else ("w", dtypes["w"])
-    partial, sumsq = (("partial", "fp32"), ("sumsq", "fp32")) if split > 1 else (out, out)
-    scalars = {"stride_out": ("int", meta.get("stride_out", N // 2 if act else N)), "max_T": ("int", meta["max_T"]),
-            "eps": ("float", meta["eps"])}
-    scalar_types = {"T": "i32", "stride_out": "i64", "max_T": "i64", "eps": "fp32"}
-    main = make_launch(
+    out = ("out", dtypes["out"])
+    partial, sumsq, sem = (("partial", "fp32"), ("sumsq", "fp32"), (SEMAPHORES, "i32")) if split else (out,) * 3
+    launch = make_launch(
         _rms_norm_linear_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "bias_ptr": ptr(bias[1]),
                "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]), "sumsq_ptr": ptr(sumsq[1]),
-               "stride_x": "i64", **scalar_types},
-        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias and split == 1,
-                    "ACT_SILU_MUL": act and split == 1},
+               "sem_ptr": ptr(sem[1]), "T": "i32", "stride_x": "i64", "stride_out": "i64", "rows_cap": "i64",
+               "eps": "fp32"},
+        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias, "ACT_SILU_MUL": act, "USE_PDL": False},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "bias_ptr": ("tensor", bias[0]),
-              "out_ptr": ("tensor", "out"), "partial_ptr": ("tensor", partial[0]),
-              "sumsq_ptr": ("tensor", sumsq[0]), "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", K)),
-              **scalars},
+              "out_ptr": ("tensor", "out"), "partial_ptr": ("tensor", partial[0]), "sumsq_ptr": ("tensor", sumsq[0]),
+              "sem_ptr": ("tensor", sem[0]), "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", K)),
+              "stride_out": ("int", meta.get("stride_out", N // 2 if act else N)),
+              "rows_cap": ("int", split_rows(meta)), "eps": ("float", meta["eps"])},
         grid=tile_grid(meta, config),
         config=launch_config(config, dtypes),
     )
-    if split == 1:
-        return Plan((main,))
-    bias = bias if has_bias else out
-    reduce = make_launch(
-        _rms_norm_linear_reduce_kernel,
-        types={"partial_ptr": ptr("fp32"), "sumsq_ptr": ptr("fp32"), "bias_ptr": ptr(bias[1]),
-               "out_ptr": ptr(dtypes["out"]), **scalar_types},
-        constexprs={**reduce_constexprs(meta, config), "HAS_BIAS": has_bias, "ACT_SILU_MUL": act},
-        args={"partial_ptr": ("tensor", "partial"), "sumsq_ptr": ("tensor", "sumsq"),
-              "bias_ptr": ("tensor", bias[0]), "out_ptr": ("tensor", "out"), "T": ("sym", "T"), **scalars},
-        grid=reduce_grid(meta),
-        config=Config.make(num_warps=2, num_stages=1),
-    )
-    scratch = (("partial", (partial_numel(meta, config), "fp32")), ("sumsq", (split * meta["max_T"], "fp32")))
-    return Plan((main, reduce), scratch=scratch)
+    return Plan((launch,), scratch=split_scratch(meta, config, use_rms=True))
 
 
 SPEC = KernelSpec("rms_norm_linear", configs, default, plan, tune_buckets=(1, 16, 64, 256))

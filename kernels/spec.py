@@ -24,6 +24,13 @@ import torch
 #   R: rows of logits wanted (S when generating; every token of a chunk for full-prompt logits).
 SYMBOLS = ("T", "S", "R")
 
+# The scratch role whose buffer must be zero before a launch and is left zero after it (split-K semaphores).
+# The runtime gives it a zeroed buffer of its own that no other scratch overlaps (docs/artifact.md).
+SEMAPHORES = "semaphores"
+# The constexpr of kernels that support programmatic dependent launch (sm_90): plans set it False; the compiler
+# turns it on for targets that have it and marks those binaries, which the runtime then launches with PDL.
+USE_PDL = "USE_PDL"
+
 TORCH_TO_TRITON = {
     torch.float32: "fp32",
     torch.float16: "fp16",
@@ -172,18 +179,18 @@ def make_launch(kernel: Any, types: dict[str, str], constexprs: dict[str, Any], 
                   config.num_warps, config.num_stages)
 
 
-def run(plan: Plan, tensors: dict[str, torch.Tensor], env: dict[str, int], interpret: bool | None = None) -> None:
+def run(plan: Plan, tensors: dict[str, torch.Tensor], env: dict[str, int], interpret: bool | None = None,
+        pdl: bool = False) -> None:
     """Launch every kernel of ``plan`` on torch tensors: the Triton interpreter on CPU tensors, JIT on GPU ones.
 
-    Scratch roles missing from ``tensors`` are allocated here.
+    Scratch roles missing from ``tensors`` are allocated here. ``pdl`` (sm_90 JIT only): kernels with a USE_PDL
+    constexpr get it on and are launched with programmatic dependent launch, as the cuda backend does.
     """
     some = next(iter(tensors.values()))
     if interpret is None:
         interpret = some.device.type == "cpu"
     tensors = dict(tensors)
-    for role, (numel, dt) in plan.scratch:
-        if role not in tensors:
-            tensors[role] = torch.empty(numel, dtype=DTYPE_NAMES[dt], device=some.device)
+    tensors.update(alloc_scratch(plan, some.device, skip=tuple(tensors)))
     for launch in plan.launches:
         values = []
         for _, (kind, val) in launch.args:
@@ -201,7 +208,17 @@ def run(plan: Plan, tensors: dict[str, torch.Tensor], env: dict[str, int], inter
             with _interpreting():
                 _interpreted(launch.kernel.fn)[grid](*values, **kwargs)
         else:
-            launch.kernel[grid](*values, **kwargs, num_warps=launch.num_warps, num_stages=launch.num_stages)
+            options = {}
+            if pdl and USE_PDL in kwargs:
+                kwargs[USE_PDL], options["launch_pdl"] = True, True
+            launch.kernel[grid](*values, **kwargs, num_warps=launch.num_warps, num_stages=launch.num_stages,
+                                **options)
+
+
+def alloc_scratch(plan: Plan, device: Any, skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Fresh scratch buffers for a plan's roles not in ``skip``: uninitialised, but zeroed for the semaphores."""
+    return {role: (torch.zeros if role == SEMAPHORES else torch.empty)(numel, dtype=DTYPE_NAMES[dt], device=device)
+            for role, (numel, dt) in plan.scratch if role not in skip}
 
 
 _INTERPRETED: dict = {}

@@ -30,6 +30,23 @@ SHARED_STATIC_LIMIT = 48 * 1024  # above this a kernel must opt in to more dynam
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 _CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value union (here its first int)."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig, the first argument of cuLaunchKernelEx."""
+
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 
 class DriverError(RuntimeError):
@@ -101,6 +118,7 @@ class Kernel:
     function: int
     threads: int
     shared: int
+    pdl: bool = False  # launched with programmatic dependent launch (its binary waits with gdc_wait)
 
 
 class Driver:
@@ -120,6 +138,18 @@ class Driver:
                                  ctypes.c_void_p]
         if api.error_name_returns_string:
             getattr(self.lib, api.error_name).restype = ctypes.c_char_p
+        self._launch_ex = None
+        if api.platform == "cuda":
+            # Programmatic dependent launch (sm_90): cuLaunchKernelEx with the programmatic-stream-serialization
+            # attribute, as Triton's own launcher does for launch_pdl. One config is reused: launches come from
+            # one thread, and the driver reads it during the call only.
+            self._launch_ex = self.lib.cuLaunchKernelEx
+            self._launch_ex.restype = ctypes.c_int
+            self._launch_ex.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_void_p]
+            self._pdl_attr = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            self._pdl_config = _LaunchConfig(blockDimY=1, blockDimZ=1, attrs=ctypes.pointer(self._pdl_attr),
+                                             numAttrs=1)
         self.check(getattr(self.lib, api.init)(0), api.init)
         if api.platform == "cuda":
             self._bind_context(device)
@@ -148,8 +178,13 @@ class Driver:
         if code != 0:
             raise DriverError(f"{call} failed: {self.error_name(code)} ({code})")
 
-    def load(self, image: bytes, name: str, num_warps: int, shared: int, warp_size: int = 32) -> Kernel:
-        """Load one binary (cubin / hsaco bytes) and look up its entry ``name``."""
+    def load(self, image: bytes, name: str, num_warps: int, shared: int, warp_size: int = 32,
+             pdl: bool = False) -> Kernel:
+        """Load one binary (cubin / hsaco bytes) and look up its entry ``name``; ``pdl``: launch it with
+        programmatic dependent launch (CUDA only: the binary must wait with gdc_wait before reading inputs)."""
+        if pdl and self._launch_ex is None:
+            raise DriverError(f"kernel {name} uses programmatic dependent launch, which {self.api.platform} "
+                              f"does not have: recompile the artifact for this GPU's target")
         module = ctypes.c_void_p()
         # The driver reads the image during the call only; the bytes object keeps it alive until then.
         self.check(getattr(self.lib, self.api.load)(ctypes.byref(module), ctypes.c_char_p(image)),
@@ -160,7 +195,7 @@ class Driver:
                    f"{self.api.function}({name})")
         if shared > SHARED_STATIC_LIMIT and self.api.platform == "cuda":
             self._allow_shared(function, shared, name)
-        return Kernel(name, function.value, num_warps * warp_size, shared)
+        return Kernel(name, function.value, num_warps * warp_size, shared, pdl)
 
     def _allow_shared(self, function: ctypes.c_void_p, shared: int, name: str) -> None:
         """Kernels asking for more than 48 KB of shared memory must raise their dynamic limit first."""
@@ -177,8 +212,14 @@ class Driver:
 
     def launch(self, kernel: Kernel, grid: tuple[int, int, int], params: ParamArray, stream: int) -> None:
         """Enqueue ``kernel`` on ``stream`` (a CUstream / hipStream_t handle as int, 0 = default stream)."""
-        rc = self._launch(kernel.function, grid[0], grid[1], grid[2], kernel.threads, 1, 1, kernel.shared,
-                          stream, params.array, None)
+        if kernel.pdl:
+            cfg = self._pdl_config
+            cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+            cfg.blockDimX, cfg.sharedMemBytes, cfg.hStream = kernel.threads, kernel.shared, stream
+            rc = self._launch_ex(ctypes.byref(cfg), kernel.function, params.array, None)
+        else:
+            rc = self._launch(kernel.function, grid[0], grid[1], grid[2], kernel.threads, 1, 1, kernel.shared,
+                              stream, params.array, None)
         if rc != 0:
             raise DriverError(f"{self.api.launch}({kernel.name}, grid={grid}) failed: {self.error_name(rc)} ({rc})")
 

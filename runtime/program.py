@@ -26,6 +26,9 @@ from runtime.step import StepInput
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,
           "i64": torch.int64, "u8": torch.uint8, "i8": torch.int8}
 SCRATCH_ALIGN = 256
+# The scratch role that must be zero before each launch and is left zero after it (split-K semaphores): it gets a
+# zeroed buffer of its own, shared by every node, which no other scratch overlaps (docs/artifact.md).
+SEMAPHORES = "semaphores"
 
 
 class Program:
@@ -112,6 +115,9 @@ class Program:
         entries = list(self.index["nodes"]) + list(self.index.get("extra", {}).values())
         self.scratch = torch.empty(max([self._scratch_bytes(v) for e in entries for v in e["variants"]] + [ALIGN]),
                                    dtype=torch.uint8, device=self.device)
+        self.semaphores = torch.zeros(max([n for e in entries for v in e["variants"]
+                                           for r, (n, _) in v.get("scratch", {}).items() if r == SEMAPHORES] + [1]),
+                                      dtype=torch.int32, device=self.device)
         self._global_scratch = self._kernel_scratch(entries)
         by_name = {n.name: n for n in self.graph.nodes}
         nodes = []
@@ -146,6 +152,8 @@ class Program:
     def _scratch_layout(variant: dict) -> dict[str, tuple[int, int, str]]:
         layout, off = {}, 0
         for role, (numel, dt) in sorted(variant.get("scratch", {}).items()):
+            if role == SEMAPHORES:
+                continue
             layout[role] = (off, numel, dt)
             off = aligned(off + numel * DTYPES[dt].itemsize, SCRATCH_ALIGN)
         return layout
@@ -189,6 +197,10 @@ class Program:
         for v in entry["variants"]:
             scratch = {role: self.scratch[o:o + n * DTYPES[dt].itemsize].view(DTYPES[dt])
                        for role, (o, n, dt) in self._scratch_layout(v).items()}
+            if SEMAPHORES in v.get("scratch", {}):
+                if v["scratch"][SEMAPHORES][1] != "i32":
+                    raise ArtifactError(f"node {entry['node']}: semaphores must be i32: rebuild the artifact")
+                scratch[SEMAPHORES] = self.semaphores
             tensors = {**roles, **scratch}
             launches = []
             for launch in v["launches"]:

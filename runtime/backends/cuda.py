@@ -12,6 +12,7 @@ neither Triton nor the kernel pack is imported here.
 from __future__ import annotations
 
 import bisect
+import os
 import time
 
 import torch
@@ -51,9 +52,12 @@ class CudaBackend(Backend):
     api: _Api = CUDA_API
 
     def __init__(self, artifact: Artifact, kv_cache_gb: float | None = None, max_blocks_total: int | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, pdl: bool | None = None):
         """cuda_graphs: capture the decode graphs now (``capture_seconds`` says how long it took); without them
-        every step launches eagerly until ``capture_graphs()`` is called."""
+        every step launches eagerly until ``capture_graphs()`` is called. pdl: launch the binaries built for
+        programmatic dependent launch with it (False launches them plainly, which is equally correct: their
+        gdc_wait then returns at once). None: off unless TRILITE_PDL=1 — the PDL path is built and checked in
+        the compiled code (tests/kernels/test_pdl.py) but has not yet passed the GPU tests since its last fix."""
         super().__init__(artifact, kv_cache_gb, max_blocks_total)
         if not torch.cuda.is_available():
             raise ArtifactError(f"backend {self.name} needs a GPU and torch sees none: use --backend torch")
@@ -66,12 +70,14 @@ class CudaBackend(Backend):
         weights = {k: v.to(self.device) for k, v in artifact.weights().items()}
         self.program = Program(artifact, index, self.device, weights)
         self.driver = Driver(self.api, self.device.index)
+        if pdl is None:
+            pdl = os.environ.get("TRILITE_PDL", "0") == "1"
         for b in index["binaries"].values():
             if b.get("num_ctas", 1) != 1:
                 raise ArtifactError(f"kernel {b['name']} uses thread-block clusters (num_ctas={b['num_ctas']}), "
                                     f"which this runtime does not launch: rebuild the artifact with num_ctas=1")
         kernels = {key: self.driver.load(artifact.binary(self.target, b["file"]), b["name"], b["num_warps"],
-                                         b["shared"], b.get("warp_size", 32))
+                                         b["shared"], b.get("warp_size", 32), pdl and bool(b.get("pdl", False)))
                    for key, b in index["binaries"].items()}
         torch.cuda.synchronize(self.device)
         free, _ = torch.cuda.mem_get_info(self.device)

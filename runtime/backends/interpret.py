@@ -39,8 +39,11 @@ def run_interpreted(launch: BoundLaunch, env: dict[str, int]) -> None:
     if math.prod(grid) == 0:
         return
     kernel = kernel_of(launch.binary["module"], launch.binary["kernel"])
+    constexprs = dict(launch.binary["constexprs"])
+    if constexprs.get("USE_PDL"):  # an sm_90 index: the interpreter runs one program at a time, nothing to overlap
+        constexprs["USE_PDL"] = False
     with _interpreting():
-        _interpreted(kernel.fn)[grid](*launch.args(env), **launch.binary["constexprs"])
+        _interpreted(kernel.fn)[grid](*launch.args(env), **constexprs)
 
 
 class InterpretBackend(Backend):

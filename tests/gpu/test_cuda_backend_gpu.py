@@ -256,3 +256,36 @@ def test_engine_generates_the_same_tokens_on_cuda_as_on_torch(tmp_path_factory):
     got = [o.token_ids for o in runtime.load(artifact.path, backend="cuda").generate(prompts, params)]
     want = [o.token_ids for o in runtime.load(artifact.path, backend="torch", device="cuda").generate(prompts, params)]
     assert got == want and all(len(t) == 20 for t in got)
+
+
+def test_pdl_binaries_are_marked_and_launch_identically_with_and_without_pdl(tmp_path_factory):
+    """On sm_90 the matmul binaries are built with USE_PDL and marked in index.json; launching them with
+    programmatic dependent launch (eager and inside the replayed decode graphs) gives the very same logits as
+    launching the same binaries plainly, where their gdc_wait returns at once."""
+    from runtime.backends import make_backend
+    from runtime.step import Chunk, make_step
+
+    artifact = _build(tmp_path_factory, "bf16")
+    major = torch.cuda.get_device_capability()[0]
+    index = artifact.kernel_index(f"cuda:{major}{torch.cuda.get_device_capability()[1]}")
+    marked = {b["kernel"] for b in index["binaries"].values() if b.get("pdl")}
+    if major < 9:
+        assert not marked
+        pytest.skip("programmatic dependent launch needs sm_90")
+    assert {"_linear_kernel", "_rms_norm_linear_kernel"} <= marked
+    on, off = (make_backend("cuda", artifact, max_blocks_total=32, cuda_graphs=False, pdl=p) for p in (True, False))
+    assert any(s.kernel.pdl for s in on._sites) and not any(s.kernel.pdl for s in off._sites)
+    vocab, width = on.program.vocab_size, on.program.max_blocks
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (19, 4)]
+    tables = [[1, 2], [3]]
+    outs = []
+    for b in (on, off):
+        got = [b.forward(make_step("prefill", [Chunk(p, 0, t) for p, t in zip(prompts, tables)], 16, width)).clone()]
+        b.capture_graphs()
+        for k in range(6):
+            chunks = [Chunk([(7 * k + i) % vocab], len(p) + k, t) for i, (p, t) in enumerate(zip(prompts, tables))]
+            got.append(b.forward(make_step("decode", chunks, 16, width)).clone())
+        outs.append(got)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -140,3 +140,34 @@ def test_logits_every_candidate_config_gpu(bucket, max_S, R):
         out = logits_op.logits(x, norm_w, weight, last_idx, eps=1e-5, out=_poisoned(R, V, dtype=torch.float32),
                                config=config)
         torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype], msg=lambda m, c=config: f"{c}: {m}")
+
+
+# The decode matrices of the tiny presets (hidden 64, intermediate 128 or 96, qkv 64 + 2 x 32) in every layout
+# their buckets pick, launched plainly and with programmatic dependent launch (USE_PDL on, sm_90).
+TINY = [(64, 128), (64, 256), (128, 64), (96, 64), (64, 64)]
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,N", TINY)
+@pytest.mark.parametrize("T", [1, 3, 4, 16, 40])
+def test_tiny_decode_shapes_every_candidate(T, K, N, dtype, pdl):
+    from kernels.spec import alloc_scratch, run
+
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    x = _rand(T, K, dtype=dtype, seed=8) + 0.1
+    w = _rand(N, K, dtype=dtype, scale=K**-0.5, seed=9)
+    residual = _rand(T, N, dtype=dtype, seed=10)
+    dn = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    for op, extra in ((linear_op, {"has_bias": False, "has_residual": True}),
+                      (rnl_op, {"has_bias": False, "eps": 1e-5, "act": None})):
+        meta = {"K": K, "N": N, "max_T": 64, "max_S": 4, "T_bucket": T, **extra}
+        want = linear_op.reference(x, w, None, residual) if op is linear_op else rnl_op.reference(x, w, eps=1e-5)
+        for config in dict.fromkeys([*op.SPEC.configs(meta), op.SPEC.default(meta)]):
+            plan = op.SPEC.plan(meta, {"x": dn, "w": dn, "out": dn, "residual": dn}, config)
+            out = _poisoned(T, N, dtype=dtype)
+            tensors = {"x": x, "w": w, "out": out, "residual": residual, **alloc_scratch(plan, "cuda")}
+            run(plan, tensors, {"T": T, "S": T}, interpret=False, pdl=pdl)
+            torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype],
+                                       msg=lambda m, c=config, o=op: f"{o.__name__} {c}: {m}")

@@ -3,6 +3,7 @@ import torch
 
 from kernels.linear import SPEC, linear, reference
 from kernels.matmul_helpers import gemm, gemv
+from kernels.spec import alloc_scratch, run
 
 # Every layout the configs can pick: GEMV with a broadcast product (1 and 4 rows per step, with and without
 # split-K), GEMV on tl.dot (rows looped in blocks of 16, split-K with a K that no split divides), GEMM tiles
@@ -112,14 +113,32 @@ def test_configs_follow_token_bucket():
     assert 1 in SPEC.tune_buckets and max(SPEC.tune_buckets) > 64
 
 
-def test_split_k_plan_has_reduce_and_scratch():
+def test_split_k_is_one_launch_with_partials_and_semaphores():
     meta = {"K": 4096, "N": 1024, "has_bias": True, "has_residual": True, "max_T": 64, "max_S": 8, "T_bucket": 16}
     dtypes = {"x": "bf16", "w": "bf16", "bias": "bf16", "residual": "bf16", "out": "bf16"}
-    config = gemv(16, 64, 64, 4, True)
-    plan = SPEC.plan(meta, dtypes, config)
-    assert [launch.name for launch in plan.launches] == ["_linear_kernel", "_linear_reduce_kernel"]
-    assert dict(plan.scratch) == {"partial": (4 * 64 * 1024, "fp32")}
-    assert len(SPEC.plan(meta, dtypes, gemv(16, 64, 64, 1, True)).launches) == 1
+    plan = SPEC.plan(meta, dtypes, gemv(16, 64, 64, 4, True))
+    assert [launch.name for launch in plan.launches] == ["_linear_kernel"]
+    assert dict(plan.scratch) == {"partial": (4 * 16 * 1024, "fp32"), "semaphores": (1024 // 64, "i32")}
+    assert SPEC.plan(meta, dtypes, gemv(16, 64, 64, 1, True)).scratch == ()
+
+
+def test_split_k_leaves_semaphores_zero():
+    """The semaphores are shared by every split-K launch of a step: each launch must leave them as it found them,
+    and a second launch on the same buffers must give the same output."""
+    T, K, N = 3, 96, 40
+    x, w, bias, residual = _inputs(T, K, N, torch.float32, seed=21)
+    config = gemv(4, 8, 16, 3, False)
+    plan = SPEC.plan({"K": K, "N": N, "has_bias": True, "has_residual": False, "max_T": T, "max_S": 1,
+                      "T_bucket": T}, {"x": "fp32", "w": "fp32", "bias": "fp32", "out": "fp32"}, config)
+    scratch = alloc_scratch(plan, x.device)
+    outs = []
+    for _ in range(2):
+        out = _poisoned(T, N, torch.float32)
+        run(plan, {"x": x, "w": w, "bias": bias, "out": out, **scratch}, {"T": T, "S": 1})
+        assert scratch["semaphores"].eq(0).all()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], reference(x, w, bias), atol=1e-4, rtol=1e-4)
+    assert torch.equal(outs[0], outs[1])
 
 
 # Every bucket's candidates in fp16; bf16 at both ends; fp32 (ieee dot, halved stages) for the GEMM tiles.

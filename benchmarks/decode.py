@@ -1,0 +1,150 @@
+"""Decode speed through the public API, against the bandwidth floor and HF transformers, on the GPU.
+
+    PYTHONPATH=. python -m benchmarks.decode artifacts/tinyllama-1.1b [artifacts/llama3-8b ...]
+        [--batch 1,16,32] [--hf/--no-hf] [--profile/--no-profile] [--out decode.md]
+
+Protocol (issue 8): `runtime.load(...).generate()`, a 128-token prompt per sequence then 256 new tokens, greedy,
+ignore_eos; decode rate = batch * 255 / (t(256) - t(1)), each length timed after a warm-up run of it. The floor
+is the weight bytes one decode step reads (every weight but the embedding table) plus the KV bytes it reads
+(the prompt and half the generated tokens, on average), over a device-to-device copy measured in this process.
+With --profile, torch.profiler (CUPTI sees the driver's launches inside the replayed graphs) times each kernel
+over 64 decode steps at batch 1: calls per step, µs, GB/s (weight bytes of the matmuls over their time) and
+the kernel time against the step time. HF transformers (static cache + torch.compile, its documented fast
+path) runs on the same random weights at batch 1 in the same process (--hf).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import click
+import torch
+
+import runtime
+from runtime.bench import copy_bandwidth, decode_weight_bytes, kv_bytes_per_token
+
+PROMPT, NEW = 128, 256
+
+
+def _prompts(vocab: int, batch: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (PROMPT,), generator=g).tolist() for _ in range(batch)]
+
+
+def _timed_generate(engine, prompts: list[list[int]], n: int) -> float:
+    params = runtime.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    engine.generate(prompts, params)  # warm-up of this length
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    torch.cuda.synchronize()
+    assert all(len(o.token_ids) == n for o in outs), "a sequence stopped early despite ignore_eos"
+    return time.perf_counter() - t
+
+
+def decode_rate(engine, vocab: int, batch: int) -> float:
+    prompts = _prompts(vocab, batch, seed=batch)
+    return batch * (NEW - 1) / (_timed_generate(engine, prompts, NEW) - _timed_generate(engine, prompts, 1))
+
+
+def floor_tok_s(weight_bytes: int, kv_per_token: int, batch: int, bw: float) -> float:
+    """Tokens per second if a step only moved its bytes at copy bandwidth: weights once, each row its KV."""
+    kv = batch * (PROMPT + NEW / 2) * kv_per_token
+    return batch * bw / (weight_bytes + kv)
+
+
+def kernel_profile(engine, vocab: int, steps: int = 64) -> tuple[list[tuple[str, int, float]], float]:
+    """(kernel name, calls, total µs) over ``steps`` decode steps at batch 1, and the steps' wall time (µs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = _prompts(vocab, 1, seed=7)
+    params = runtime.SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    engine.generate(prompts, params)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.generate(prompts, params)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e6
+    agg: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA" and ev.device_time_total > 0:
+            agg[ev.name][0] += 1
+            agg[ev.name][1] += ev.device_time_total
+    return sorted(((k, int(v[0]), v[1]) for k, v in agg.items()), key=lambda r: -r[2]), wall
+
+
+def hf_rate(preset: str) -> float | None:
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.hf_baseline import decode_tok_s
+    from compiler.frontends.presets import preset_dir
+
+    model = AutoModelForCausalLM.from_pretrained(preset_dir(preset, progress=False), dtype=torch.bfloat16)
+    model = model.cuda().eval()
+    prompt = torch.randint(3, model.config.vocab_size, (1, PROMPT), device="cuda")
+    kw = {"cache_implementation": "static"}
+    model.generate(prompt, max_new_tokens=4, do_sample=False, **kw)
+    rate = decode_tok_s(model, prompt, NEW, **kw)
+    del model
+    torch.cuda.empty_cache()
+    return rate
+
+
+@click.command()
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--batch", default="1,16,32", show_default=True)
+@click.option("--hf/--no-hf", default=True, show_default=True)
+@click.option("--profile/--no-profile", "do_profile", default=True, show_default=True)
+@click.option("--pdl/--no-pdl", default=True, show_default=True,
+              help="launch the PDL-built binaries with programmatic dependent launch")
+@click.option("--out", default=None, help="also write the tables here (markdown)")
+def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, pdl: bool, out: str | None) -> None:
+    device = torch.device("cuda")
+    bw = copy_bandwidth(device)
+    name = torch.cuda.get_device_name()
+    lines = [f"{name}, bf16, copy bandwidth {bw / 1e9:.0f} GB/s (read + written); prompt {PROMPT}, {NEW} new tokens, "
+             f"greedy, ignore_eos; PDL {'on' if pdl else 'off'}", "",
+             "| model | batch | tok/s | ms/step | % of floor | floor tok/s | HF static+compile tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    details = []
+    for path in artifacts:
+        engine = runtime.load(path, backend="cuda", pdl=pdl)
+        manifest = engine.artifact.manifest
+        model = Path(path).name
+        vocab = manifest["model"]["config"]["vocab_size"]
+        graph = engine.artifact.graph
+        wbytes = decode_weight_bytes(graph)
+        kv_tok = kv_bytes_per_token(graph, engine.artifact.limits.block_size)
+        # HF loads the very same weights only for a random preset (written as an HF directory).
+        source = manifest["model"]["source"]
+        hf_tok = hf_rate(source) if hf and not Path(source).suffix else None
+        for b in (int(x) for x in batch.split(",")):
+            rate = decode_rate(engine, vocab, b)
+            floor = floor_tok_s(wbytes, kv_tok, b, bw)
+            hf_cell = f"{hf_tok:.1f}" if (hf_tok and b == 1) else "–"
+            line = (f"| {model} | {b} | {rate:.1f} | {1000 * b / rate:.3f} | {100 * rate / floor:.0f}% | {floor:.0f} "
+                    f"| {hf_cell} |")
+            lines.append(line)
+            print(line, flush=True)
+        if do_profile:
+            rows, wall = kernel_profile(engine, vocab)
+            steps = 65
+            total = sum(r[2] for r in rows)
+            details += ["", f"{model}, batch 1, kernels over {steps} decode steps: {total / steps:.1f} µs of kernel "
+                        f"time per step, {wall / steps:.1f} µs wall per step", "",
+                        "| kernel | calls/step | µs/step | share |", "|---|---|---|---|"]
+            for k, calls, us in rows[:14]:
+                details.append(f"| {k[:60]} | {calls / steps:.1f} | {us / steps:.1f} | {100 * us / total:.1f}% |")
+        del engine
+        torch.cuda.empty_cache()
+    text = "\n".join(lines + details) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
