@@ -1,7 +1,7 @@
 """``runtime run | verify | inspect | bench``: thin click commands over functions tests call directly.
 
-An ArtifactError or ValueError ends a command with its one-line message on stderr and exit code 1,
-no traceback: those messages already say what to do.
+Every failure ends a command with one ``error: ...`` line on stderr and a non-zero exit (runtime/cli_errors.py);
+``runtime --debug ...`` or TRILITE_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -12,19 +12,12 @@ from pathlib import Path
 import click
 
 from runtime.backends import NAMES
-from runtime.errors import ArtifactError
+from runtime.cli_errors import OneLineGroup, debug_option
 
 
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (ArtifactError, ValueError) as e:
-            raise click.ClickException(str(e)) from None
-
-
-@click.group(cls=_Group)
-def main() -> None:
+@click.group(cls=OneLineGroup)
+@debug_option
+def main(debug: bool) -> None:
     """trilite runtime: run, verify, inspect and benchmark compiled artifacts."""
 
 
