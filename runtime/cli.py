@@ -32,6 +32,15 @@ def chat_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
 
 
+def _check_utf8(text: str) -> None:
+    """Python hands bytes that are not UTF-8 in argv over as lone surrogates; the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the prompt (or a --stop string) is not valid UTF-8: pass UTF-8 text, e.g. set a UTF-8 "
+                         "locale such as LANG=C.UTF-8 in the shell that produces it") from None
+
+
 @main.command()
 @_artifact
 @click.option("--prompt", required=True, help="text to continue (or the user message with --chat)")
@@ -53,6 +62,8 @@ def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: f
     from runtime.engine import load
     from runtime.sampling import SamplingParams
 
+    for text in (prompt, *stop):
+        _check_utf8(text)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
     engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb)
