@@ -68,8 +68,11 @@ class InterpretBackend(Backend):
         super().__init__(artifact, kv_cache_gb, max_blocks_total)
         self.device = torch.device("cpu")
         self.target = target or artifact.targets[0]
+        index = artifact.kernel_index(self.target)
+        for b in index["binaries"].values():  # every kernel resolved (and refused) before any work
+            kernel_of(b.get("module"), b.get("kernel"))
         weights = artifact.weights()
-        self.program = Program(artifact, artifact.kernel_index(self.target), self.device, weights)
+        self.program = Program(artifact, index, self.device, weights)
         self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, physical_memory() // 8,
                                         physical_memory(), "this machine's RAM")
         self.program.allocate_kv(self.num_blocks)
