@@ -34,14 +34,17 @@ def deadline(seconds: int):
 
 
 def one_line_error(result, *needles: str) -> str:
-    """Assert a non-zero exit with exactly one ``error: ...`` line on stderr and no traceback; return the line."""
+    """Assert a non-zero exit ending in exactly one ``error: ...`` line on stderr and no traceback; return it.
+
+    Lines before it may only be progress (the compiler shows which file it reads), never part of the error."""
     assert not isinstance(result.exception, TimeoutError), "the command hung"
     assert result.exit_code not in (0, None), result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in result.output, result.output
+    assert sum("error" in line.lower() for line in lines) == 1, result.output
     for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+        assert n in lines[-1], lines[-1]
+    return lines[-1]
 
 
 def rehash(art: Path, *rels: str) -> None:
