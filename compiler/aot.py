@@ -13,7 +13,12 @@ from triton.compiler import ASTSource
 
 from kernels.spec import USE_PDL, Launch
 
-TARGET_HELP = "targets look like cuda:80, cuda:90 or hip:gfx942"
+# The architectures Triton 3.6 compiles for (its ptxas and LLVM AMDGPU back end): a name outside these tables
+# would fail deep inside triton.compile with a PTXAS or LLVM traceback, so it is refused before any work.
+CUDA_ARCHS = ("75", "80", "86", "87", "89", "90", "100", "103", "120", "121")
+HIP_ARCHS = ("gfx90a", "gfx942", "gfx950", "gfx1100", "gfx1101", "gfx1200", "gfx1201")
+TARGET_HELP = ("targets look like cuda:80, cuda:90 or hip:gfx942 (known: "
+               + ", ".join([*(f"cuda:{a}" for a in CUDA_ARCHS), *(f"hip:{a}" for a in HIP_ARCHS)]) + ")")
 
 
 @dataclass(frozen=True)
@@ -24,9 +29,9 @@ class Target:
     @staticmethod
     def parse(text: str) -> Target:
         backend, _, arch = text.partition(":")
-        if backend == "cuda" and arch.isdigit() and int(arch) >= 75:
+        if backend == "cuda" and arch in CUDA_ARCHS:
             return Target("cuda", arch)
-        if backend == "hip" and arch.startswith("gfx"):
+        if backend == "hip" and arch in HIP_ARCHS:
             return Target("hip", arch)
         raise ValueError(f"unknown target {text!r}: {TARGET_HELP}")
 

@@ -147,7 +147,12 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
             keys = []
             for launch in plans[v].launches:
                 launch = for_target(launch, target)
-                key, binary, md = cache.get(launch, target)
+                try:
+                    key, binary, md = cache.get(launch, target)
+                except Exception as e:  # ptxas / LLVM failures arrive as assorted exception types, many lines long
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    raise ValueError(f"Triton could not compile {launch.kernel.fn.__name__} for {target} ({first}): "
+                                     f"try another --target, or rerun with --debug for the details") from e
                 if key not in binaries:
                     (tdir / f"{key}.{target.binary_ext}").write_bytes(binary)
                     binaries[key] = {**md, "file": f"{key}.{target.binary_ext}", "source_hash": launch.kernel.cache_key,

@@ -1,22 +1,23 @@
-"""`compiler compile SOURCE --out DIR ...` and `compiler models`."""
+"""`compiler compile SOURCE --out DIR ...` and `compiler models`.
+
+Every failure is one ``error: ...`` line and a non-zero exit (runtime/cli_errors.py, shared with the runtime's
+CLI); ``compiler --debug ...`` or TRILITE_DEBUG=1 shows the traceback.
+"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+from runtime.cli_errors import OneLineGroup, debug_option
 
 
-@click.group()
-def main() -> None:
+@click.group(cls=OneLineGroup)
+@debug_option
+def main(debug: bool) -> None:
     """trilite compiler: model -> static graph -> fused graph -> AOT kernel binaries -> artifact."""
 
 
@@ -41,11 +42,8 @@ def compile(source: str, out: Path | None, targets: tuple[str, ...], dtype: str 
     from compiler.build import build
 
     out = out or Path("artifacts") / Path(source).stem
-    try:
-        report = build(source, out, list(targets) or None, dtype, max_seq_len, max_batch, max_num_tokens, autotune,
-                       reference, progress=True)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    report = build(source, out, list(targets) or None, dtype, max_seq_len, max_batch, max_num_tokens, autotune,
+                   reference, progress=True)
     console = Console()
     if report.autotune_rows:
         table = Table(title="autotune (median µs per config, CUDA graphs)")

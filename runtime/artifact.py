@@ -1,7 +1,9 @@
-"""Load and validate an artifact directory (docs/artifact.md): format, file hashes, targets.
+"""Load and validate an artifact directory (docs/artifact.md, "What the loader checks"): format, listed files,
+their hashes, targets; the weights against the graph when they are read.
 
 Every problem is an ArtifactError whose message is one sentence saying what to do. Only JSON and
-safetensors are read (plus the ONNX graph through protobuf): nothing here unpickles.
+safetensors are read (plus the ONNX graph through protobuf): nothing here unpickles. Only files the
+manifest lists (and so hashes) are ever opened: ``Artifact.file`` is the one way to name one.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from compiler.artifact import sha256_file as _sha256
 from compiler.frontends import cache_dir
 from compiler.graph import Limits
 from runtime.errors import ArtifactError
+from runtime.safetensors_file import HeaderError, check_against, read_header
 
 FORMAT = 1
 REQUIRED_FILES = ("graph.onnx", "weights.safetensors", "tokenizer.json")
 LIMIT_KEYS = ("max_seq_len", "max_batch", "max_num_tokens", "block_size")
+MAX_JSON_BYTES = 256 << 20  # manifest.json and index.json are kilobytes to a few megabytes
 
 
 def _cache_file() -> Path:
@@ -106,9 +110,9 @@ class Artifact:
     def limits(self) -> Limits:
         return Limits(**{k: int(self.manifest["limits"][k]) for k in LIMIT_KEYS})
 
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.path
+    def file(self, rel: str) -> Path | None:
+        """The path of ``rel`` if the manifest lists it (load_artifact checked it is there and inside), else None."""
+        return self.path / rel if rel in self.manifest["files"] else None
 
     @property
     def rebuild_hint(self) -> str:
@@ -123,13 +127,30 @@ class Artifact:
 
         try:
             return from_onnx(onnx.load(str(self.path / "graph.onnx")))
-        except (ValueError, KeyError, onnx.checker.ValidationError) as e:
-            raise ArtifactError(f"graph.onnx of {self.path} cannot be read ({e}): {self.rebuild_hint}") from e
+        except Exception as e:  # protobuf and from_onnx fail in many ways on damaged bytes; each means unreadable
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ArtifactError(f"graph.onnx of {self.path} cannot be read ({detail}): {self.rebuild_hint}") from e
+
+    def safetensors_header(self, rel: str) -> dict[str, dict]:
+        """The checked header of the listed safetensors file ``rel`` (ArtifactError if malformed)."""
+        try:
+            return read_header(self.path / rel)
+        except HeaderError as e:
+            raise ArtifactError(f"{rel} in {self.path} is not a valid safetensors file ({e}): "
+                                f"{self.rebuild_hint}") from None
 
     def weights(self, device: str = "cpu") -> dict[str, Tensor]:
-        """Every weight by graph tensor name, as stored (transformed, in the model dtype)."""
+        """Every weight by graph tensor name, as stored (transformed, in the model dtype).
+
+        Before a byte of tensor data is read, the header is checked and every tensor's dtype and shape are
+        compared with the graph's weight of that name: a mismatch is an ArtifactError naming the tensor."""
         from safetensors.torch import load_file
 
+        header = self.safetensors_header("weights.safetensors")
+        expected = {t.name: (t.dtype, t.shape) for t in self.graph.by_kind("weight")}
+        why = check_against(header, expected)
+        if why:
+            raise ArtifactError(f"weights.safetensors in {self.path} {why}: {self.rebuild_hint}")
         return load_file(str(self.path / "weights.safetensors"), device=device)
 
     def kernel_index(self, target: str) -> dict:
@@ -137,24 +158,66 @@ class Artifact:
         if target not in self.targets:
             raise ArtifactError(f"artifact {self.name} has kernels for {', '.join(self.targets)}, not {target}: "
                                 f"recompile it with --target {target}")
-        return json.loads((self.path / target_dir(target) / "index.json").read_text())
+        rel = f"{target_dir(target)}/index.json"
+        index = _read_json(self.path / rel, rel, self.rebuild_hint)
+        if not isinstance(index.get("binaries"), dict) or not isinstance(index.get("nodes"), list):
+            raise ArtifactError(f"{rel} in {self.path} has no binaries or nodes: {self.rebuild_hint}")
+        for b in index["binaries"].values():
+            if not isinstance(b, dict) or self.file(f"{target_dir(target)}/{b.get('file')}") is None:
+                raise ArtifactError(f"{rel} in {self.path} names a binary the manifest does not list: "
+                                    f"{self.rebuild_hint}")
+        return index
 
     def binary(self, target: str, file: str) -> bytes:
-        return (self.path / target_dir(target) / file).read_bytes()
+        path = self.file(f"{target_dir(target)}/{file}")
+        if path is None:
+            raise ArtifactError(f"{target_dir(target)}/{file} is not listed in {self.path}/manifest.json: "
+                                f"{self.rebuild_hint}")
+        return path.read_bytes()
 
     def reference(self) -> tuple[list[int], Tensor]:
         """(prompt ids, fp32 logits [len, V]) the artifact was checked against when it was built."""
         from safetensors.torch import load_file
 
         ref = self.manifest.get("reference")
-        if not ref or "reference.safetensors" not in self.manifest["files"]:
+        if not isinstance(ref, dict) or "reference.safetensors" not in self.manifest["files"]:
             raise ArtifactError(f"artifact {self.name} holds no reference logits: {self.rebuild_hint}")
-        return list(ref["prompt_ids"]), load_file(str(self.path / "reference.safetensors"))["logits"]
+        ids = ref.get("prompt_ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+            raise ArtifactError(f"manifest.json of {self.path} has no valid reference prompt_ids: {self.rebuild_hint}")
+        vocab = self.graph.get_meta("vocab_size")
+        why = check_against(self.safetensors_header("reference.safetensors"), {"logits": ("fp32", (len(ids), vocab))})
+        if why:
+            raise ArtifactError(f"reference.safetensors in {self.path} {why}: {self.rebuild_hint}")
+        return ids, load_file(str(self.path / "reference.safetensors"))["logits"]
 
 
 def _rebuild_hint(path: Path, manifest: dict) -> str:
-    source = manifest.get("model", {}).get("source") or "MODEL"
+    model = manifest.get("model")
+    source = model.get("source") if isinstance(model, dict) else None
+    source = source if isinstance(source, str) and source else "MODEL"
     return f"rebuild it with `compiler compile {source} --out {path}`"
+
+
+def _read_json(path: Path, rel: str, hint: str) -> dict:
+    """A listed JSON file as a dict, bounded in size; ArtifactError naming ``rel`` otherwise."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ArtifactError(f"{rel} in {path.parent} is larger than any artifact writes: {hint}")
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ArtifactError(f"{rel} in {path.parent} is not valid JSON ({type(e).__name__}): {hint}") from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{rel} in {path.parent} is not a JSON object: {hint}")
+    return obj
+
+
+def _inside(root: Path, rel: str) -> bool:
+    """Whether ``root/rel``, symlinks followed, stays inside the artifact (a link may not lead out of it)."""
+    try:
+        return (root / rel).resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = False) -> Artifact:
@@ -168,12 +231,10 @@ def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = Fa
     if not (path / "manifest.json").is_file():
         what = "does not exist" if not path.exists() else "has no manifest.json"
         raise ArtifactError(f"{path} {what}: build an artifact with `compiler compile MODEL --out {path}`")
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}/manifest.json is not valid JSON ({e}): {_rebuild_hint(path, {})}") from e
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}/manifest.json is not a JSON object: {_rebuild_hint(path, {})}")
+    if not _inside(path, "manifest.json"):
+        raise ArtifactError(f"{path}/manifest.json is a link that leads out of the artifact: copy the artifact "
+                            f"as real files, or {_rebuild_hint(path, {})}")
+    manifest = _read_json(path / "manifest.json", "manifest.json", _rebuild_hint(path, {}))
     fmt = manifest.get("format")
     if fmt != FORMAT:
         raise ArtifactError(f"artifact format {fmt} is not supported by this runtime (format {FORMAT}): "
@@ -185,7 +246,15 @@ def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = Fa
     missing_limits = [k for k in LIMIT_KEYS if not isinstance(manifest["limits"].get(k), int)]
     if missing_limits or "dtype" not in manifest["model"]:
         raise ArtifactError(f"{path}/manifest.json lacks {missing_limits or ['model.dtype']}: {hint}")
+    plan = manifest.get("memory_plan")
+    if (not isinstance(plan, dict) or not isinstance(plan.get("arena_bytes"), int)
+            or not isinstance(plan.get("offsets"), dict)
+            or not all(isinstance(v, int) and v >= 0 for v in plan["offsets"].values())):
+        raise ArtifactError(f"{path}/manifest.json has no valid memory_plan: {hint}")
     files: dict = manifest["files"]
+    if not all(isinstance(t, str) for t in manifest["targets"]) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ArtifactError(f"{path}/manifest.json has malformed targets or files entries: {hint}")
     needed = [*REQUIRED_FILES, *(f"{target_dir(t)}/index.json" for t in manifest["targets"])]
     for rel in needed:
         if rel not in files:
@@ -195,6 +264,9 @@ def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = Fa
         p = PurePosixPath(rel)
         if p.is_absolute() or ".." in p.parts:
             raise ArtifactError(f"{path}/manifest.json names a file outside the artifact ({rel}): {hint}")
+        if not _inside(path, rel):
+            raise ArtifactError(f"artifact file {rel} in {path} is a link that leads out of the artifact: copy the "
+                                f"artifact as real files, or {hint}")
         if not (path / rel).is_file():
             raise ArtifactError(f"artifact file {rel} is missing from {path}: {hint}")
         if check_hashes and not verified.matches(path / rel, digest):
@@ -202,15 +274,6 @@ def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = Fa
                                 f"or edited): copy the artifact again or {hint}")
     verified.save()
     return Artifact(path, manifest)
-
-
-def _weights_header(path: Path) -> dict:
-    """The safetensors JSON header (name -> dtype, shape, offsets) without reading the tensors."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
 
 
 def describe(artifact: Artifact) -> dict:
@@ -226,7 +289,7 @@ def describe(artifact: Artifact) -> dict:
         size = sum((artifact.path / target_dir(target) / f).stat().st_size for f in files)
         launches = sum(len(v["launches"]) for n in index["nodes"] for v in n["variants"])
         kernels[target] = {"binaries": len(files), "bytes": size, "launch sites": launches}
-    header = _weights_header(artifact.path / "weights.safetensors")
+    header = artifact.safetensors_header("weights.safetensors")
     numel = sum(math.prod(t["shape"]) for t in header.values())
     return {
         "name": artifact.name,

@@ -1,7 +1,7 @@
 """``runtime run | verify | inspect | bench``: thin click commands over functions tests call directly.
 
-An ArtifactError or ValueError ends a command with its one-line message on stderr and exit code 1,
-no traceback: those messages already say what to do.
+Every failure ends a command with one ``error: ...`` line on stderr and a non-zero exit (runtime/cli_errors.py);
+``runtime --debug ...`` or TRILITE_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -12,19 +12,12 @@ from pathlib import Path
 import click
 
 from runtime.backends import NAMES
-from runtime.errors import ArtifactError
+from runtime.cli_errors import OneLineGroup, debug_option
 
 
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (ArtifactError, ValueError) as e:
-            raise click.ClickException(str(e)) from None
-
-
-@click.group(cls=_Group)
-def main() -> None:
+@click.group(cls=OneLineGroup)
+@debug_option
+def main(debug: bool) -> None:
     """trilite runtime: run, verify, inspect and benchmark compiled artifacts."""
 
 
@@ -37,6 +30,15 @@ _kv = click.option("--kv-cache-gb", type=float, default=None, help="KV-cache siz
 def chat_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of ``prompt`` as one user message in the artifact's chat template."""
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+
+
+def _check_utf8(text: str) -> None:
+    """Python hands bytes that are not UTF-8 in argv over as lone surrogates; the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the prompt (or a --stop string) is not valid UTF-8: pass UTF-8 text, e.g. set a UTF-8 "
+                         "locale such as LANG=C.UTF-8 in the shell that produces it") from None
 
 
 @main.command()
@@ -60,6 +62,8 @@ def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: f
     from runtime.engine import load
     from runtime.sampling import SamplingParams
 
+    for text in (prompt, *stop):
+        _check_utf8(text)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
     engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb)

@@ -18,6 +18,7 @@ from torch import Tensor
 from runtime.artifact import Artifact, load_artifact, max_blocks
 from runtime.backends import make_backend
 from runtime.backends.base import Backend
+from runtime.errors import ArtifactError
 from runtime.kv_cache import BlockAllocator
 from runtime.sampling import Finish, SamplingParams, StopChecker, apply_repetition_penalty, sampling_inputs
 from runtime.scheduler import Batch, Scheduler
@@ -203,5 +204,23 @@ def load(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = No
 
     ``rehash``: read every file for its sha256 even when this machine verified it unchanged before."""
     artifact = load_artifact(path, rehash=rehash)
+    tokenizer = artifact_tokenizer(artifact)  # before the backend: cheap, and its failures are the user's to fix
     be = make_backend(backend, artifact, kv_cache_gb=kv_cache_gb, **backend_kw)
-    return Engine(artifact, be, Tokenizer.from_dir(artifact.tokenizer_dir))
+    return Engine(artifact, be, tokenizer)
+
+
+def artifact_tokenizer(artifact: Artifact) -> Tokenizer:
+    """The tokenizer from the files the manifest lists (an unlisted chat_template.jinja or generation_config.json
+    lying beside them is never read), checked to emit only ids the model's embedding has rows for."""
+    try:
+        tok = Tokenizer.from_files(artifact.path / "tokenizer.json", artifact.file("tokenizer_config.json"),
+                                   artifact.file("generation_config.json"), artifact.file("chat_template.jinja"))
+    except ValueError as e:
+        raise ArtifactError(f"the tokenizer of {artifact.path} cannot be loaded ({e}): {artifact.rebuild_hint}") \
+            from None
+    vocab = int(artifact.graph.get_meta("vocab_size"))
+    top = max(tok.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= vocab:
+        raise ArtifactError(f"the tokenizer of {artifact.path} has token ids up to {top}, the model only {vocab} "
+                            f"embedding rows: the tokenizer belongs to another model; {artifact.rebuild_hint}")
+    return tok

@@ -1,8 +1,9 @@
 """The artifact's tokenizer: ``tokenizers`` for the text, jinja2 for the chat template, streaming decode.
 
-Reads the files an HF model directory (and an artifact) holds: tokenizer.json, tokenizer_config.json
-(special tokens, chat template), optionally chat_template.jinja and generation_config.json. Behaves as
-transformers 5 does on the same files, so prompts tokenize to the ids the reference model saw.
+Reads the files an HF model directory holds: tokenizer.json, tokenizer_config.json (special tokens, chat
+template), optionally chat_template.jinja and generation_config.json. Behaves as transformers 5 does on the
+same files, so prompts tokenize to the ids the reference model saw. An artifact's tokenizer is built with
+``from_files`` from the files its manifest lists, never by looking around the directory.
 No triton or kernels import: the GPU path loads this module.
 """
 
@@ -31,10 +32,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _raise_exception(message: str) -> None:
@@ -87,10 +84,41 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json: it is needed to tokenize prompts")
-        template_file = path / "chat_template.jinja"
-        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
-        return cls(_Backend.from_file(str(path / "tokenizer.json")), _read_json(path / "tokenizer_config.json"),
-                   _read_json(path / "generation_config.json"), template)
+        present = {n: path / n if (path / n).is_file() else None
+                   for n in ("tokenizer_config.json", "generation_config.json", "chat_template.jinja")}
+        return cls.from_files(path / "tokenizer.json", present["tokenizer_config.json"],
+                              present["generation_config.json"], present["chat_template.jinja"])
+
+    @classmethod
+    def from_files(cls, tokenizer_json: Path, tokenizer_config: Path | None = None,
+                   generation_config: Path | None = None, chat_template: Path | None = None) -> Tokenizer:
+        """Load from exactly these files (None: absent); ValueError naming the file that cannot be read."""
+        def read(path: Path | None) -> Any:
+            if path is None:
+                return None
+            try:
+                return path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path.name} is not UTF-8 text") from None
+
+        def parsed(path: Path | None) -> dict:
+            try:
+                obj = json.loads(read(path) or "{}")
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path.name} is not valid JSON ({type(e).__name__})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path.name} is not a JSON object")
+            return obj
+
+        text = read(tokenizer_json)
+        try:
+            backend = _Backend.from_str(text)
+        except Exception as e:  # the tokenizers library raises its own Exception type for a bad tokenizer.json
+            raise ValueError(f"{tokenizer_json.name} is not a tokenizer ({str(e).splitlines()[0][:120]})") from None
+        try:
+            return cls(backend, parsed(tokenizer_config), parsed(generation_config), read(chat_template))
+        except (TypeError, AttributeError, KeyError) as e:  # well-formed JSON of the wrong shape
+            raise ValueError(f"{(tokenizer_config or tokenizer_json).name} has malformed entries ({e})") from None
 
     def token_id(self, name: str) -> int | None:
         """Id of a named special token ("bos_token", "eos_token", ...), None if the model has none."""
@@ -152,8 +180,16 @@ class Tokenizer:
         the ids are returned, encoded without adding special tokens again (the template writes them).
         """
         variables = {**self.special_tokens, "tools": None, "documents": None, **kwargs}
-        text = _compile(self.get_chat_template(template_name)).render(
-            messages=copy.deepcopy(list(messages)), add_generation_prompt=add_generation_prompt, **variables)
+        template = self.get_chat_template(template_name)
+        try:
+            text = _compile(template).render(messages=copy.deepcopy(list(messages)),
+                                             add_generation_prompt=add_generation_prompt, **variables)
+        except Exception as e:  # untrusted template code: a syntax error, raise_exception(), a sandbox refusal...
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ValueError(f"the model's chat template failed ({type(e).__name__}: {detail}): run without --chat, "
+                             f"or fix chat_template in tokenizer_config.json and recompile") from None
+        if not isinstance(text, str):
+            raise ValueError("the model's chat template did not render text: run without --chat")
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def stream(self, context_ids: Sequence[int] = ()) -> StreamDecoder:

@@ -81,6 +81,29 @@ def family_of(config: dict) -> str:
                      + ", ".join(SUPPORTED_ARCHITECTURES))
 
 
+# Sizes every model definition reads from config.json; a missing or non-positive one would surface as a KeyError
+# or a shape error deep in tracing.
+REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def check_config(config: dict, source: str) -> None:
+    """SourceError naming the first size the definitions need that config.json lacks or gets wrong."""
+    for key in REQUIRED_SIZES:
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            what = "lacks" if key not in config else f"has an invalid ({value!r})"
+            raise SourceError(f"the config of {source} {what} {key}: it must be a positive integer; fix config.json "
+                              f"or use the model's original files")
+    for key in ("num_key_value_heads", "head_dim"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise SourceError(f"the config of {source} has an invalid {key} ({value!r}): it must be a positive "
+                              f"integer; fix config.json or use the model's original files")
+    if config["hidden_size"] % config["num_attention_heads"] and not config.get("head_dim"):
+        raise SourceError(f"the config of {source}: hidden_size {config['hidden_size']} is not a multiple of "
+                          f"num_attention_heads {config['num_attention_heads']} and no head_dim is given")
+
+
 def cache_dir() -> Path:
     """Where generated files live: ``$TRILITE_CACHE`` or ``~/.cache/trilite``."""
     root = os.environ.get("TRILITE_CACHE")
@@ -125,4 +148,5 @@ def load_source(source: str, progress: bool = False) -> ModelSource:
             raise SourceError(f"no such model: {source} — give a preset name (trilite compiler models), "
                               "an HF model directory or a .gguf file" + presets.suggest(source))
     family_of(src.config)
+    check_config(src.config, source)
     return src

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from compiler.frontends import LazyTensors, ModelSource, SourceError, family_of, file_sha256
+from compiler.frontends import LazyTensors, ModelSource, SourceError, check_config, family_of, file_sha256
 
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -25,6 +25,7 @@ def load_hf_dir(path: Path, name: str | None = None, sha256: str | None = None,
     config = read_json(path / "config.json", f"{path} has no config.json: not an HF model directory")
     family_of(config)
     shards = _weight_files(path)
+    check_config(config, str(path))
     tensors = safetensors_mapping(shards)
     normalise_config(config, "lm_head.weight" in tensors)
     tokenizer_json = _tokenizer_json(path)

@@ -63,19 +63,25 @@ def physical_memory() -> int:
 
 
 def num_kv_blocks(artifact: Artifact, kv_cache_gb: float | None, max_blocks_total: int | None,
-                  budget_bytes: int) -> int:
+                  budget_bytes: int, memory_bytes: int = 0, where: str = "this machine") -> int:
     """How many KV blocks to allocate.
 
     ``kv_cache_gb`` given: as many as fit in it. Otherwise enough for max_batch sequences of max_seq_len
     tokens, capped at ``budget_bytes`` (a backend's share of free memory) but never below one longest
-    sequence. ``max_blocks_total`` caps the result (tests use it to make blocks run out).
+    sequence. ``max_blocks_total`` caps the result (tests use it to make blocks run out). ``memory_bytes``
+    (the device's whole memory, 0: unknown) bounds ``kv_cache_gb``: asking for more is refused up front
+    rather than left to fail inside an allocation.
     """
     per_block = kv_bytes_per_block(artifact)
     limits = artifact.limits
     longest = max_blocks(limits)
     if kv_cache_gb is not None:
-        if kv_cache_gb <= 0:
-            raise ValueError(f"kv_cache_gb must be positive, got {kv_cache_gb}")
+        if not math.isfinite(kv_cache_gb) or kv_cache_gb <= 0:
+            raise ValueError(f"--kv-cache-gb must be a positive number of GiB, not {kv_cache_gb}")
+        if memory_bytes and kv_cache_gb * (1 << 30) > memory_bytes:
+            raise ValueError(f"--kv-cache-gb {kv_cache_gb:g} is more than {where} has ({memory_bytes / 2**30:.1f} "
+                             f"GiB in all): give a smaller --kv-cache-gb, or leave it out to size the cache from "
+                             f"free memory")
         n = int(kv_cache_gb * (1 << 30)) // per_block
         if n < 1:
             raise ValueError(f"kv_cache_gb {kv_cache_gb} holds no KV block of {per_block} bytes: give more")

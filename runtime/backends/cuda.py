@@ -80,8 +80,9 @@ class CudaBackend(Backend):
                                          b["shared"], b.get("warp_size", 32), pdl and bool(b.get("pdl", False)))
                    for key, b in index["binaries"].items()}
         torch.cuda.synchronize(self.device)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, int(free * KV_FRACTION))
+        free, total = torch.cuda.mem_get_info(self.device)
+        self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, int(free * KV_FRACTION), total,
+                                        "this GPU")
         self.program.allocate_kv(self.num_blocks)
         self._sites = [_Site(b, kernels[b.key]) for b in self.program.all_launches()]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}

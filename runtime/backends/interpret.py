@@ -15,21 +15,36 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from triton.runtime.jit import KernelInterface
 
 from kernels.spec import _interpreted, _interpreting
 from runtime.artifact import Artifact
 from runtime.backends.base import Backend, num_kv_blocks, physical_memory
 from runtime.bound import BoundLaunch
+from runtime.errors import ArtifactError
 from runtime.program import Program
 from runtime.step import StepInput
 
+# The kernel pack's op modules: the only modules an artifact can make this backend import. index.json's
+# ``module`` is looked up here, never passed to import_module, so a crafted index cannot run other code.
+KERNEL_MODULES = {m: m for m in (  # index name -> the string imported, this table's own
+    "kernels.add_rms_norm", "kernels.attention_decode", "kernels.attention_prefill", "kernels.embedding",
+    "kernels.gelu_tanh_mul", "kernels.kv_cache_write", "kernels.linear", "kernels.logits", "kernels.rms_norm",
+    "kernels.rms_norm_gated", "kernels.rms_norm_linear", "kernels.rope", "kernels.sampling", "kernels.silu_mul")}
 _KERNELS: dict[tuple[str, str], Any] = {}
 
 
 def kernel_of(module: str, name: str) -> Any:
-    """The @triton.jit function ``module.name`` that a binary was compiled from."""
+    """The @triton.jit function ``module.name`` of the kernel pack that a binary was compiled from."""
     if (module, name) not in _KERNELS:
-        _KERNELS[(module, name)] = getattr(importlib.import_module(module), name)
+        if not isinstance(module, str) or module not in KERNEL_MODULES:
+            raise ArtifactError(f"index.json names module {module!r}, which is not in the kernel pack: the artifact "
+                                f"is damaged or not trilite's; rebuild it with `compiler compile`")
+        fn = getattr(importlib.import_module(KERNEL_MODULES[module]), name, None) if isinstance(name, str) else None
+        if not isinstance(fn, KernelInterface):
+            raise ArtifactError(f"index.json names kernel {name!r}, which {module} does not define: rebuild the "
+                                f"artifact with this version's compiler")
+        _KERNELS[(module, name)] = fn
     return _KERNELS[(module, name)]
 
 
@@ -56,9 +71,13 @@ class InterpretBackend(Backend):
         super().__init__(artifact, kv_cache_gb, max_blocks_total)
         self.device = torch.device("cpu")
         self.target = target or artifact.targets[0]
+        index = artifact.kernel_index(self.target)
+        for b in index["binaries"].values():  # every kernel resolved (and refused) before any work
+            kernel_of(b.get("module"), b.get("kernel"))
         weights = artifact.weights()
-        self.program = Program(artifact, artifact.kernel_index(self.target), self.device, weights)
-        self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, physical_memory() // 8)
+        self.program = Program(artifact, index, self.device, weights)
+        self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, physical_memory() // 8,
+                                        physical_memory(), "this machine's RAM")
         self.program.allocate_kv(self.num_blocks)
 
     def forward(self, step: StepInput) -> Tensor:

@@ -47,10 +47,12 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.graph = artifact.graph
         if self.device.type == "cpu":
-            budget = int(physical_memory() * CPU_KV_SHARE)
+            total, where = physical_memory(), "this machine's RAM"
+            budget = int(total * CPU_KV_SHARE)
         else:
-            budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
-        self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, budget)
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget, where = int(free * 0.5), "this GPU"
+        self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, budget, total, where)
         self.weights = artifact.weights(str(self.device))
         missing = [t.name for t in self.graph.by_kind("weight") if t.name not in self.weights]
         if missing:

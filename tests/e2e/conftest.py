@@ -147,10 +147,11 @@ def random_prompt(vocab: int, n: int, seed: int) -> list[int]:
 
 
 def shadow_copy(src: Path, dest: Path, copied: tuple[str, ...] = ()) -> Path:
-    """``dest`` mirroring artifact ``src`` through symlinks (SmolLM2's is half a gigabyte), safe to damage.
+    """``dest`` mirroring artifact ``src`` through hard links (SmolLM2's is half a gigabyte), safe to damage.
 
     manifest.json and the files named in ``copied`` (paths relative to the artifact) are real copies, so a test
-    may edit them; removing a symlinked file removes only the link.
+    may edit them; removing a linked file removes only the link. Hard links, not symlinks: the loader refuses a
+    link that leads out of the artifact. Across file systems the file is copied.
     """
     keep = {"manifest.json", *copied}
     for path in sorted(src.rglob("*")):
@@ -163,5 +164,8 @@ def shadow_copy(src: Path, dest: Path, copied: tuple[str, ...] = ()) -> Path:
         if rel.as_posix() in keep:
             shutil.copyfile(path, target)
         else:
-            target.symlink_to(path.resolve())
+            try:
+                os.link(path.resolve(), target)
+            except OSError:
+                shutil.copyfile(path, target)
     return dest
