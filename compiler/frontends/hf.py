@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from compiler.frontends import LazyTensors, ModelSource, SourceError, family_of, file_sha256
+from compiler.frontends import LazyTensors, ModelSource, SourceError, family_of
 
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -144,14 +144,22 @@ def _fill_special_tokens(tc: dict, tokenizer_json: bytes, config: dict) -> None:
             tc[key] = token
 
 
-def files_sha256(root: Path, files: list[Path], progress: bool = False) -> str:
-    """One digest over several files: each file's name (relative to root) and sha256, in name order."""
-    console = _console() if progress else None
+def files_sha256(root: Path, files: list[Path], progress: bool = False, known: dict[Path, str] | None = None) -> str:
+    """One digest over several files: each file's name (relative to root) and sha256, in name order.
+
+    Files are hashed in parallel; ``known`` gives digests already taken (while writing them), which are reused.
+    """
+    from compiler.fileio import sha256_files
+
+    files = sorted(set(files), key=lambda p: p.relative_to(root).as_posix())
+    known = known or {}
+    todo = [f for f in files if f not in known]
+    if progress and todo:
+        _console().print(f"hashing {len(todo)} file(s) of {root.name}")
+    digests = {**known, **sha256_files(todo)}
     h = hashlib.sha256()
-    for f in sorted(set(files), key=lambda p: p.relative_to(root).as_posix()):
-        if console:
-            console.print(f"hashing {f.name}")
-        h.update(f"{f.relative_to(root).as_posix()}\0{file_sha256(f)}\n".encode())
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix()}\0{digests[f]}\n".encode())
     return h.hexdigest()
 
 
