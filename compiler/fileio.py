@@ -88,6 +88,39 @@ def header(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: 
     return struct.pack("<Q", len(text)) + text
 
 
+def read_header(path: Path | str) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, first byte, end byte) of every tensor of a safetensors file, offsets in the file."""
+    names = {v: k for k, v in _DTYPES.items()}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = json.loads(f.read(n))
+    head.pop("__metadata__", None)
+    return {name: (names[e["dtype"]], tuple(e["shape"]), 8 + n + e["data_offsets"][0], 8 + n + e["data_offsets"][1])
+            for name, e in head.items()}
+
+
+def read_tensor(path: Path | str, entry: tuple[torch.dtype, tuple[int, ...], int, int]) -> torch.Tensor:
+    """One tensor of a safetensors file (an entry of ``read_header``), read with one big read, not memory-mapped.
+
+    A mapped tensor is read later, page fault by page fault, by whatever touches it first; one read of the
+    whole range runs at the disk's (or page cache's) speed and without the GIL, so threads read tensors at once.
+    """
+    dtype, shape, start, end = entry
+    t = torch.empty(shape, dtype=dtype)
+    view = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(bytearray())
+    if len(view) != end - start:
+        raise ValueError(f"{path}: a tensor of {end - start} bytes does not hold {dtype} {shape}")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise ValueError(f"{path} ends inside a tensor: the file is truncated")
+            done += n
+    return t
+
+
 def _host_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach()
     if t.device.type != "cpu":

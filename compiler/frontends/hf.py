@@ -12,6 +12,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from compiler.fileio import read_header, read_tensor
 from compiler.frontends import LazyTensors, ModelSource, SourceError, family_of
 
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -74,8 +75,9 @@ def safetensors_mapping(shards: list[Path]) -> LazyTensors:
             handle = safe_open(str(shard), framework="pt")
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise SourceError(f"cannot read {shard}: {e}") from None
+        entries = read_header(shard)  # safe_open checked the header; reads go around its memory map (fileio)
         for key in sorted(handle.keys()):
-            loaders[key] = (lambda h=handle, k=key: h.get_tensor(k))
+            loaders[key] = (lambda s=shard, e=entries[key]: read_tensor(s, e))
     return LazyTensors(loaders)
 
 
