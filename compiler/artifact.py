@@ -123,15 +123,19 @@ def staging_dir(out: Path) -> Path:
     return stage
 
 
-def finish(stage: Path, out: Path, manifest: dict) -> None:
+def finish(stage: Path, out: Path, manifest: dict, known: dict[str, str] | None = None) -> None:
     """Hash every staged file into the manifest, write it, then swap the staging directory into place.
 
-    ``out`` is checked again just before the swap: a compile takes minutes, and a file the user put there
-    meanwhile must survive too.
+    ``known`` maps relative paths to the sha256 taken while writing them (the weights): those are not read again.
+    The rest are hashed in parallel. ``out`` is checked again just before the swap: a compile takes minutes, and
+    a file the user put there meanwhile must survive too.
     """
-    files = {}
-    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-        files[path.relative_to(stage).as_posix()] = sha256_file(path)
+    from compiler.fileio import sha256_files
+
+    known = known or {}
+    paths = {p.relative_to(stage).as_posix(): p for p in stage.rglob("*") if p.is_file()}
+    hashed = sha256_files(p for rel, p in paths.items() if rel not in known)
+    files = {rel: known[rel] if rel in known else hashed[p] for rel, p in sorted(paths.items())}
     manifest = {**manifest, "format": FORMAT, "files": files}
     (stage / "manifest.json").write_bytes(dump_json(manifest))
     check_output_dir(out)

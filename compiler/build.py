@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import triton
 from compiler import artifact as art
 from compiler.aot import Target, for_target
 from compiler.autotune import autotune_variant, db_section, load_db, save_db
+from compiler.emit import manifest_fields, write_files, write_reference
 from compiler.graph import Graph, Limits
 from compiler.kcache import BinaryCache
 from compiler.lower import VariantSpec, node_variants, sampling_variant
@@ -20,7 +23,6 @@ from kernels.spec import USE_PDL, Config, Plan, eval_grid
 
 DEFAULT_TARGETS = ("cuda:80", "cuda:90", "hip:gfx942")
 DTYPES = ("fp32", "fp16", "bf16")
-REFERENCE_TEXT = "The capital of France is"
 
 
 def local_target() -> Target | None:
@@ -183,7 +185,6 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
     """Compile ``source`` (preset name, HF directory or .gguf file) into an artifact directory at ``out``."""
     from compiler.frontends import family_of, load_source
     from compiler.memory import memory_plan
-    from compiler.onnx_io import to_onnx
     from compiler.passes import optimize
     from compiler.trace import trace
 
@@ -199,6 +200,12 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
     if autotune and not local:
         raise ValueError("--autotune needs a GPU on this machine: drop it to use the tuning database or heuristics")
     seconds: dict[str, float] = {}
+    if _is_random_preset(source):  # generated first, timed on its own: minutes for 8B on the CPU
+        from compiler.frontends.presets import preset_dir
+
+        preset_dir(source, progress)
+        seconds["preset"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
     src = load_source(source, progress=progress)  # before any progress output: a bad SOURCE is one clean line
     family = family_of(src.config)
     with Progress(progress) as bar:
@@ -206,16 +213,20 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
         max_seq_len = min(max_seq_len, max_pos)
         limits = Limits(max_seq_len=max_seq_len, max_batch=max_batch,
                         max_num_tokens=max_num_tokens or min(max_seq_len, 2048))
-        seconds["load"] = time.perf_counter() - t0
+        tensors = read_tensors(src.tensors)
+        seconds["load"] = time.perf_counter() - t1
 
         t1 = time.perf_counter()
         task = bar.add("tracing and fusing", 2)
-        graph, weights = trace(src.config, src.tensors, dtype, limits)
+        graph, weights = trace(src.config, tensors, dtype, limits)
+        del tensors
         bar.advance(task)
+        seconds["trace"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
         graph, weights, transforms = optimize(graph, weights, dtype)
         mem = memory_plan(graph, limits)
         bar.advance(task)
-        seconds["trace"] = time.perf_counter() - t1
+        seconds["passes"] = time.perf_counter() - t1
 
         variants = [v for node in graph.nodes for v in node_variants(graph, node, limits)]
         variants.append(sampling_variant(graph.get_meta("vocab_size"), limits))
@@ -229,15 +240,20 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
             cache = BinaryCache()
             counts = compile_targets(variants, chosen, tgts, stage, cache, bar)
             seconds["compile"] = time.perf_counter() - t3
-            _write_files(stage, src, graph, weights, to_onnx, tuning)
-            manifest = _manifest(source, src, family, dtype, tgts, limits, mem, transforms)
+            t3 = time.perf_counter()
+            known = write_files(stage, src, graph, weights, tuning)
+            del weights  # the reference model may need the memory
+            seconds["write"] = time.perf_counter() - t3
+            manifest = manifest_fields(source, src, family, dtype, tgts, limits, mem, transforms)
             if reference:
                 t4 = time.perf_counter()
                 task = bar.add("reference logits (HF)", 1)
-                manifest["reference"] = _write_reference(stage, src)
+                manifest["reference"] = write_reference(stage, src)
                 bar.advance(task)
                 seconds["reference"] = time.perf_counter() - t4
-            art.finish(stage, out, manifest)
+            t4 = time.perf_counter()
+            art.finish(stage, out, manifest, known)
+            seconds["hash"] = time.perf_counter() - t4
         except BaseException:
             import shutil
 
@@ -247,51 +263,17 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
     return BuildReport(out, len(graph.nodes), counts, cache.misses, cache.hits, seconds, tuning_source, rows)
 
 
-def _write_files(stage: Path, src, graph: Graph, weights: dict, to_onnx, tuning: dict) -> None:
-    import json
+def _is_random_preset(source: str) -> bool:
+    from compiler.frontends.presets import PRESETS
 
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in sorted(weights.items())}, str(stage / "weights.safetensors"))
-    (stage / "graph.onnx").write_bytes(to_onnx(graph).SerializeToString(deterministic=True))
-    (stage / "tokenizer.json").write_bytes(src.tokenizer_json)
-    (stage / "tokenizer_config.json").write_bytes(art.dump_json(src.tokenizer_config))
-    (stage / "tuning.json").write_bytes(art.dump_json(json.loads(json.dumps(tuning))))
+    return source in PRESETS and PRESETS[source].random is not None
 
 
-def _manifest(source: str, src, family: str, dtype: str, targets: list[Target], limits: Limits, mem: dict,
-              transforms: list[dict]) -> dict:
-    import importlib.metadata as md
+def read_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of a lazy mapping, read (and for GGUF dequantised) by threads: torch and numpy copy and
+    convert without the GIL, so a big checkpoint comes off the page cache on every core."""
+    from compiler.fileio import workers
 
-    def version(pkg: str) -> str:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return "unknown"
-
-    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < limits.max_batch] + [limits.max_batch]
-    return {
-        "name": src.name,
-        "model": {"architecture": src.config.get("architectures", ["?"])[0], "family": family, "config": src.config,
-                  "dtype": dtype, "source": source if not Path(source).exists() else Path(source).name,
-                  "source_sha256": src.sha256, "transforms": transforms},
-        "build": {"trilite": version("trilite"), "triton": triton.__version__,
-                  "torch": torch.__version__.split("+")[0]},
-        "targets": [str(t) for t in targets],
-        "limits": {"max_seq_len": limits.max_seq_len, "max_batch": limits.max_batch,
-                   "max_num_tokens": limits.max_num_tokens, "block_size": limits.block_size,
-                   "decode_buckets": buckets},
-        "memory_plan": mem,
-    }
-
-
-def _write_reference(stage: Path, src) -> dict:
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer
-
-    from compiler.reference import reference_logits
-
-    ids = Tokenizer.from_str(src.tokenizer_json.decode()).encode(REFERENCE_TEXT).ids
-    logits = reference_logits(src, ids).float().contiguous()
-    save_file({"logits": logits}, str(stage / "reference.safetensors"))
-    return {"prompt_ids": ids, "text": REFERENCE_TEXT, "dtype": "fp32", "source": "transformers"}
+    names = list(tensors)
+    with ThreadPoolExecutor(workers()) as pool:
+        return dict(zip(names, pool.map(tensors.__getitem__, names)))

@@ -59,9 +59,13 @@ class Tracer:
         return Sym(name, dtype, tuple(shape), self)
 
     def weight(self, name: str, value: torch.Tensor, dtype: str | None = None) -> Sym:
-        """A weight, kept as fp32 until the passes cast it; asking twice for one name gives the same tensor."""
+        """A weight, kept in its checkpoint dtype until the passes cast it; asking twice gives the same tensor.
+
+        No fp32 copy: a bf16 checkpoint of 8B parameters would take 32 GB that way, and merges and permutations
+        are exact in any dtype (folds compute in fp32 themselves).
+        """
         if name not in self.specs:
-            self.weights[name] = value.detach().to(torch.float32).contiguous()
+            self.weights[name] = value.detach().contiguous()
             self._add(TensorSpec(name, dtype or self.dtype, tuple(value.shape), "weight"))
         spec = self.specs[name]
         return Sym(name, spec.dtype, spec.shape, self)

@@ -6,20 +6,41 @@ independent of trilite's frontend as well as of its kernels.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from compiler.frontends import ModelSource
 
 
+def checkpoint_dtype(files: list[Path]) -> torch.dtype:
+    """The widest float dtype among the tensors of some safetensors files (read from their headers only)."""
+    from safetensors import safe_open
+
+    names = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            names |= {h.get_slice(k).get_dtype() for k in h.keys()}
+    for name, dtype in (("F64", torch.float64), ("F32", torch.float32), ("BF16", torch.bfloat16),
+                        ("F16", torch.float16)):
+        if name in names:
+            return dtype
+    return torch.float32
+
+
 def load_reference_model(source: ModelSource, device: str | torch.device = "cpu"):
     """The HF transformers model for ``source`` in fp32, eval mode, on ``device``.
 
-    Raises ValueError when transformers would leave any weight at its random init (a name mismatch).
+    An HF directory loads in its checkpoint's own dtype and becomes fp32 afterwards, on ``device``: the same
+    values as loading in fp32 (widening is exact), but transformers then maps the files instead of converting
+    every tensor on the CPU, which took minutes for 8B parameters. Raises ValueError when transformers would
+    leave any weight at its random init (a name mismatch).
     """
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch.float32, "attn_implementation": "eager", "output_loading_info": True}
     if source.hf_dir is not None:
+        kwargs["dtype"] = checkpoint_dtype(sorted(Path(source.hf_dir).glob("*.safetensors")))
         model, info = AutoModelForCausalLM.from_pretrained(str(source.hf_dir), use_safetensors=True, **kwargs)
     elif source.gguf_path is not None:
         model, info = AutoModelForCausalLM.from_pretrained(str(source.gguf_path.parent),
@@ -32,7 +53,8 @@ def load_reference_model(source: ModelSource, device: str | torch.device = "cpu"
     if missing or unexpected:
         raise ValueError(f"{source.name}: transformers did not load every weight (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
-    return model.to(device).eval()
+    model = model.to(device)
+    return (model if kwargs["dtype"] == torch.float32 else model.float()).eval()
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 def trace(config: dict, tensors: Mapping[str, torch.Tensor], dtype: str, limits: Limits
           ) -> tuple[Graph, dict[str, torch.Tensor]]:
-    """config.json + HF-named tensors -> (graph over basic ops, the weights it references as fp32).
+    """config.json + HF-named tensors -> (graph over basic ops, the weights it references, checkpoint dtype).
 
     Every weight keeps its checkpoint name; ``rope.cos_sin`` [max_seq_len, rotary_dim] is added.
     """

@@ -7,7 +7,6 @@ Submodules are imported lazily so that importing this package pulls in neither t
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -110,12 +109,10 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "trilite"
 
 
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path: Path) -> str:
+    from compiler.fileio import file_sha256 as sha256
+
+    return sha256(path)
 
 
 def list_presets() -> dict[str, str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from compiler.frontends import LazyTensors, ModelSource, SourceError, check_config, family_of, file_sha256
+from compiler.fileio import read_header, read_tensor
+from compiler.frontends import LazyTensors, ModelSource, SourceError, check_config, family_of
 
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -75,8 +76,9 @@ def safetensors_mapping(shards: list[Path]) -> LazyTensors:
             handle = safe_open(str(shard), framework="pt")
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise SourceError(f"cannot read {shard}: {e}") from None
+        entries = read_header(shard)  # safe_open checked the header; reads go around its memory map (fileio)
         for key in sorted(handle.keys()):
-            loaders[key] = (lambda h=handle, k=key: h.get_tensor(k))
+            loaders[key] = (lambda s=shard, e=entries[key]: read_tensor(s, e))
     return LazyTensors(loaders)
 
 
@@ -145,14 +147,22 @@ def _fill_special_tokens(tc: dict, tokenizer_json: bytes, config: dict) -> None:
             tc[key] = token
 
 
-def files_sha256(root: Path, files: list[Path], progress: bool = False) -> str:
-    """One digest over several files: each file's name (relative to root) and sha256, in name order."""
-    console = _console() if progress else None
+def files_sha256(root: Path, files: list[Path], progress: bool = False, known: dict[Path, str] | None = None) -> str:
+    """One digest over several files: each file's name (relative to root) and sha256, in name order.
+
+    Files are hashed in parallel; ``known`` gives digests already taken (while writing them), which are reused.
+    """
+    from compiler.fileio import sha256_files
+
+    files = sorted(set(files), key=lambda p: p.relative_to(root).as_posix())
+    known = known or {}
+    todo = [f for f in files if f not in known]
+    if progress and todo:
+        _console().print(f"hashing {len(todo)} file(s) of {root.name}")
+    digests = {**known, **sha256_files(todo)}
     h = hashlib.sha256()
-    for f in sorted(set(files), key=lambda p: p.relative_to(root).as_posix()):
-        if console:
-            console.print(f"hashing {f.name}")
-        h.update(f"{f.relative_to(root).as_posix()}\0{file_sha256(f)}\n".encode())
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix()}\0{digests[f]}\n".encode())
     return h.hexdigest()
 
 

@@ -1,7 +1,10 @@
 """Seeded random-weight models written as HF directories, so HF transformers loads the very same model.
 
 Every tensor has its own generator seeded from (seed, tensor name): the bytes do not depend on the order
-in which tensors are made, and a big model is generated one tensor at a time, one shard in memory at most.
+in which tensors are made, so threads make them in parallel and the shards are written (and hashed on the way
+out) side by side, a few tensors in memory at a time. Big presets are made by the GPU's generator when there is
+one: its bytes differ from the CPU's (and depend on the GPU's SM count, which sets the kernel's grid), so the
+stamp and the recipe name the generator and a cache made by another one is never taken for this one's.
 The tokenizer is a byte-level BPE trained on a small corpus kept here, which is deterministic too.
 """
 
@@ -13,11 +16,13 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from compiler import fileio
 from compiler.frontends import hf
 
 GENERATOR_VERSION = 1  # bump when the bytes written for the same spec change
@@ -57,12 +62,26 @@ class RandomModelSpec:
     norm_std: float  # norm weights ~ 1 + N(0, norm_std), so a kernel that ignores them fails
     dtype: str = "float32"
     shard_bytes: int = 2 << 30
+    device: str = "cpu"  # "cpu": the CPU's generator everywhere; "auto": the GPU's when one is present
 
-    def recipe(self) -> str:
-        text = json.dumps({"config": self.config, "seed": self.seed, "std": self.std, "norm_std": self.norm_std,
-                           "dtype": self.dtype, "shard_bytes": self.shard_bytes, "version": GENERATOR_VERSION,
-                           "corpus": hashlib.sha256(_CORPUS.encode()).hexdigest()}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "auto"):
+            raise ValueError(f"RandomModelSpec.device must be 'cpu' or 'auto', not {self.device!r}")
+
+    def generator(self) -> str:
+        """Which generator makes this model here: "cpu", or "cuda/{SMs}x{threads per SM}" (the grid it uses)."""
+        if self.device == "auto" and torch.cuda.is_available() and not torch.version.hip:
+            props = torch.cuda.get_device_properties(0)
+            return f"cuda/{props.multi_processor_count}x{props.max_threads_per_multi_processor}"
+        return "cpu"
+
+    def recipe(self, generator: str = "cpu") -> str:
+        fields = {"config": self.config, "seed": self.seed, "std": self.std, "norm_std": self.norm_std,
+                  "dtype": self.dtype, "shard_bytes": self.shard_bytes, "version": GENERATOR_VERSION,
+                  "corpus": hashlib.sha256(_CORPUS.encode()).hexdigest()}
+        if generator != "cpu":  # the CPU's recipe stays what it was before GPU generation existed
+            fields["generator"] = generator
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def parameter_shapes(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
@@ -91,14 +110,15 @@ def parameter_shapes(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def make_tensor(spec: RandomModelSpec, name: str, shape: tuple[int, ...], kind: str) -> torch.Tensor:
+def make_tensor(spec: RandomModelSpec, name: str, shape: tuple[int, ...], kind: str,
+                generator: str = "cpu") -> torch.Tensor:
+    """One parameter, drawn directly in the spec's dtype by its own generator; returned on the CPU."""
     seed = int.from_bytes(hashlib.sha256(f"{spec.seed}:{name}".encode()).digest()[:8], "little") >> 1
-    gen = torch.Generator().manual_seed(seed)
-    dtype = getattr(torch, spec.dtype)
-    t = torch.empty(shape, dtype=dtype)
-    if kind == "norm":
-        return t.normal_(1.0, spec.norm_std, generator=gen)
-    return t.normal_(0.0, spec.std, generator=gen)
+    device = "cpu" if generator == "cpu" else "cuda"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t = torch.empty(shape, dtype=getattr(torch, spec.dtype), device=device)
+    mean, std = (1.0, spec.norm_std) if kind == "norm" else (0.0, spec.std)
+    return t.normal_(mean, std, generator=gen).cpu()
 
 
 def build_tokenizer() -> str:
@@ -141,10 +161,12 @@ def _dump(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def write_random_model(spec: RandomModelSpec, dest: Path, log=None) -> str:
-    """Write ``spec`` as an HF directory at ``dest`` (atomically: temp dir, then rename); returns its sha256."""
-    from safetensors.torch import save_file
+def write_random_model(spec: RandomModelSpec, dest: Path, log=None, generator: str | None = None) -> str:
+    """Write ``spec`` as an HF directory at ``dest`` (atomically: temp dir, then rename); returns its sha256.
 
+    ``generator`` defaults to ``spec.generator()``; the stamp records it with the recipe and the sha256.
+    """
+    generator = generator or spec.generator()
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -152,28 +174,28 @@ def write_random_model(spec: RandomModelSpec, dest: Path, log=None) -> str:
         shards = _shards(spec)
         names = ["model.safetensors"] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        weight_map, total = {}, 0
-        for fname, entries in zip(names, shards):
-            if log:
-                log(f"writing {dest.name}/{fname} ({len(entries)} tensors)")
-            tensors = {n: make_tensor(spec, n, shape, kind) for n, shape, kind in entries}
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in tensors})
-            del tensors
+        if log:
+            log(f"writing {len(shards)} shard(s) of {dest.name} (generator {generator})")
+        hashes = _write_shards(spec, [tmp / n for n in names], shards, generator)
+        dtype = getattr(torch, spec.dtype)
         if len(shards) > 1:
+            total = sum(math.prod(shape) * dtype.itemsize for entries in shards for _, shape, _ in entries)
+            weight_map = {n: fname for fname, entries in zip(names, shards) for n, _, _ in entries}
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_bytes(_dump(index))
         (tmp / "config.json").write_bytes(_dump(spec.config))
         (tmp / "tokenizer.json").write_bytes(build_tokenizer().encode())
         (tmp / "tokenizer_config.json").write_bytes(
             _dump(tokenizer_config(spec.config.get("max_position_embeddings", 2048))))
-        sha = hf.files_sha256(tmp, [p for p in tmp.iterdir()])
-        (tmp / STAMP).write_bytes(_dump({"recipe": spec.recipe(), "sha256": sha}))
+        sha = hf.files_sha256(tmp, [p for p in tmp.iterdir()], known=hashes)
+        stamp = {"recipe": spec.recipe(generator), "sha256": sha}
+        if generator != "cpu":
+            stamp["generator"] = generator
+        (tmp / STAMP).write_bytes(_dump(stamp))
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)
-        if read_stamp(dest).get("recipe") == spec.recipe():
+        if read_stamp(dest).get("recipe") == stamp["recipe"]:
             shutil.rmtree(tmp)  # a concurrent writer finished the same model first; its readers keep it
         else:
             _replace_dir(tmp, dest)
@@ -181,6 +203,27 @@ def write_random_model(spec: RandomModelSpec, dest: Path, log=None) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return sha
+
+
+def _write_shards(spec: RandomModelSpec, paths: list[Path], shards: list[list], generator: str) -> dict[Path, str]:
+    """Write every shard, all at once, hashed as written; path -> sha256.
+
+    Threads draw the tensors (torch releases the GIL while it fills them), a few per shard ahead of its writer,
+    so the CPU's generator runs on every core and the GPU's copies overlap the writes.
+    """
+    dtype = getattr(torch, spec.dtype)
+    kinds = {name: kind for entries in shards for name, _, kind in entries}
+    shapes = {name: shape for entries in shards for name, shape, _ in entries}
+
+    def make(name: str) -> torch.Tensor:
+        return make_tensor(spec, name, shapes[name], kinds[name], generator)
+
+    n = fileio.workers()
+    ahead = max(1, n // len(shards))
+    with ThreadPoolExecutor(n) as makers, ThreadPoolExecutor(min(len(shards), n)) as writers:
+        jobs = [writers.submit(fileio.write_safetensors, path, [(name, dtype, shape) for name, shape, _ in entries],
+                               make, {"format": "pt"}, makers, ahead) for path, entries in zip(paths, shards)]
+        return {path: job.result() for path, job in zip(paths, jobs)}
 
 
 def _replace_dir(new: Path, dest: Path) -> None:

@@ -1,7 +1,8 @@
 """Passes that transform weights along with the graph: (Graph, weights) -> (Graph, weights, records).
 
-Weights stay fp32 through every pass (merges and folds are exact there) and are cast last. Each record
-says how one weight was made, for the manifest: {"op", "inputs": [weight names], "output", ...}.
+Weights keep their checkpoint dtype through the passes (merges and row permutations are exact in any dtype),
+folds compute in fp32, and every weight is cast to the build dtype last. Each record says how one weight was
+made, for the manifest: {"op", "inputs": [weight names], "output", ...}.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def fold_norms(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, We
             key = (u.input("w"), node.input("w"))
             if key not in folded:
                 name = e.fresh(u.input("w").removesuffix(".weight") + ".folded.weight")
-                out[name] = weights[u.input("w")] * gamma[None, :]
+                out[name] = _fold(weights[u.input("w")], gamma, TORCH_DTYPES[g.tensor(u.input("w")).dtype])
                 e.add_spec(TensorSpec(name, g.tensor(u.input("w")).dtype, tuple(out[name].shape), "weight"))
                 records.append({"op": "fold_rms_norm", "inputs": list(key), "output": name})
                 folded[key] = name
@@ -81,6 +82,16 @@ def fold_norms(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, We
         for u, n in zip(users, new):
             e.replace([u], n, at=u)
     return e.graph(), out, records
+
+
+def _fold(w: torch.Tensor, gamma: torch.Tensor, build: torch.dtype) -> torch.Tensor:
+    """W diag(g) in fp32 (one pass: a 16-bit operand promotes inside the multiply, no fp32 copy of W).
+
+    A W already in the build dtype is rounded to it right away: that is the same one rounding of the same fp32
+    product cast_weights would do, at half the bytes for the passes after. Otherwise the product stays fp32.
+    """
+    product = w * gamma.to(torch.float32)[None, :]
+    return product.to(build) if w.dtype == build else product
 
 
 def interleave_pairs(w: torch.Tensor) -> torch.Tensor:

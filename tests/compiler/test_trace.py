@@ -73,7 +73,7 @@ def test_inputs_caches_outputs_and_meta():
         "head_dim": 12, "hidden_size": 48, "intermediate_size": 80, "vocab_size": 97, "block_size": 4,
         "max_blocks": 8, "max_seq_len": 32, "rotary_dim": 12, "dtype": "bf16", "eps": 1e-5,
         "tie_word_embeddings": False}
-    # Weights keep their checkpoint names and come back as fp32; the graph declares the build dtype.
+    # Weights keep their checkpoint names and dtype (fp32 here); the graph declares the build dtype.
     assert all(v.dtype == torch.float32 for v in weights.values())
     assert set(weights) == {t.name for t in graph.by_kind("weight")}
     assert graph.tensor("model.layers.0.mlp.up_proj.weight").dtype == "bf16"

@@ -1,0 +1,67 @@
+"""The artifact's files other than the kernels: weights, graph, tokenizer, tuning, manifest fields, reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import triton
+
+from compiler import artifact as art
+from compiler.aot import Target
+from compiler.graph import Graph, Limits
+
+REFERENCE_TEXT = "The capital of France is"
+
+
+def write_files(stage: Path, src, graph: Graph, weights: dict, tuning: dict) -> dict[str, str]:
+    """Write the artifact's files but the manifest; returns {relative path: sha256} of those hashed on the way."""
+    import json
+
+    from compiler.fileio import save_tensors
+    from compiler.onnx_io import to_onnx
+
+    sha = save_tensors(stage / "weights.safetensors", dict(sorted(weights.items())))
+    (stage / "graph.onnx").write_bytes(to_onnx(graph).SerializeToString(deterministic=True))
+    (stage / "tokenizer.json").write_bytes(src.tokenizer_json)
+    (stage / "tokenizer_config.json").write_bytes(art.dump_json(src.tokenizer_config))
+    (stage / "tuning.json").write_bytes(art.dump_json(json.loads(json.dumps(tuning))))
+    return {"weights.safetensors": sha}
+
+
+def manifest_fields(source: str, src, family: str, dtype: str, targets: list[Target], limits: Limits, mem: dict,
+                    transforms: list[dict]) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "unknown"
+
+    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < limits.max_batch] + [limits.max_batch]
+    return {
+        "name": src.name,
+        "model": {"architecture": src.config.get("architectures", ["?"])[0], "family": family, "config": src.config,
+                  "dtype": dtype, "source": source if not Path(source).exists() else Path(source).name,
+                  "source_sha256": src.sha256, "transforms": transforms},
+        "build": {"trilite": version("trilite"), "triton": triton.__version__,
+                  "torch": torch.__version__.split("+")[0]},
+        "targets": [str(t) for t in targets],
+        "limits": {"max_seq_len": limits.max_seq_len, "max_batch": limits.max_batch,
+                   "max_num_tokens": limits.max_num_tokens, "block_size": limits.block_size,
+                   "decode_buckets": buckets},
+        "memory_plan": mem,
+    }
+
+
+def write_reference(stage: Path, src) -> dict:
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    from compiler.reference import reference_logits
+
+    ids = Tokenizer.from_str(src.tokenizer_json.decode()).encode(REFERENCE_TEXT).ids
+    logits = reference_logits(src, ids).float().contiguous()
+    save_file({"logits": logits}, str(stage / "reference.safetensors"))
+    return {"prompt_ids": ids, "text": REFERENCE_TEXT, "dtype": "fp32", "source": "transformers"}
