@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -81,7 +81,6 @@ class _Choice:
     index: int
     req: object  # the engine's request record (sequence, decoder, stop checker, text)
     first: float | None = None  # when its first token came
-    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class EngineLoop:
