@@ -64,6 +64,21 @@ class _RequestLog:
                 self.metrics.requests.labels(str(status[0])).inc()
 
 
+class _EventStream(StreamingResponse):
+    """An SSE response that calls ``on_close`` however it ends, even when the client is gone before the body's
+    generator first runs (its own ``finally`` would then never run, and the request would go on to its end)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
 async def _disconnected(request: Request) -> None:
     """Returns once the client has closed its connection (the body is already read)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -132,8 +147,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         handle = loop.submit(gen)
         collector = Collector(gen, model_name)
         if gen.stream:
-            return StreamingResponse(stream(request, handle, collector), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return _EventStream(stream(request, handle, collector), lambda: finish(request, handle, collector))
         gone = asyncio.create_task(_disconnected(request))
         try:
             while not collector.done:
@@ -154,7 +168,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return event
 
     def finish(request: Request, handle: Handle, collector: Collector) -> None:
-        """Book-keeping at the end of a request, however it ended."""
+        """Book-keeping at the end of a request, however it ended; the first call counts, later ones do nothing."""
+        if collector.closed:
+            return
+        collector.closed = True
         u = collector.usage()
         request.state.usage = (u["prompt_tokens"], u["completion_tokens"])
         metrics.prompt_tokens.inc(u["prompt_tokens"])

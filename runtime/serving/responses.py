@@ -121,6 +121,7 @@ class Collector:
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(k)]
         self.finish: list[str | None] = [None] * k
         self.prompt_logprobs: dict[int, list[TokenLogprob]] = {}
+        self.closed = False  # the request's end has been booked (metrics, log, abort)
 
     def add(self, event: TokenEvent | PromptEvent) -> None:
         if isinstance(event, PromptEvent):
