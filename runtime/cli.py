@@ -1,4 +1,4 @@
-"""``runtime run | verify | inspect | bench``: thin click commands over functions tests call directly.
+"""``runtime run | serve | verify | inspect | bench``: thin click commands over functions tests call directly.
 
 Every failure ends a command with one ``error: ...`` line on stderr and a non-zero exit (runtime/cli_errors.py);
 ``runtime --debug ...`` or TRILITE_DEBUG=1 shows the traceback.
@@ -18,7 +18,7 @@ from runtime.cli_errors import OneLineGroup, debug_option
 @click.group(cls=OneLineGroup)
 @debug_option
 def main(debug: bool) -> None:
-    """trilite runtime: run, verify, inspect and benchmark compiled artifacts."""
+    """trilite runtime: run, serve, verify, inspect and benchmark compiled artifacts."""
 
 
 _artifact = click.argument("artifact", type=click.Path(path_type=Path))
@@ -72,6 +72,25 @@ def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: f
         click.echo(piece, nl=False)
         sys.stdout.flush()
     click.echo()
+
+
+@main.command()
+@_artifact
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+@click.option("--max-queue", type=int, default=256, show_default=True,
+              help="sequences that may wait for a place in the batch; more get 503 at once")
+@click.option("--served-model-name", default=None, help="the model name clients send (default: the artifact's folder)")
+@_backend
+@_kv
+def serve(artifact: Path, host: str, port: int, api_key: str | None, max_queue: int, served_model_name: str | None,
+          backend: str, kv_cache_gb: float | None) -> None:
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (chat and text completions, streaming)."""
+    from runtime.serving.server import serve as run_server
+
+    run_server(artifact, host=host, port=port, api_key=api_key, backend=backend, kv_cache_gb=kv_cache_gb,
+               max_queue=max_queue, served_model_name=served_model_name)
 
 
 @main.command()

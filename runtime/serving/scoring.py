@@ -1,0 +1,69 @@
+"""Log-probabilities and OpenAI's additive penalties, on the fp32 logits a step already produced.
+
+Log-probabilities are those of the model's own distribution (log_softmax of the raw logits, before
+penalties, temperature and filters), as vLLM reports them by default: a score tools can compare
+across requests whatever their sampling settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position: the token there, its log-probability, and the ``top`` most likely (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logprobs: Tensor, token_ids: Sequence[int], ks: Sequence[int]) -> list[TokenLogprob]:
+    """logprobs [R, V] (log_softmax already applied), token_ids [R], ks [R] alternatives per row -> R entries.
+
+    One top-k over the widest k and one copy to the host for all rows, not one per row.
+    """
+    rows = len(token_ids)
+    ids = torch.tensor(list(token_ids), dtype=torch.long, device=logprobs.device)
+    chosen = logprobs[torch.arange(rows, device=logprobs.device), ids].tolist()
+    k = max(ks, default=0)
+    if k > 0:
+        top_v, top_i = (t.tolist() for t in torch.topk(logprobs, k, dim=-1))
+    out = []
+    for r in range(rows):
+        top = tuple(zip(top_i[r][:ks[r]], top_v[r][:ks[r]])) if ks[r] > 0 else ()
+        out.append(TokenLogprob(int(token_ids[r]), float(chosen[r]), top))
+    return out
+
+
+def prompt_logprobs(logits: Tensor, token_ids: Sequence[int], k: int) -> list[TokenLogprob | None]:
+    """logits [L, V] of every prompt position -> L entries; the first is None (nothing predicts it).
+
+    Position i's token is scored by the logits of position i - 1.
+    """
+    if len(token_ids) < 2:
+        return [None] * len(token_ids)
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    return [None, *token_logprobs(lp, token_ids[1:], [k] * (len(token_ids) - 1))]
+
+
+def apply_penalties(logits: Tensor, generated: Sequence[Sequence[int]], presence: Sequence[float],
+                    frequency: Sequence[float]) -> Tensor:
+    """logits [S, V] -> [S, V] minus presence * [token seen] + frequency * count, over each row's output tokens.
+
+    OpenAI's rule: only generated tokens count (the prompt does not, unlike repetition_penalty).
+    """
+    S, V = logits.shape
+    counts = torch.zeros(S, V, dtype=logits.dtype, device=logits.device)
+    for row, ids in enumerate(generated):
+        if ids:
+            t = torch.tensor(list(ids), dtype=torch.long, device=logits.device)
+            counts[row].index_add_(0, t, torch.ones(len(ids), dtype=logits.dtype, device=logits.device))
+    p = torch.tensor(list(presence), dtype=logits.dtype, device=logits.device)[:, None]
+    f = torch.tensor(list(frequency), dtype=logits.dtype, device=logits.device)[:, None]
+    return logits - p * (counts > 0).to(logits.dtype) - f * counts

@@ -1,0 +1,38 @@
+"""``runtime serve``'s body: load the artifact, build the app, run it under uvicorn until interrupted."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("trilite.serve")
+
+
+def setup_logging() -> None:
+    """The server's lines to stderr (one per request); uvicorn's own access log stays off to keep it one."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          backend: str = "auto", kv_cache_gb: float | None = None, max_queue: int = 256,
+          served_model_name: str | None = None) -> None:
+    import uvicorn
+
+    from runtime.engine import load
+    from runtime.serving.app import create_app
+
+    if max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
+    setup_logging()
+    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb)
+    name = served_model_name or Path(artifact).resolve().name
+    app = create_app(engine, name, api_key=api_key, max_queue=max_queue)
+    log.info("serving %s at http://%s:%d on the %s backend: %d KV blocks of %d tokens, max_batch %d", name, host,
+             port, engine.backend.name, engine.allocator.num_blocks, engine.limits.block_size, engine.limits.max_batch)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
