@@ -76,6 +76,12 @@ def kernel_profile(engine, vocab: int, steps: int = 64) -> tuple[list[tuple[str,
     return sorted(((k, int(v[0]), v[1]) for k, v in agg.items()), key=lambda r: -r[2]), wall
 
 
+def _is_random_preset(source: str) -> bool:
+    from compiler.frontends.presets import PRESETS
+
+    return source in PRESETS and PRESETS[source].random is not None
+
+
 def hf_rate(preset: str) -> float | None:
     from transformers import AutoModelForCausalLM
 
@@ -118,9 +124,10 @@ def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, pdl
         graph = engine.artifact.graph
         wbytes = decode_weight_bytes(graph)
         kv_tok = kv_bytes_per_token(graph, engine.artifact.limits.block_size)
-        # HF loads the very same weights only for a random preset (written as an HF directory).
+        # HF loads the very same weights only for a random preset (written as an HF directory). A preset's name
+        # ("tinyllama-1.1b") is no path: look it up, never guess from its suffix.
         source = manifest["model"]["source"]
-        hf_tok = hf_rate(source) if hf and not Path(source).suffix else None
+        hf_tok = hf_rate(source) if hf and _is_random_preset(source) else None
         for b in (int(x) for x in batch.split(",")):
             rate = decode_rate(engine, vocab, b)
             floor = floor_tok_s(wbytes, kv_tok, b, bw)
