@@ -366,7 +366,7 @@ def _broadcast_candidates(N: int, K: int, bm: int, min_bn: int) -> list[Config]:
                       (8192, 512)):
         bk = min(bk, bk_max)
         out.append(gemv(bm, max(min_bn, elems // (bk * bm)), bk, 1, False, 4, 1))
-    bk = min(512, bk_max)
+    bk = min(256, bk_max)
     bn = max(min_bn, 8192 // (bk * bm))
     out.append(gemv(bm, bn, bk, _split_for(N, K, bn, bk, _TARGET_PROGRAMS), False, 4, 1))
     return list(dict.fromkeys(out))
