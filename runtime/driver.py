@@ -143,7 +143,8 @@ class Driver:
             # Programmatic dependent launch (sm_90): cuLaunchKernelEx with the programmatic-stream-serialization
             # attribute, as Triton's own launcher does for launch_pdl. One config is reused: launches come from
             # one thread, and the driver reads it during the call only.
-            self._launch_ex = self.lib.cuLaunchKernelEx
+            self._launch_ex = getattr(self.lib, "cuLaunchKernelEx", None)  # absent before CUDA 11.8: no PDL
+        if self._launch_ex is not None:
             self._launch_ex.restype = ctypes.c_int
             self._launch_ex.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
                                         ctypes.c_void_p]

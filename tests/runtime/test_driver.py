@@ -52,7 +52,8 @@ class FakeCuda:
         self.calls: list[tuple] = []
         self.fail = fail or {}
         names = ("cuInit", "cuCtxGetCurrent", "cuModuleLoadData", "cuModuleGetFunction", "cuLaunchKernel",
-                 "cuGetErrorName", "cuCtxGetDevice", "cuDeviceGetAttribute", "cuFuncSetAttribute", "cuModuleUnload")
+                 "cuGetErrorName", "cuCtxGetDevice", "cuDeviceGetAttribute", "cuFuncSetAttribute", "cuModuleUnload",
+                 "cuLaunchKernelEx")
         for name in names:
             setattr(self, name, self._fn(name))
 
@@ -108,6 +109,41 @@ def test_errors_name_the_call_and_the_driver_error(monkeypatch):
     fake = FakeCuda(fail={"cuModuleLoadData": 200})
     with pytest.raises(DriverError, match=r"cuModuleLoadData\(k\) failed"):
         _driver(monkeypatch, fake).load(b"x", "k", 1, 0)
+
+
+def test_launch_structs_have_cuda_headers_layout():
+    """CUlaunchAttribute: id, pad to 8, a 64-byte value union; CUlaunchConfig: 7 uints, then stream, attrs, count
+    at 8-byte alignment (cuda.h, CUDA 12)."""
+    assert ctypes.sizeof(drv._LaunchAttribute) == 72 and drv._LaunchAttribute.value.offset == 8
+    cfg = drv._LaunchConfig
+    assert (cfg.sharedMemBytes.offset, cfg.hStream.offset, cfg.attrs.offset, cfg.numAttrs.offset) == (24, 32, 40, 48)
+    assert ctypes.sizeof(cfg) == 56
+
+
+def test_pdl_kernels_launch_through_cuLaunchKernelEx_with_the_attribute(monkeypatch):
+    fake = FakeCuda()
+    d = _driver(monkeypatch, fake)
+    plain = d.load(b"x", "plain", num_warps=4, shared=0)
+    pdl = d.load(b"x", "pdl", num_warps=8, shared=4096, pdl=True)
+    assert pdl.pdl and not plain.pdl
+    params = ParamArray(["i32"], [5])
+    d.launch(pdl, (7, 3, 1), params, stream=0xABC)
+    name, (cfg_ref, function, array, extra) = fake.calls[-1]
+    cfg = cfg_ref._obj
+    assert name == "cuLaunchKernelEx" and function == 22 and array is params.array and extra is None
+    dims = (cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ, cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ)
+    assert dims == (7, 3, 1, 256, 1, 1)
+    assert (cfg.sharedMemBytes, cfg.hStream, cfg.numAttrs) == (4096, 0xABC, 1)
+    assert (cfg.attrs[0].id, cfg.attrs[0].value) == (6, 1)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    d.launch(plain, (1, 1, 1), params, stream=0)
+    assert fake.calls[-1][0] == "cuLaunchKernel"
+
+
+def test_pdl_needs_cuLaunchKernelEx(monkeypatch):
+    fake = FakeCuda()
+    del fake.cuLaunchKernelEx
+    with pytest.raises(DriverError, match="programmatic dependent launch"):
+        _driver(monkeypatch, fake).load(b"x", "k", 1, 0, pdl=True)
 
 
 def test_hip_api_shares_the_sequence(monkeypatch):
