@@ -67,11 +67,10 @@ def test_async_decode_equals_sync_on_cuda(artifact_path, backend_kw):
     original = engine.scheduler.preempt
     engine.scheduler.preempt = lambda seq: (preempted.append(seq.seq_id), original(seq))
     try:
-        got = _run(engine, prompts, params, async_decode=True)
+        assert _run(engine, prompts, params, async_decode=True) == sync
+        assert _run(engine, prompts, _params(), async_decode=True) == free
     finally:
         del engine.scheduler.preempt
-    assert got == sync
-    assert _run(engine, prompts, _params(), async_decode=True) == free
     if "max_blocks_total" in backend_kw:
         assert preempted, "eight blocks for eight growing sequences should force preemption"
 
