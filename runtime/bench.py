@@ -2,10 +2,11 @@
 
 pp: one sequence of ``pp`` random tokens prefilled (in chunks of max_num_tokens), tokens per second.
 tg: ``batch`` sequences generating ``tg`` tokens each from an empty context, one decode step per token (CUDA
-graphs where the backend has them), greedy-sampled tokens read back and fed in as the next step's ids, as
-generation does. Per decode step the model reads every weight once plus the KV cache of each sequence; that
-byte count over the step time is the achieved bandwidth, reported against the device-to-device copy bandwidth
-measured in the same process (bytes read + written). Times come from CUDA events after a warm-up run.
+graphs where the backend has them), each step's greedy-sampled ids fed in as the next step's on the device
+while the host enqueues one step ahead, as the engine's asynchronous decode does. Per decode step the model
+reads every weight once plus the KV cache of each sequence; that byte count over the step time is the achieved
+bandwidth, reported against the device-to-device copy bandwidth measured in the same process (bytes read +
+written). Times come from CUDA events after a warm-up run.
 """
 
 from __future__ import annotations
@@ -114,10 +115,19 @@ class _Runner:
         return logits
 
     def generate(self, tables: list[list[int]], steps: int) -> None:
-        tokens = self.ids(len(tables))
+        """Greedy decode steps as the engine's asynchronous path runs them: each step's ids are fed to the next on
+        the device (-1 on the host), so the host never waits for the GPU between steps."""
+        rows = len(tables)
+        zeros, z64 = torch.zeros(rows), torch.zeros(rows, dtype=torch.int64)
+        greedy = {"temperature": zeros, "top_k": torch.zeros(rows, dtype=torch.int32), "top_p": torch.ones(rows),
+                  "min_p": zeros, "seeds": z64, "offsets": z64}
+        tokens, feed, pending = self.ids(rows), None, None
         for pos in range(steps):
             chunks = [Chunk([t], pos, table) for t, table in zip(tokens, tables)]
-            tokens = self.greedy(self.backend.forward(make_step("decode", chunks, self.bs, self.width)))
+            pending = self.backend.submit(make_step("decode", chunks, self.bs, self.width), greedy, feed)
+            tokens, feed = [-1] * rows, torch.arange(rows, dtype=torch.int32)
+        if pending is not None:
+            pending.tokens()
 
 
 def _row(test: str, batch: int, **values: float | None) -> dict:

@@ -1,8 +1,19 @@
 """The engine: an artifact, a backend and a tokenizer behind ``logits``, ``generate`` and ``stream``.
 
-Each step the scheduler picks (prefill or decode) runs as one ``backend.forward`` and one
-``backend.sample``; the sampled ids are the only thing read back to the host per step. Stop
-conditions (EOS, stop token ids, stop strings, max_tokens) are checked here, on the host.
+Each step the scheduler picks (prefill or decode) runs as one ``backend.submit`` (forward, then sample); the
+sampled ids are the only thing read back to the host per step. Stop conditions (EOS, stop token ids, stop
+strings, max_tokens) are checked here, on the host.
+
+Asynchronous decode (``async_decode=True``; off by default until its GPU test has run on the cuda backend): the
+GPU must never wait for the host between steps, so step N+1 is scheduled and enqueued before step N's ids are
+read. A token still in flight is a PENDING placeholder in its sequence; the next decode step takes it on the
+device (the ``feed``: row i reads row feed[i] of step N's samples). Then step N's ids are read (pinned memory, an
+event), written over their placeholders and checked for stops, one step behind the GPU. A sequence that stopped
+at step N was already scheduled in step N+1: that extra token is dropped and its blocks freed (after N+1 was
+enqueued, so any later step reusing them runs after it). Whatever needs every id on the host first (preemption,
+which recomputes a sequence from its ids; repetition penalties, applied to the logits on the host) waits for the
+step in flight. Tokens, texts and finish reasons are those of the synchronous path (``async_decode=False``),
+which reads each step's ids before scheduling the next.
 """
 
 from __future__ import annotations
@@ -21,8 +32,9 @@ from runtime.backends.base import Backend
 from runtime.errors import ArtifactError
 from runtime.kv_cache import BlockAllocator
 from runtime.sampling import Finish, SamplingParams, StopChecker, apply_repetition_penalty, sampling_inputs
-from runtime.scheduler import Batch, Scheduler
+from runtime.scheduler import PENDING, Batch, Scheduler
 from runtime.scheduler import Sequence as Seq
+from runtime.staging import PendingIds
 from runtime.step import Chunk, make_step
 from runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -65,8 +77,19 @@ class _Request:
                              self.seq.generated, self.text, self.finish_reason)
 
 
+@dataclass(frozen=True)
+class _Launched:
+    """A step on its way: its sampled ids to come and, per row that samples a new token, (row, sequence, the
+    index of its PENDING placeholder)."""
+
+    ids: PendingIds
+    produced: tuple[tuple[int, Seq, int], ...]
+
+
 class Engine:
-    def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer) -> None:
+    def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer, async_decode: bool = False) -> None:
+        """async_decode: enqueue each step before reading the previous one's ids (the module docstring);
+        False reads every step's ids before the next is scheduled."""
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
@@ -76,6 +99,7 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, self.limits.block_size, self.limits.max_batch,
                                    self.limits.max_num_tokens, self.limits.max_seq_len)
         self._next_id = 0
+        self.async_decode = async_decode
 
     # -- every position's logits -------------------------------------------------------------------
 
@@ -156,38 +180,73 @@ class Engine:
         by_seq = {r.seq: r for r in requests}
         for r in requests:
             self.scheduler.add(r.seq)
+        ahead = self.async_decode and all(r.params.repetition_penalty == 1.0 for r in requests)
+        inflight: _Launched | None = None
         try:
-            while (batch := self.scheduler.schedule()) is not None:
-                sampled = self._step(batch, [by_seq[s] for s in batch.seqs])
-                for seq, tok in self.scheduler.update(batch, sampled):
-                    r = by_seq[seq]
-                    r.finish_reason = self._accept(r, tok)
-                    if r.finish_reason is not None:
-                        self.scheduler.finish(seq)
-                    yield r
+            while True:
+                batch = self.scheduler.schedule(defer=inflight is not None)
+                if batch is None:  # done, or what comes next needs the results of the step in flight
+                    if inflight is None:
+                        break
+                    done, inflight = inflight, None
+                    yield from self._collect(done, by_seq)
+                    continue
+                launched = self._launch(batch, [by_seq[s] for s in batch.seqs], inflight)
+                if inflight is not None:  # the GPU runs `launched` while the host reads and checks these ids
+                    yield from self._collect(inflight, by_seq)
+                inflight = launched
+                if not ahead:
+                    inflight = None
+                    yield from self._collect(launched, by_seq)
         finally:
             for r in requests:  # a consumer that stopped early leaves nothing behind in the scheduler
                 if r.finish_reason is None:
                     self.scheduler.abort(r.seq)
 
-    def _step(self, batch: Batch, reqs: list[_Request]) -> list[int]:
+    def _launch(self, batch: Batch, reqs: list[_Request], prev: _Launched | None) -> _Launched:
+        """Enqueue ``batch``; its rows whose last token is still PENDING take it from ``prev``'s samples."""
+        feed = None
+        if prev is not None and batch.kind == "decode":
+            rows = {seq: row for row, seq, _ in prev.produced}
+            feed = torch.tensor([rows.get(s, -1) for s in batch.seqs], dtype=torch.int32)
+        # Only the step in flight can still owe a token: anything older was read before this one was scheduled.
+        fed = feed.tolist() if feed is not None else [-1] * len(reqs)
+        owed = [s.seq_id for s, a, n, f in zip(batch.seqs, batch.starts, batch.counts, fed)
+                if PENDING in s.token_ids[a:a + n] and f < 0]
+        if owed:
+            raise RuntimeError(f"sequences {owed} are scheduled with tokens no step in flight will give")
         step = make_step(batch.kind, batch.chunks(), self.limits.block_size, max_blocks(self.limits))
-        logits = self.backend.forward(step)
         params = [r.params for r in reqs]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            logits = apply_repetition_penalty(logits, [r.seq.token_ids for r in reqs],
-                                              [p.repetition_penalty for p in params])
         # Built on the CPU: every backend takes them from there (the cuda backend in one staged upload), rather than
-        # six tiny host-to-device copies per decode step.
+        # six tiny host-to-device copies per decode step. Offsets count the tokens still in flight too.
         inputs = sampling_inputs(params, [r.seed for r in reqs], [r.seq.num_generated for r in reqs])
-        return self.backend.sample(logits, **inputs).tolist()
+        if any(p.repetition_penalty != 1.0 for p in params):  # never with a step in flight (_run)
+            logits = apply_repetition_penalty(self.backend.forward(step), [r.seq.token_ids for r in reqs],
+                                              [p.repetition_penalty for p in params])
+            ids = PendingIds(self.backend.sample(logits, **inputs))
+        else:
+            ids = self.backend.submit(step, inputs, feed)
+        return _Launched(ids, tuple(self.scheduler.launched(batch)))
 
-    def _accept(self, r: _Request, tok: int) -> str | None:
-        """Take a new token into the request's text; the finish reason if it ends the request."""
+    def _collect(self, launched: _Launched, by_seq: dict[Seq, _Request]) -> Iterator[_Request]:
+        """Read a step's ids (waiting for that step alone), put them in place, check stops; yield each request."""
+        tokens = launched.ids.tokens()
+        for row, seq, i in launched.produced:
+            r = by_seq[seq]
+            if r.finish_reason is not None:  # it ended on the step before: this token was sampled past its end
+                continue
+            seq.token_ids[i] = tokens[row]
+            r.finish_reason = self._accept(r, tokens[row], i + 1 - seq.num_prompt_tokens)
+            if r.finish_reason is not None:
+                self.scheduler.finish(seq, i + 1)
+            yield r
+
+    def _accept(self, r: _Request, tok: int, num_generated: int) -> str | None:
+        """Take a new token (the request's ``num_generated``-th) into its text; the finish reason if it ends it."""
         piece = r.decoder.push(tok)
         r.text += piece
-        finish = r.checker.check(tok, r.text, len(piece), r.seq.num_generated)
-        if finish is None and r.seq.num_generated >= r.seq.max_tokens:  # max_tokens None: the sequence is full
+        finish = r.checker.check(tok, r.text, len(piece), num_generated)
+        if finish is None and num_generated >= r.seq.max_tokens:  # max_tokens None: the sequence is full
             finish = Finish("length", r.text)
         if finish is None:
             r.safe = r.checker.releasable(r.text)
@@ -199,14 +258,15 @@ class Engine:
 
 
 def load(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = None, rehash: bool = False,
-         **backend_kw) -> Engine:
+         async_decode: bool = False, **backend_kw) -> Engine:
     """Load and validate the artifact at ``path`` and make an engine on ``backend`` (auto, torch, cuda, ...).
 
-    ``rehash``: read every file for its sha256 even when this machine verified it unchanged before."""
+    ``rehash``: read every file for its sha256 even when this machine verified it unchanged before.
+    ``async_decode``: see ``Engine``."""
     artifact = load_artifact(path, rehash=rehash)
     tokenizer = artifact_tokenizer(artifact)  # before the backend: cheap, and its failures are the user's to fix
     be = make_backend(backend, artifact, kv_cache_gb=kv_cache_gb, **backend_kw)
-    return Engine(artifact, be, tokenizer)
+    return Engine(artifact, be, tokenizer, async_decode=async_decode)
 
 
 def artifact_tokenizer(artifact: Artifact) -> Tokenizer:

@@ -4,9 +4,12 @@ The memory plan is static, so a ``Program`` allocates everything up front: the a
 tensor; each activation is a typed view at its planned offset, sized for the largest step), the step inputs
 (one device buffer, each input at a 16-byte-aligned offset, mirrored in pinned host memory so a step is one
 host-to-device copy), the paged KV caches, one scratch buffer shared by all nodes (they run one after the
-other) and the sampling buffers. Then it resolves index.json: each launch parameter becomes a tensor, a step
-symbol (T, S, R) or a constant, so a backend only has to turn the bound launches into calls: driver launches
-(cuda, hip) or Triton-interpreter runs (interpret). Nothing here imports triton or the kernel pack.
+other) and the sampling buffers. The sampled ids land in the first half of a token pool whose second half a
+decode step fills from its host ids, so one gather (``feed_ids``) gives the step its input ids from either:
+that is how step N's samples become step N+1's input without a trip through the host. Then it resolves
+index.json: each launch parameter becomes a tensor, a step symbol (T, S, R) or a constant, so a backend only
+has to turn the bound launches into calls: driver launches (cuda, hip) or Triton-interpreter runs (interpret).
+Nothing here imports triton or the kernel pack.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ SCRATCH_ALIGN = 256
 # The scratch role that must be zero before each launch and is left zero after it (split-K semaphores): it gets a
 # zeroed buffer of its own, shared by every node, which no other scratch overlaps (docs/artifact.md).
 SEMAPHORES = "semaphores"
+FEED_INDEX = "feed_index"  # staged with the step inputs, read only by feed_ids
 
 
 class Program:
@@ -53,6 +57,8 @@ class Program:
         self.arena = torch.zeros(plan["arena_bytes"], dtype=torch.uint8, device=self.device)
         self.views = {t.name: self._arena_view(t, plan["offsets"]) for t in self.graph.tensors
                       if t.kind in ("activation", "output")}
+        # [sampled ids of the last sampling run | this decode step's host ids]; feed_index rows index into it.
+        self.token_pool = torch.zeros(2 * self.max_batch, dtype=torch.int32, device=self.device)
         self._alloc_inputs()
         out = self.graph.outputs[0]
         self.vocab_size = self.graph.tensor(out).shape[-1]
@@ -92,8 +98,10 @@ class Program:
         bad = [t.name for t in specs if t.dtype != "i32"]
         if bad:
             raise ArtifactError(f"step inputs {bad} are not int32: rebuild the artifact")
-        self._step = Staged({t.name: (self._shape(t.shape), torch.int32) for t in specs}, self.device)
-        self.inputs = self._step.views
+        feed = (FEED_INDEX, ((self.max_batch,), torch.int32))  # not a graph input: travels in the same copy
+        self._step = Staged(dict([*((t.name, (self._shape(t.shape), torch.int32)) for t in specs), feed]), self.device)
+        self.inputs = {k: v for k, v in self._step.views.items() if k != FEED_INDEX}
+        self.feed_index = self._step.views[FEED_INDEX]
         self.max_blocks = self.inputs["block_tables"].shape[1] if "block_tables" in self.inputs else 0
 
     @property
@@ -189,6 +197,8 @@ class Program:
                     if kind == "tensor" and role != "logits" and role not in scratch:
                         specs.setdefault(role, ((self.max_batch,), DTYPES[ty[1:]]))
         out = {r: torch.zeros(s, dtype=dt, device=self.device) for r, (s, dt) in specs.items() if r == "out"}
+        if name == "sampling" and out.get("out", self.token_pool).dtype == torch.int32:
+            out["out"] = self.token_pool[:self.max_batch]
         self._extra_staged[name] = Staged({r: v for r, v in specs.items() if r != "out"}, self.device)
         return {**self._extra_staged[name].views, **out}
 
@@ -251,11 +261,13 @@ class Program:
     def extra_launches(self, name: str, env: dict[str, int]) -> list[BoundLaunch]:
         return list(self.extras[name].select("any", env["T"]).launches)
 
-    def load_step(self, step: StepInput, pad_to: int | None = None) -> dict[str, int]:
+    def load_step(self, step: StepInput, pad_to: int | None = None, feed: Tensor | None = None) -> dict[str, int]:
         """Copy a step's inputs into the static buffers; returns the env {T, S, R} the launches run with.
 
         pad_to (decode only): add rows up to a CUDA-graph bucket. Padding rows are masked by the kernels
         (docs/ops.md): slot_mapping -1, seq_lens 0, block table zeros, positions 0, ids 0, last_idx = row.
+        feed (decode only, [S] int): row i's input id is the last sampling run's row feed[i] where that is
+        >= 0, else ids[i]; ``feed_ids`` applies it on the device. Without feed every row keeps its host id.
         """
         T, S, R = step.T, step.S, step.R
         if T > self.max_num_tokens or S > self.max_batch or R > self.max_batch:
@@ -285,8 +297,26 @@ class Program:
             host["last_idx"][:R] = src["last_idx"]
             if pad_to:
                 host["last_idx"][R:n] = np.arange(R, n)
+        rows = host[FEED_INDEX]
+        rows[:n] = np.arange(self.max_batch, self.max_batch + n)
+        if feed is not None:
+            f = feed.numpy()
+            if step.kind != "decode" or len(f) != S or (f >= self.max_batch).any():
+                raise ValueError(f"a feed maps each row of a decode step to a sampled row below {self.max_batch}: "
+                                 f"got a {step.kind} step of S={S} and feed {f.tolist()}")
+            rows[:S] = np.where(f >= 0, f, rows[:S])
         self._step.upload()
         return {"T": n if pad_to else T, "S": n, "R": n if pad_to else R}
+
+    def feed_ids(self, rows: int) -> None:
+        """On the device: ids[:rows] = token_pool[feed_index[:rows]] (decode steps, inside their CUDA graphs).
+
+        Two tiny ops, no host sync: the step's host ids go to the pool's second half, then one gather picks each
+        row's id from there or from the last sampled ids (what ``load_step``'s feed asked for).
+        """
+        ids = self.inputs["ids"][:rows]
+        self.token_pool[self.max_batch:self.max_batch + rows].copy_(ids)
+        torch.index_select(self.token_pool, 0, self.feed_index[:rows], out=ids)
 
     def load_padding(self, rows: int) -> dict[str, int]:
         """Fill the step buffers with ``rows`` padding rows of a decode step (used to capture CUDA graphs)."""
@@ -298,6 +328,7 @@ class Program:
             host["cu_seqlens_q"][:rows + 1] = np.arange(rows + 1)
         if "last_idx" in host:
             host["last_idx"][:rows] = np.arange(rows)
+        host[FEED_INDEX][:rows] = np.arange(self.max_batch, self.max_batch + rows)
         self._step.upload()
         return {"T": rows, "S": rows, "R": rows}
 

@@ -10,6 +10,12 @@ Each step is either a prefill or a decode:
            back to the head of the queue with every token it has so far, to be recomputed later.
 Prefill steps come first whenever a waiting sequence can be admitted. Nothing is dropped: a request
 that could never fit is refused in ``add`` with a ValueError naming the limit.
+
+Steps may be scheduled one ahead of their results (the engine's asynchronous decode): ``launched`` appends a
+``PENDING`` placeholder for each token a step will sample, the engine writes the id in once it arrives, and a
+sequence that ended meanwhile drops the one extra token it was scheduled for (``finish(seq, num_tokens)``).
+``schedule(defer=True)`` refuses what needs every result first: it never preempts (a preempted sequence is
+recomputed from its token ids, which must all be known) and returns None instead.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from dataclasses import dataclass, field
 
 from runtime.kv_cache import BlockAllocator, BlockTable, blocks_for
 from runtime.step import Chunk
+
+PENDING = -1  # a sampled token id still on its way from the device; only ever a decode step's input
 
 
 @dataclass(eq=False)
@@ -108,15 +116,16 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def schedule(self) -> Batch | None:
-        """The next step, or None when there is nothing to run."""
+    def schedule(self, defer: bool = False) -> Batch | None:
+        """The next step, or None when there is nothing to run (or, with ``defer``, nothing that can run before
+        the results of the step in flight are in)."""
         batch = self._prefill()
         if batch.seqs:
             return batch
-        batch = self._decode()
-        if batch.seqs:
+        batch = self._decode(defer)
+        if batch is not None and batch.seqs:
             return batch
-        if not self.idle:
+        if not self.idle and not defer:
             raise RuntimeError("scheduler stalled with work left: KV blocks leaked")
         return None
 
@@ -137,12 +146,16 @@ class Scheduler:
             self.running.append(seq)
         return batch
 
-    def _decode(self) -> Batch:
+    def _decode(self, defer: bool) -> Batch | None:
         batch = Batch("decode")
-        queue = deque(self.running)
+        # A sequence whose pending token is its last ends when that token arrives: it takes no more steps (nor
+        # the KV block beyond max_tokens).
+        queue = deque(s for s in self.running if s.num_generated < s.max_tokens)
         while queue:
             seq = queue.popleft()
             while not seq.table.ensure(len(seq.token_ids)):
+                if defer:
+                    return None
                 victim = queue.pop() if queue else seq
                 self.preempt(victim)
                 if victim is seq:
@@ -159,23 +172,38 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def launched(self, batch: Batch) -> list[tuple[int, Sequence, int]]:
+        """Record that ``batch`` is on its way: a PENDING token for each sequence it caches fully.
+
+        Returns (row, sequence, index in its token_ids) for those rows; the rows of a chunk that is not a
+        prompt's last sample nothing.
+        """
+        out = []
+        for row, (seq, count) in enumerate(zip(batch.seqs, batch.counts)):
+            seq.num_cached += count
+            if seq.num_cached == len(seq.token_ids):
+                out.append((row, seq, len(seq.token_ids)))
+                seq.token_ids.append(PENDING)
+        return out
+
     def update(self, batch: Batch, sampled: list[int]) -> list[tuple[Sequence, int]]:
         """Record that ``batch`` ran; append each sampled token to a sequence that was fully cached by it.
 
         Returns (sequence, new token) pairs; rows of a chunk that is not a prompt's last are dropped.
         """
         out = []
-        for seq, count, tok in zip(batch.seqs, batch.counts, sampled):
-            seq.num_cached += count
-            if seq.num_cached == len(seq.token_ids):
-                seq.token_ids.append(int(tok))
-                out.append((seq, int(tok)))
+        for row, seq, i in self.launched(batch):
+            seq.token_ids[i] = int(sampled[row])
+            out.append((seq, seq.token_ids[i]))
         return out
 
-    def finish(self, seq: Sequence) -> None:
-        """A sequence is done: free its blocks."""
+    def finish(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """A sequence is done: free its blocks. ``num_tokens``: its length at the token that ended it; a token
+        scheduled after that one (still PENDING) is dropped."""
         self.running.remove(seq)
         seq.table.release()
+        if num_tokens is not None:
+            del seq.token_ids[num_tokens:]
 
     def abort(self, seq: Sequence) -> None:
         """Drop a sequence wherever it is (the caller stopped consuming it): free what it holds."""

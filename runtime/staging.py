@@ -1,4 +1,5 @@
-"""Buffers that travel from host to device together, in one copy per step (step inputs, sampling parameters)."""
+"""Buffers that travel from host to device together, in one copy per step (step inputs, sampling parameters),
+and the sampled ids that travel back, without a sync."""
 
 from __future__ import annotations
 
@@ -56,3 +57,46 @@ class Staged:
         if self._uploaded:
             self.buffer.copy_(self._hosts[self._turn], non_blocking=True)
             self._uploaded[self._turn].record()
+
+
+class PendingIds:
+    """A step's sampled token ids on their way to the host: ``tokens()`` waits for them alone (an event, or
+    nothing on the CPU), never for work enqueued after them."""
+
+    def __init__(self, values: Tensor, copied: torch.cuda.Event | None = None):
+        self._values = values
+        self._copied = copied
+        self._ids: list[int] | None = None
+
+    def tokens(self) -> list[int]:
+        if self._ids is None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            self._ids = self._values.tolist()
+        return self._ids
+
+
+class Readback:
+    """Device int32 rows copied into pinned host memory without a sync: a ring of ``depth`` pinned buffers.
+
+    The engine reads step N's ids while step N+1 runs, so two buffers are in use at a time; a third spares the
+    wait. A buffer is reused only after its ids were taken (reused early, they are taken then, which waits).
+    """
+
+    def __init__(self, rows: int, depth: int = 3):
+        self._hosts = [torch.zeros(rows, dtype=torch.int32).pin_memory() for _ in range(depth)]
+        self._events = [torch.cuda.Event() for _ in range(depth)]
+        self._owners: list[PendingIds | None] = [None] * depth
+        self._turn = 0
+
+    def copy(self, src: Tensor) -> PendingIds:
+        """Enqueue the copy of ``src`` ([n] int32 on the GPU) on the current stream."""
+        k = self._turn
+        self._turn = (k + 1) % len(self._hosts)
+        if self._owners[k] is not None:
+            self._owners[k].tokens()
+        host = self._hosts[k][:src.shape[0]]
+        host.copy_(src, non_blocking=True)
+        self._events[k].record()
+        self._owners[k] = PendingIds(host, self._events[k])
+        return self._owners[k]

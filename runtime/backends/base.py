@@ -1,12 +1,15 @@
 """The interface every backend implements, and KV-cache sizing shared by them.
 
 A backend owns the device-side state of an artifact (weights, KV-cache blocks, activations) and runs
-one step at a time: ``forward`` (StepInput -> logits [R, V] fp32) and ``sample`` (the sampling op).
-Scheduling, block tables and stop conditions live above it, in the engine.
+one step at a time: ``forward`` (StepInput -> logits [R, V] fp32) and ``sample`` (the sampling op), or both
+at once with ``submit``, which may return before the step has run: its sampled ids come back through a
+``PendingIds``, and the next decode step can take them as input ids on the device (``feed``). Scheduling,
+block tables and stop conditions live above it, in the engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from abc import ABC, abstractmethod
@@ -15,6 +18,7 @@ import torch
 from torch import Tensor
 
 from runtime.artifact import Artifact, max_blocks
+from runtime.staging import PendingIds
 from runtime.step import StepInput
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "i32": 4, "i64": 8}
@@ -27,6 +31,7 @@ class Backend(ABC):
 
     def __init__(self, artifact: Artifact, kv_cache_gb: float | None = None, max_blocks_total: int | None = None):
         self.artifact = artifact
+        self._last_sampled: Tensor | None = None  # the last submit's ids, what a feed reads (default submit)
 
     @abstractmethod
     def forward(self, step: StepInput) -> Tensor:
@@ -37,6 +42,21 @@ class Backend(ABC):
                seeds: Tensor, offsets: Tensor) -> Tensor:
         """The sampling op (docs/ops.md): logits [R, V] fp32 and per-row params [R] -> token ids [R] int32."""
 
+    def submit(self, step: StepInput, sampling: dict[str, Tensor], feed: Tensor | None = None) -> PendingIds:
+        """Enqueue ``forward`` then ``sample`` (``sampling``: its per-row inputs, on the CPU); the ids [R] to come.
+
+        feed ([S] int32, decode steps only): where feed[i] >= 0, row i's input id is row feed[i] of the previous
+        submit's sampled ids, taken on the device (the host's id there is only a placeholder). This default
+        runs synchronously; backends with a stream (cuda) return as soon as the work is enqueued.
+        """
+        if feed is not None:
+            step = fed_step(step, self._last_sampled, feed)
+        # A negative id is a placeholder nobody fed, an engine bug: fail rather than embed some other token.
+        if (step.ids < 0).any():
+            raise RuntimeError(f"step ids {step.ids.tolist()} hold placeholders (feed {feed})")
+        self._last_sampled = self.sample(self.forward(step), **sampling)
+        return PendingIds(self._last_sampled)
+
     def capture_graphs(self) -> float:
         """Seconds spent capturing decode graphs; 0.0 where the backend has none."""
         return 0.0
@@ -44,6 +64,18 @@ class Backend(ABC):
     def warmup(self) -> None:
         """Run whatever makes the first real step fast; nothing by default."""
         return None
+
+
+def fed_step(step: StepInput, sampled: Tensor | None, feed: Tensor) -> StepInput:
+    """``step`` with the fed rows' ids taken from ``sampled`` (on the host: what a device gather does elsewhere)."""
+    take = feed >= 0
+    if step.kind != "decode" or feed.shape != (step.S,) or (take.any() and sampled is None):
+        raise ValueError(f"a feed maps each row of a decode step to a sampled row of the previous step: got a "
+                         f"{step.kind} step of S={step.S}, feed {feed.tolist()}")
+    ids = step.ids.clone()
+    if take.any():
+        ids[take] = sampled.cpu()[feed[take].long()].to(ids.dtype)
+    return dataclasses.replace(step, ids=ids)
 
 
 def kv_bytes_per_block(artifact: Artifact) -> int:

@@ -5,8 +5,10 @@ Program (arena, step buffers, scratch), size the KV cache from free memory, then
 per bound launch. A step is then ``Program.load_step`` (one host-to-device copy) plus one ``cuLaunchKernel``
 per launch on torch's current stream, or, for decode, one graph replay: decode steps are captured per batch
 bucket, largest first into one memory pool, and a step of S sequences replays the smallest bucket ≥ S with
-the rows beyond S padded (the kernels mask padding rows). Torch provides memory, streams and graph capture;
-neither Triton nor the kernel pack is imported here.
+the rows beyond S padded (the kernels mask padding rows). Each decode graph starts with ``Program.feed_ids``,
+so ``submit`` can give a decode step the previous step's sampled ids as input on the GPU; it enqueues the
+step, the sampling kernel and an asynchronous copy of the ids into pinned memory, and returns without a sync.
+Torch provides memory, streams and graph capture; neither Triton nor the kernel pack is imported here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from runtime.bound import BoundLaunch
 from runtime.driver import CUDA_API, Driver, Kernel, ParamArray, _Api
 from runtime.errors import ArtifactError
 from runtime.program import Program
+from runtime.staging import PendingIds, Readback
 from runtime.step import StepInput
 
 KV_FRACTION = 0.9  # of the memory free after weights, arena and scratch
@@ -87,6 +90,7 @@ class CudaBackend(Backend):
         self._sites = [_Site(b, kernels[b.key]) for b in self.program.all_launches()]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets: list[int] = []
+        self._readback = Readback(self.program.max_batch)
         self.capture_seconds = self.capture_graphs() if cuda_graphs else 0.0
 
     def device_target(self) -> str:
@@ -105,16 +109,24 @@ class CudaBackend(Backend):
             if grid[0] and grid[1] and grid[2]:
                 launch(site.kernel, grid, site.params, stream)
 
-    def forward(self, step: StepInput) -> Tensor:
-        """Logits [R, V] fp32: a view of the program's arena, valid until the next step."""
+    def forward(self, step: StepInput, feed: Tensor | None = None) -> Tensor:
+        """Logits [R, V] fp32: a view of the program's arena, valid until the next step (feed: see ``submit``)."""
         if step.kind == "decode" and self._buckets and step.S <= self._buckets[-1]:
             bucket = self._buckets[bisect.bisect_left(self._buckets, step.S)]
-            self.program.load_step(step, pad_to=bucket)
+            self.program.load_step(step, pad_to=bucket, feed=feed)
             self._graphs[bucket].replay()
             return self.program.logits(step.R)
-        env = self.program.load_step(step)
+        env = self.program.load_step(step, feed=feed)
+        if feed is not None:
+            self.program.feed_ids(env["T"])
         self._run(self.program.launches(step.kind, env), env)
         return self.program.logits(env["R"])
+
+    def submit(self, step: StepInput, sampling: dict[str, Tensor], feed: Tensor | None = None) -> PendingIds:
+        """Enqueue the step, its sampling and the copy of the ids to pinned memory; no host sync."""
+        env = self.program.load_sampling(self.forward(step, feed), **sampling)
+        self._run(self.program.extra_launches("sampling", env), env)
+        return self._readback.copy(self.program.extra_buffers["sampling"]["out"][:env["R"]])
 
     def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
                seeds: Tensor, offsets: Tensor) -> Tensor:
@@ -138,9 +150,11 @@ class CudaBackend(Backend):
         for bucket in sorted(self.program.decode_buckets, reverse=True):
             env = self.program.load_padding(bucket)
             launches = self.program.launches("decode", env)
+            self.program.feed_ids(bucket)
             self._run(launches, env)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
+                self.program.feed_ids(bucket)  # the input ids first: the host's, or the last step's samples
                 self._run(launches, env)
             pool = graph.pool() if pool is None else pool
             self._graphs[bucket] = graph

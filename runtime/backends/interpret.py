@@ -4,7 +4,8 @@ It executes index.json exactly as the ``cuda`` backend does (same Program: arena
 caches, bound parameters, grids, variant choice), but each launch calls the Triton kernel named by its
 binary entry (``module``, ``kernel``, ``constexprs``) through the interpreter instead of loading the binary.
 That is how CI checks the compiled graph and its kernels without a GPU. Any target's index works: the
-launches differ between targets only in configs, which the interpreter runs all the same.
+launches differ between targets only in configs, which the interpreter runs all the same. Decode steps start
+with ``Program.feed_ids`` as the cuda backend's graphs do, so a fed ``submit`` runs the very same gather.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from runtime.backends.base import Backend, num_kv_blocks, physical_memory
 from runtime.bound import BoundLaunch
 from runtime.errors import ArtifactError
 from runtime.program import Program
+from runtime.staging import PendingIds
 from runtime.step import StepInput
 
 # The kernel pack's op modules: the only modules an artifact can make this backend import. index.json's
@@ -80,9 +82,11 @@ class InterpretBackend(Backend):
                                         physical_memory(), "this machine's RAM")
         self.program.allocate_kv(self.num_blocks)
 
-    def forward(self, step: StepInput) -> Tensor:
-        """Logits [R, V] fp32: a view of the program's arena, valid until the next step."""
-        env = self.program.load_step(step)
+    def forward(self, step: StepInput, feed: Tensor | None = None) -> Tensor:
+        """Logits [R, V] fp32: a view of the program's arena, valid until the next step (feed: see ``submit``)."""
+        env = self.program.load_step(step, feed=feed)
+        if step.kind == "decode":
+            self.program.feed_ids(env["T"])
         for launch in self.program.launches(step.kind, env):
             run_interpreted(launch, env)
         return self.program.logits(env["R"])
@@ -95,3 +99,7 @@ class InterpretBackend(Backend):
         for launch in self.program.extra_launches("sampling", env):
             run_interpreted(launch, env)
         return self.program.extra_buffers["sampling"]["out"][:env["R"]].clone()
+
+    def submit(self, step: StepInput, sampling: dict[str, Tensor], feed: Tensor | None = None) -> PendingIds:
+        """Forward and sample now (the interpreter has no stream), the feed applied by the program's gather."""
+        return PendingIds(self.sample(self.forward(step, feed), **sampling))

@@ -245,7 +245,7 @@ class EngineLoop:
         for seq, tok in engine.scheduler.update(batch, sampled):
             c = self._by_seq[seq]
             r = c.req
-            r.finish_reason = engine._accept(r, tok)
+            r.finish_reason = engine._accept(r, tok, seq.num_generated)
             if r.finish_reason is not None:
                 engine.scheduler.finish(seq)
             if c.first is None:

@@ -37,7 +37,7 @@ def rows_per_step(engine: Engine):
     """Record how many sequences each forward step of ``engine`` carried."""
     seen: list[tuple[str, int]] = []
     forward = engine.backend.forward
-    engine.backend.forward = lambda step: (seen.append((step.kind, step.S)), forward(step))[1]
+    engine.backend.forward = lambda step, *a: (seen.append((step.kind, step.S)), forward(step, *a))[1]
     try:
         yield seen
     finally:

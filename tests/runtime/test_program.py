@@ -172,6 +172,25 @@ def test_load_step_decode_pads_rows_as_the_kernels_expect():
     assert p.inputs["slot_mapping"][:2].tolist() == [-1, -1] and p.inputs["seq_lens"][:2].tolist() == [0, 0]
 
 
+def test_a_fed_decode_step_takes_its_ids_from_the_last_samples():
+    p = _program()
+    out = p.extra_buffers["sampling"]["out"]
+    assert out.data_ptr() == p.token_pool.data_ptr() and out.shape == (MAX_B,)
+    out.copy_(torch.tensor([70, 71, 72, 73], dtype=torch.int32))  # what the last sampling run wrote
+    step = make_step("decode", [Chunk([-1], 3, [1]), Chunk([12], 20, [2, 3]), Chunk([-1], 5, [4])], BS, MAX_BLOCKS)
+    env = p.load_step(step, pad_to=4, feed=torch.tensor([2, -1, 0], dtype=torch.int32))
+    p.feed_ids(env["T"])
+    assert p.inputs["ids"][:4].tolist() == [72, 12, 70, 0]  # fed, the host's, fed, padding
+    p.load_step(step, pad_to=4)  # without a feed the gather leaves every host id
+    p.feed_ids(4)
+    assert p.inputs["ids"][:4].tolist() == [-1, 12, -1, 0]
+    for bad in ([0, 1], [0, 1, MAX_B]):
+        with pytest.raises(ValueError, match="feed"):
+            p.load_step(step, feed=torch.tensor(bad, dtype=torch.int32))
+    with pytest.raises(ValueError, match="feed"):
+        p.load_step(make_step("prefill", [Chunk([1, 2], 0, [1])], BS, MAX_BLOCKS), feed=torch.tensor([0]))
+
+
 def test_every_parameter_binds_to_its_buffer():
     p = _program()
     norm = p.nodes[0].variants[0].launches[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from runtime.kv_cache import BlockAllocator
-from runtime.scheduler import Scheduler, Sequence
+from runtime.scheduler import PENDING, Scheduler, Sequence
 from runtime.step import Chunk, make_step
 
 BS = 4
@@ -166,3 +166,39 @@ def test_make_step_rejects_bad_chunks():
         make_step("prefill", [Chunk([1, 2, 3], 2, [5])], block_size=4, max_blocks=3)
     with pytest.raises(ValueError, match="one token per sequence"):
         make_step("decode", [Chunk([1, 2], 0, [5])], block_size=4, max_blocks=3)
+
+
+def test_one_step_ahead_placeholders_defer_and_the_dropped_extra_token():
+    """What the engine's asynchronous decode relies on: a PENDING token per launched row, no preemption while a
+    step is in flight, no step past max_tokens, and finish() dropping a token scheduled after the last one."""
+    alloc = BlockAllocator(3)
+    sched = Scheduler(alloc, BS, max_batch=4, max_num_tokens=64, max_seq_len=16)
+    old, new = Sequence(0, [1] * 3, 2, sched.new_table()), Sequence(1, [2] * 4, 4, sched.new_table())
+    sched.add(old)
+    sched.add(new)
+    batch = sched.schedule()
+    assert sched.launched(batch) == [(0, old, 3), (1, new, 4)]
+    assert old.token_ids == [1, 1, 1, PENDING] and new.token_ids == [2] * 4 + [PENDING]
+    # Position 4 of `new` needs a block and one is free: both decode, the pending tokens as their inputs.
+    batch = sched.schedule(defer=True)
+    assert batch.kind == "decode" and batch.seqs == [old, new] and batch.starts == [3, 4]
+    assert [c.token_ids for c in batch.chunks()] == [[PENDING], [PENDING]] and alloc.num_free == 0
+    sched.launched(batch)
+    old.token_ids[3], new.token_ids[4] = 5, 8  # the first step's ids arrive, the second step's are in flight
+    assert old.token_ids[4] == PENDING and old.num_generated == old.max_tokens
+    assert sched.schedule(defer=True).seqs == [new], "a sequence whose last token is in flight takes no step"
+    # Suppose 8 was a stop token for `new`: the step in flight sampled one token past its end, which is dropped.
+    sched.finish(new, num_tokens=5)
+    assert new.token_ids == [2] * 4 + [8] and alloc.num_free == 2
+
+
+def test_defer_returns_none_where_a_preemption_would_be_needed():
+    alloc = BlockAllocator(3)
+    sched = Scheduler(alloc, BS, max_batch=4, max_num_tokens=64, max_seq_len=16)
+    old, new = Sequence(0, [1] * 4, 4, sched.new_table()), Sequence(1, [2] * 4, 4, sched.new_table())
+    sched.add(old)
+    sched.add(new)
+    sched.update(sched.schedule(), [3, 4])
+    assert sched.schedule(defer=True) is None and sched.running == [old, new] and not sched.waiting
+    batch = sched.schedule()  # with every id known, the newer one yields as without a step in flight
+    assert batch.seqs == [old] and list(sched.waiting) == [new]
