@@ -115,5 +115,5 @@ def test_unknown_format_is_one_clear_line(built, tmp_path):
     manifest["format"] = 2
     (copy / "manifest.json").write_text(json.dumps(manifest))
     line = _one_line_error(_verify(copy))
-    assert line == ("Error: artifact format 2 is not supported by this runtime (format 1): recompile it with "
+    assert line == ("error: artifact format 2 is not supported by this runtime (format 1): recompile it with "
                     "this version's compiler"), line
