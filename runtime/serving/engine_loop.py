@@ -162,18 +162,27 @@ class EngineLoop:
                 if self._stop:
                     return
                 work, self._inbox = list(self._inbox), deque()
-                self._queued = 0
             for op, handle in work:
-                (self._add if op == "add" else self._abort)(handle)
+                try:
+                    (self._add if op == "add" else self._abort)(handle)
+                except Exception as e:  # a fault of the server (requests were checked): fail this one, go on
+                    self._fail([handle], e)
+                finally:
+                    if op == "add":  # counted as queued until the scheduler (or _pending) holds it
+                        with self._cond:
+                            self._queued -= handle.gen.num_choices
             try:
                 self._admit_pending()
                 if not sched.idle:
                     self._step()
             except Exception as e:  # a fault of the server, not of a request: fail what runs, keep serving
-                log.exception("engine step failed")
-                for handle in list(self._choices) + list(self._pending):
-                    handle.put(ErrorEvent(f"internal error: {type(e).__name__}"))
-                    self._abort(handle)
+                self._fail(list(self._choices) + list(self._pending), e)
+
+    def _fail(self, handles: list[Handle], e: Exception) -> None:
+        log.error("engine loop: %s: %s", type(e).__name__, e, exc_info=e)
+        for handle in handles:
+            handle.put(ErrorEvent(f"internal error: {type(e).__name__}"))
+            self._abort(handle)
 
     def _add(self, handle: Handle) -> None:
         if handle.gen.echo and handle.gen.logprobs is not None:
