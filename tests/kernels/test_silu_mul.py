@@ -23,8 +23,9 @@ def test_silu_mul_matches_reference(T, I, dtype, atol, rtol):
 
 
 def test_reference_is_swiglu():
-    x = torch.randn(4, 10, dtype=torch.float64)
-    torch.testing.assert_close(reference(x), torch.nn.functional.silu(x[:, :5]) * x[:, 5:])
+    # The reference computes in fp32 whatever the input dtype, so a float64 input agrees to fp32 rounding only.
+    x = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(reference(x), torch.nn.functional.silu(x[:, :5]) * x[:, 5:], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("config", configs({"I": 2500}), ids=str)
