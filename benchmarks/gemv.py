@@ -36,7 +36,7 @@ import triton  # noqa: E402
 
 from kernels import linear as lin  # noqa: E402
 from kernels import rms_norm_linear as rnl  # noqa: E402
-from kernels.matmul_helpers import gemv  # noqa: E402
+from kernels.matmul_configs import gemv  # noqa: E402
 from kernels.spec import Config, alloc_scratch, run  # noqa: E402
 
 EPS = 1e-5

@@ -4,7 +4,7 @@ w is row-major [N, K] (the HF layout). The residual add is the epilogue of the o
 be the residual buffer itself, which is safe because each element is read and then written by one program.
 Decode (small T) streams W once in a GEMV layout with optional split-K (reduced inside the same launch);
 prefill uses tl.dot tiles. Both
-layouts live in kernels/matmul_helpers.py, shared with rms_norm_linear.
+layouts live in kernels/matmul_helpers.py (their configs in kernels/matmul_configs.py), shared with rms_norm_linear.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.matmul_helpers import (
+from kernels.matmul_configs import (
     launch_config,
     matmul_configs,
     matmul_default,
-    matmul_program,
     split_rows,
     split_scratch,
     tile_constexprs,
     tile_grid,
 )
+from kernels.matmul_helpers import matmul_program
 from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
 
 

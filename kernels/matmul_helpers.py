@@ -21,18 +21,14 @@ accumulator by rstd = 1 / sqrt(sum(x^2) / K + eps) in the epilogue.
 The SwiGLU fusion (ACT_SILU_MUL): over a gate_up weight whose rows the compiler interleaved (gate_j, up_j), the
 epilogue pairs adjacent columns and stores silu(gate) * up, [T, N / 2], so no [T, N] activation is written and
 silu_mul needs no launch of its own. Split-K partials stay [T, N]; the program that reduces them applies it.
+
+Which layout and tiles a node gets per token bucket, and the plan pieces both ops share: kernels/matmul_configs.py.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from kernels.spec import SEMAPHORES, Config, GridDim, grid_dim
-
-# Notional number of SMs/CUs used to size split-K when no GPU is at hand (H100: 132, MI300X: 304): enough
-# programs that every SM holds a few and the memory system sees enough loads in flight.
-_TARGET_PROGRAMS = 512
 
 
 @triton.jit
@@ -324,129 +320,3 @@ def matmul_program(
                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
         store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out, eps,
                    N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
-
-
-# ---- host side: configs, heuristics and the pieces of a plan both ops share ----------------------------------
-
-
-def t_bucket(meta: dict) -> int:
-    """The most tokens the chosen config will see: the compiler's token bucket, else the artifact's max_T."""
-    return int(meta.get("T_bucket", meta["max_T"]))
-
-
-def gemv(block_m: int, block_n: int, block_k: int, split_k: int, use_dot: bool, warps: int = 4,
-         stages: int = 3) -> Config:
-    return Config.make(num_warps=warps, num_stages=stages, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                       SPLIT_K=split_k, GROUP_M=1, LOOP_M=True, USE_DOT=use_dot)
-
-
-def gemm(block_m: int, block_n: int, block_k: int, warps: int, stages: int = 3) -> Config:
-    return Config.make(num_warps=warps, num_stages=stages, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                       SPLIT_K=1, GROUP_M=8, LOOP_M=False, USE_DOT=True)
-
-
-def _split_for(N: int, K: int, block_n: int, block_k: int, programs: int) -> int:
-    """The fewest K splits (a power of two, at most 16) that give at least ``programs`` programs, keeping at least
-    one BLOCK_K chunk per split."""
-    split = 1
-    while split < 16 and triton.cdiv(N, block_n) * split < programs and K >= block_k * split * 2:
-        split *= 2
-    return split
-
-
-def _broadcast_candidates(N: int, K: int, bm: int, min_bn: int) -> list[Config]:
-    """Weight-streaming GEMVs for 1..4 rows: every SM needs tens of KB of weight loads in flight for the whole
-    kernel, from enough resident programs, each loading 8-16 KB per K step. On an H200 (benchmarks/gemv.py, every
-    decode shape of the 1.1B and 8B presets at one row) the winners were long K chunks over few columns (2-16)
-    at 4 warps, without split-K: a full 2048-wide K chunk for K = 2048, 1024 at 8 columns for K >= 4096. One
-    split-K candidate stays for matrices whose column blocks alone leave SMs idle."""
-    bk_max = triton.next_power_of_2(K)
-    out = []
-    for elems, bk in ((4096, 2048), (4096, 1024), (4096, 512), (4096, 256), (8192, 2048), (8192, 1024),
-                      (8192, 512)):
-        bk = min(bk, bk_max)
-        out.append(gemv(bm, max(min_bn, elems // (bk * bm)), bk, 1, False, 4, 1))
-    bk = min(256, bk_max)
-    bn = max(min_bn, 8192 // (bk * bm))
-    out.append(gemv(bm, bn, bk, _split_for(N, K, bn, bk, _TARGET_PROGRAMS), False, 4, 1))
-    return list(dict.fromkeys(out))
-
-
-def _min_block_n(meta: dict) -> int:
-    """The SwiGLU epilogue pairs adjacent columns, so its column blocks hold at least one (gate, up) pair."""
-    return 2 if meta.get("act") == "silu_mul" else 1
-
-
-def matmul_configs(meta: dict) -> list[Config]:
-    """Candidates for one token bucket: GEMV layouts for decode-sized T, GEMM tiles for prefill."""
-    N, K, T = meta["N"], meta["K"], t_bucket(meta)
-    if T <= 4:
-        return _broadcast_candidates(N, K, triton.next_power_of_2(T), _min_block_n(meta))
-    if T <= 64:
-        bm = max(16, triton.next_power_of_2(T))
-        # The H200 sweep's winners at 4..16 rows: 32-64 columns by 128 of K, 4 stages, with and without split-K.
-        # Stages are capped so the operand tiles fit gfx942's 64 KB of LDS in 16-bit dtypes.
-        return list(dict.fromkeys(
-            gemv(bm, bn, bk, _split_for(N, K, bn, bk, programs), True, 4, min(4, 32768 // ((bm + bn) * bk)))
-            for bn, bk in ((64, 128), (32, 128), (64, 64)) for programs in (1, _TARGET_PROGRAMS)))
-    # At most 8192 operand elements per pipeline stage, so every candidate fits gfx942's 64 KB of LDS.
-    return [gemm(bm, bn, bk, w) for bm, bn, bk, w in
-            ((64, 64, 64, 4), (64, 128, 32, 4), (128, 64, 32, 4), (128, 128, 32, 8), (128, 128, 32, 4))]
-
-
-def matmul_default(meta: dict) -> Config:
-    """Heuristic when nothing was tuned: stream W once with enough programs in flight, tensor-core tiles above 64."""
-    N, K, T = meta["N"], meta["K"], t_bucket(meta)
-    if T <= 4:
-        # What won most decode shapes on an H200: 8 KB of weights per K step, the longest K chunk up to 2048.
-        bm = triton.next_power_of_2(T)
-        bk = min(2048, triton.next_power_of_2(K))
-        bn = max(_min_block_n(meta), 4096 // (bk * bm))
-        return gemv(bm, bn, bk, 1, False, 4, 1)
-    if T <= 64:
-        bm = max(16, triton.next_power_of_2(T))
-        return gemv(bm, 64, 64, _split_for(N, K, 64, 64, _TARGET_PROGRAMS), True)
-    return gemm(128, 128, 32, 8) if T >= 256 else gemm(64, 128, 32, 4)
-
-
-def launch_config(config: Config, dtypes: dict) -> Config:
-    """The config's launch options for these dtypes: fp32 operands take twice the shared memory per pipeline
-    stage, so they get at most 2 stages (still within gfx942's 64 KB for every candidate tile)."""
-    if dtypes["x"] == "fp32" and config.num_stages > 2:
-        return Config(config.constexprs, config.num_warps, 2)
-    return config
-
-
-def tile_constexprs(meta: dict, config: Config) -> dict:
-    """Constexprs of the launch shared by both ops (sizes, tiles, layout flags, K range per split)."""
-    N, K = meta["N"], meta["K"]
-    split, bk = config["SPLIT_K"], config["BLOCK_K"]
-    if split > 1 and not config["LOOP_M"]:
-        raise ValueError(f"split-K needs the GEMV layout (LOOP_M), got {config}")
-    k_span = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    return {"N": N, "K": K, "K_SPAN": k_span, "EVEN_K": k_span * split == K,
-            **{key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "LOOP_M",
-                                            "USE_DOT")}}
-
-
-def tile_grid(meta: dict, config: Config) -> list[GridDim]:
-    num_n = triton.cdiv(meta["N"], config["BLOCK_N"])
-    if config["LOOP_M"]:
-        return [grid_dim(num_n), grid_dim(config["SPLIT_K"])]
-    return [grid_dim(("T", config["BLOCK_M"], num_n))]
-
-
-def split_rows(meta: dict) -> int:
-    """Rows the split-K partials hold: the most tokens the variant runs with."""
-    return min(meta["max_T"], t_bucket(meta))
-
-
-def split_scratch(meta: dict, config: Config, use_rms: bool) -> tuple[tuple[str, tuple[int, str]], ...]:
-    """Scratch of a split-K launch: fp32 partials [SPLIT_K, ROWS, N], with the RMSNorm the partial sums of squares
-    [column blocks, SPLIT_K, ROWS], and one semaphore per column block."""
-    split = config["SPLIT_K"]
-    if split == 1:
-        return ()
-    num_n, rows = triton.cdiv(meta["N"], config["BLOCK_N"]), split_rows(meta)
-    sumsq = (("sumsq", (num_n * split * rows, "fp32")),) if use_rms else ()
-    return (("partial", (split * rows * meta["N"], "fp32")), *sumsq, (SEMAPHORES, (num_n, "i32")))

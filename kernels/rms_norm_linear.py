@@ -16,16 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.matmul_helpers import (
+from kernels.matmul_configs import (
     launch_config,
     matmul_configs,
     matmul_default,
-    matmul_program,
     split_rows,
     split_scratch,
     tile_constexprs,
     tile_grid,
 )
+from kernels.matmul_helpers import matmul_program
 from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
 
 

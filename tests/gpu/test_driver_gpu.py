@@ -92,7 +92,7 @@ def test_launch_errors_carry_the_driver_error_name(driver):
 def test_large_shared_memory_kernel(driver):
     """A prefill GEMM tile asking for more than 48 KB of shared memory needs the dynamic-size opt-in."""
     from kernels.linear import plan, reference
-    from kernels.matmul_helpers import gemm
+    from kernels.matmul_configs import gemm
 
     T, K, N = 300, 512, 384
     config = gemm(128, 128, 64, 8)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels.linear import SPEC, linear, reference
-from kernels.matmul_helpers import gemm, gemv
+from kernels.matmul_configs import gemm, gemv
 from kernels.spec import alloc_scratch, run
 
 # Every layout the configs can pick: GEMV with a broadcast product (1 and 4 rows per step, with and without

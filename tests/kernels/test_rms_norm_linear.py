@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import silu_mul
-from kernels.matmul_helpers import gemm, gemv
+from kernels.matmul_configs import gemm, gemv
 from kernels.rms_norm_linear import SPEC, configs, reference, rms_norm_linear
 from tests.kernels.test_linear import assert_fits_shared_memory
 
