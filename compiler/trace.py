@@ -12,7 +12,7 @@ from compiler.models import Model, ModelConfig, family_of
 from compiler.ops import Tracer
 
 DTYPES = ("fp32", "fp16", "bf16")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 def trace(config: dict, tensors: Mapping[str, torch.Tensor], dtype: str, limits: Limits
@@ -50,7 +50,7 @@ def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor
     """cos_sin [max_seq_len, rotary_dim] fp32: cos in the first rotary_dim/2 columns, sin in the rest.
 
     Frequencies and the attention scaling come from transformers' own RoPE code for the config, so the
-    convention (neox halves, llama3 / linear scaling) is HF's to the bit.
+    convention (neox halves, partial rotary, llama3 / linear / longrope scaling) is HF's to the bit.
     """
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -66,6 +66,12 @@ def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor
         dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         scaling = 1.0
+    elif rope_type == "longrope":
+        # HF picks short_factor or long_factor per forward by whether the step's last position passes
+        # original_max_position_embeddings; one table must serve every step, so it takes the set for the longest
+        # sequence this build admits: HF's exactly whenever max_seq_len <= the original length, which short
+        # factors then cover. The attention factor (from max_position_embeddings / original) scales cos and sin.
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu", seq_len=max_seq_len)
     else:
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
     freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
