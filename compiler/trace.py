@@ -55,7 +55,7 @@ def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    hf = CONFIG_MAPPING[config["model_type"]](**{k: v for k, v in config.items() if k != "model_type"})
+    hf = CONFIG_MAPPING[config["model_type"]](**_su_as_longrope({k: v for k, v in config.items() if k != "model_type"}))
     hf.head_dim = head_dim
     params = dict(hf.rope_parameters)
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -76,3 +76,18 @@ def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
     freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
     return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=1).contiguous()
+
+
+def _su_as_longrope(config: dict) -> dict:
+    """Phi-3's first long-context configs name longrope "su" and keep original_max_position_embeddings at the top.
+
+    transformers 5 renames "su" only after it has checked the longrope keys, so such a config fails there with a
+    KeyError; this is the same config written the way it checks.
+    """
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if "su" not in (rope.get("type"), rope.get("rope_type")):
+        return config
+    rope = {**{k: v for k, v in rope.items() if k != "type"}, "rope_type": "longrope"}
+    if "original_max_position_embeddings" in config:
+        rope.setdefault("original_max_position_embeddings", config["original_max_position_embeddings"])
+    return {**config, "rope_scaling": rope, "rope_parameters": None}
