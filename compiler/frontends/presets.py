@@ -79,9 +79,11 @@ PRESETS: dict[str, Preset] = {
                          _tiny(5, _config("Qwen3ForCausalLM", "qwen3", head_dim=32, rope_theta=1000000.0,
                                           tie_word_embeddings=True, rms_norm_eps=1e-6, use_sliding_window=False,
                                           sliding_window=None, max_window_layers=2))),
-    "tiny-phi3": Preset("random Phi-3: fused qkv and gate_up, longrope (original 128), partial rotary 0.75, vocab 352",
-                        _tiny(8, _config("Phi3ForCausalLM", "phi3", vocab_size=352, max_position_embeddings=512,
-                                         original_max_position_embeddings=128, partial_rotary_factor=0.75,
+    # Original length 2048, the compiler's default max_seq_len: default builds take the short factors, as HF does
+    # for every sequence up to that length (the long ones are checked against HF in tests/compiler).
+    "tiny-phi3": Preset("random Phi-3: fused qkv and gate_up, longrope 8192/2048, partial rotary 0.75, vocab 352",
+                        _tiny(8, _config("Phi3ForCausalLM", "phi3", vocab_size=352, max_position_embeddings=8192,
+                                         original_max_position_embeddings=2048, partial_rotary_factor=0.75,
                                          rope_scaling=dict(PHI3_LONGROPE), sliding_window=None,
                                          resid_pdrop=0.0, embd_pdrop=0.0))),
     "tiny-mqa": Preset("random Llama with one kv head (multi-query attention), vocab 320",
