@@ -201,6 +201,9 @@ def test_ops_check_shapes():
                  num_q_heads=2, num_kv_heads=1, head_dim=4, eps=1e-6)
     with pytest.raises(ValueError, match="differ"):
         ops.add(x, t.source("y", "fp32", ("T", 4), "input"))
+    with pytest.raises(ValueError, match="no even width"):
+        ops.silu_mul(t.source("gu", "fp32", ("T", 7), "input"))
+    assert ops.silu_mul(x).shape == ("T", 4)
 
 
 def test_in_place_input_read_elsewhere_is_refused():
