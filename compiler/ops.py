@@ -10,7 +10,7 @@ Ops that exist only before the passes run (no kernel):
   concat(x0, x1, ...)                  columns side by side: [rows, D0 + D1 + ...]
   qk_norm(qkv, q_norm, k_norm)         RMSNorm of every q and k head by its weight (Qwen3); v untouched
   gather(x, idx)                       rows of x: [len(idx), D]
-The others (embedding, rms_norm, linear, rope, kv_cache_write, attention) are traced as the kernel ops.
+The others (embedding, rms_norm, linear, silu_mul, rope, kv_cache_write, attention) are traced as the kernel ops.
 """
 
 from __future__ import annotations
@@ -174,6 +174,13 @@ def mul(a: Sym, b: Sym, name: str | None = None) -> Sym:
 def silu(x: Sym, name: str | None = None) -> Sym:
     """x * sigmoid(x)."""
     return x.tracer.emit("silu", {"x": x}, {"out": (x.dtype, x.shape)}, {}, name)[0]
+
+
+def silu_mul(x: Sym, name: str | None = None) -> Sym:
+    """x [rows, 2I] gate columns then up columns -> silu(gate) * up: [rows, I] (checkpoints with a fused gate_up)."""
+    rows = _rows(x, "silu_mul")
+    _check(isinstance(x.shape[1], int) and x.shape[1] % 2 == 0, f"silu_mul: {x.name} {x.shape} has no even width")
+    return x.tracer.emit("silu_mul", {"x": x}, {"out": (x.dtype, (rows, x.shape[1] // 2))}, {}, name)[0]
 
 
 def linear(x: Sym, w: Sym, b: Sym | None = None, out_dtype: str | None = None, name: str | None = None) -> Sym:

@@ -12,7 +12,7 @@ from compiler.models import Model, ModelConfig, family_of
 from compiler.ops import Tracer
 
 DTYPES = ("fp32", "fp16", "bf16")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 def trace(config: dict, tensors: Mapping[str, torch.Tensor], dtype: str, limits: Limits
@@ -50,12 +50,12 @@ def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor
     """cos_sin [max_seq_len, rotary_dim] fp32: cos in the first rotary_dim/2 columns, sin in the rest.
 
     Frequencies and the attention scaling come from transformers' own RoPE code for the config, so the
-    convention (neox halves, llama3 / linear scaling) is HF's to the bit.
+    convention (neox halves, partial rotary, llama3 / linear / longrope scaling) is HF's to the bit.
     """
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    hf = CONFIG_MAPPING[config["model_type"]](**{k: v for k, v in config.items() if k != "model_type"})
+    hf = CONFIG_MAPPING[config["model_type"]](**_su_as_longrope({k: v for k, v in config.items() if k != "model_type"}))
     hf.head_dim = head_dim
     params = dict(hf.rope_parameters)
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -66,7 +66,28 @@ def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor
         dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         scaling = 1.0
+    elif rope_type == "longrope":
+        # HF picks short_factor or long_factor per forward by whether the step's last position passes
+        # original_max_position_embeddings; one table must serve every step, so it takes the set for the longest
+        # sequence this build admits: HF's exactly whenever max_seq_len <= the original length, which short
+        # factors then cover. The attention factor (from max_position_embeddings / original) scales cos and sin.
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu", seq_len=max_seq_len)
     else:
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
     freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
     return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=1).contiguous()
+
+
+def _su_as_longrope(config: dict) -> dict:
+    """Phi-3's first long-context configs name longrope "su" and keep original_max_position_embeddings at the top.
+
+    transformers 5 renames "su" only after it has checked the longrope keys, so such a config fails there with a
+    KeyError; this is the same config written the way it checks.
+    """
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if "su" not in (rope.get("type"), rope.get("rope_type")):
+        return config
+    rope = {**{k: v for k, v in rope.items() if k != "type"}, "rope_type": "longrope"}
+    if "original_max_position_embeddings" in config:
+        rope.setdefault("original_max_position_embeddings", config["original_max_position_embeddings"])
+    return {**config, "rope_scaling": rope, "rope_parameters": None}

@@ -19,9 +19,10 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
 }
 # Configs written without `architectures` still name their model_type.
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 
 class SourceError(ValueError):
@@ -67,7 +68,7 @@ class LazyTensors(Mapping):
 
 
 def family_of(config: dict) -> str:
-    """The model-definition family ("llama", "qwen2", "qwen3") for an HF config; ValueError if unsupported."""
+    """The model-definition family ("llama", "qwen2", "qwen3", "phi3") for an HF config; ValueError if unsupported."""
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
     for arch in archs:

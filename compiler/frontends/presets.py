@@ -18,6 +18,12 @@ from compiler.frontends.random_model import RandomModelSpec, read_stamp, write_r
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
+# longrope as Phi-3.5/Phi-4-mini configs write it ("type", factors per rotary frequency; the attention factor from
+# max_position_embeddings / original_max_position_embeddings), here over 12 rotary dims. Builds with max_seq_len
+# <= original_max_position_embeddings use the short factors, so they are not all 1: a kernel ignoring them fails.
+PHI3_LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.05, 1.2, 1.5, 1.9, 2.4],
+                 "long_factor": [1.0, 1.6, 2.9, 5.3, 8.8, 13.0]}
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -73,6 +79,13 @@ PRESETS: dict[str, Preset] = {
                          _tiny(5, _config("Qwen3ForCausalLM", "qwen3", head_dim=32, rope_theta=1000000.0,
                                           tie_word_embeddings=True, rms_norm_eps=1e-6, use_sliding_window=False,
                                           sliding_window=None, max_window_layers=2))),
+    # Original length 2048, the compiler's default max_seq_len: default builds take the short factors, as HF does
+    # for every sequence up to that length (the long ones are checked against HF in tests/compiler).
+    "tiny-phi3": Preset("random Phi-3: fused qkv and gate_up, longrope 8192/2048, partial rotary 0.75, vocab 352",
+                        _tiny(8, _config("Phi3ForCausalLM", "phi3", vocab_size=352, max_position_embeddings=8192,
+                                         original_max_position_embeddings=2048, partial_rotary_factor=0.75,
+                                         rope_scaling=dict(PHI3_LONGROPE), sliding_window=None,
+                                         resid_pdrop=0.0, embd_pdrop=0.0))),
     "tiny-mqa": Preset("random Llama with one kv head (multi-query attention), vocab 320",
                        _tiny(6, _config("LlamaForCausalLM", "llama", num_key_value_heads=1, vocab_size=320))),
     "tiny-hd80": Preset("random Llama with head_dim 80: hidden 160, 2 heads, 1 kv head, vocab 320",

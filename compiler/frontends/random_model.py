@@ -90,11 +90,14 @@ def parameter_shapes(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     hd = config.get("head_dim") or h // heads
     bias = config["model_type"] == "qwen2" or config.get("attention_bias", False)
+    phi3 = config["model_type"] == "phi3"
     out = [("model.embed_tokens.weight", (v, h), "embed")]
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out.append((p + "input_layernorm.weight", (h,), "norm"))
-        for proj, rows in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
+        if phi3:  # Phi-3 checkpoints keep q, k, v in one matrix (and gate, up in another, below)
+            out.append((p + "self_attn.qkv_proj.weight", ((heads + 2 * kv) * hd, h), "linear"))
+        for proj, rows in () if phi3 else (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
             out.append((p + f"self_attn.{proj}_proj.weight", (rows, h), "linear"))
             if bias:
                 out.append((p + f"self_attn.{proj}_proj.bias", (rows,), "bias"))
@@ -102,8 +105,11 @@ def parameter_shapes(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
             out += [(p + "self_attn.q_norm.weight", (hd,), "norm"), (p + "self_attn.k_norm.weight", (hd,), "norm")]
         out.append((p + "self_attn.o_proj.weight", (h, heads * hd), "linear"))
         out.append((p + "post_attention_layernorm.weight", (h,), "norm"))
-        out += [(p + "mlp.gate_proj.weight", (inter, h), "linear"), (p + "mlp.up_proj.weight", (inter, h), "linear"),
-                (p + "mlp.down_proj.weight", (h, inter), "linear")]
+        if phi3:
+            out.append((p + "mlp.gate_up_proj.weight", (2 * inter, h), "linear"))
+        else:
+            out += [(p + f"mlp.{proj}_proj.weight", (inter, h), "linear") for proj in ("gate", "up")]
+        out.append((p + "mlp.down_proj.weight", (h, inter), "linear"))
     out.append(("model.norm.weight", (h,), "norm"))
     if not config.get("tie_word_embeddings", False):
         out.append(("lm_head.weight", (v, h), "linear"))

@@ -50,8 +50,8 @@ def logits(m: Model, hidden: Sym, residual: Sym) -> Sym:
     return ops.linear(ops.gather(x, m.last_idx), m.lm_head(), out_dtype="fp32", name="logits")
 
 
-def forward(m: Model, attention_block=attention_block) -> Sym:
-    """The whole step: ids [T] -> logits [R, V]; ``attention_block`` is what a family swaps (Qwen3)."""
+def forward(m: Model, attention_block=attention_block, mlp_block=mlp_block) -> Sym:
+    """The whole step: ids [T] -> logits [R, V]; the blocks are what a family swaps (Qwen3, Phi-3)."""
     hidden, residual = ops.embedding(m.ids, m.weight("model.embed_tokens")), None
     for i in range(m.cfg.num_layers):
         p = f"model.layers.{i}."

@@ -23,6 +23,8 @@ LIMITS = Limits(max_seq_len=32, max_batch=2, max_num_tokens=64, block_size=4)
 SEQS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46], [26, 43, 38, 32, 79, 50]]  # 11 tokens cross 3 blocks
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}
+# Three frequencies: head_dim 12 at partial rotary 0.5.
+PHI3_LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.3, 1.9], "long_factor": [1.0, 2.5, 7.0]}
 MODELS = {
     "llama": ("llama", {}),
     "llama3-tied": ("llama", {"rope_scaling": LLAMA3, "tie_word_embeddings": True}),
@@ -30,8 +32,11 @@ MODELS = {
     "mistral": ("mistral", {"num_key_value_heads": 1, "sliding_window": None}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {"head_dim": 20}),  # head_dim != hidden / heads
+    # LIMITS.max_seq_len is the original length, so the short factors apply (as in HF for these sequences).
+    "phi3": ("phi3", {"rope_scaling": PHI3_LONGROPE, "partial_rotary_factor": 0.5,
+                      "original_max_position_embeddings": 32, "pad_token_id": 0, "eos_token_id": 2}),
 }
-HF_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+HF_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}
 
 
 def tiny_model(kind: str, seed: int = 0, **overrides) -> tuple[dict, dict[str, torch.Tensor], torch.nn.Module]:

@@ -103,8 +103,13 @@ def test_tiny_preset_shapes_and_weights(name):
     assert c["num_hidden_layers"] == 2 and c["vocab_size"] <= 512 and c["intermediate_size"] <= 128
     assert c["hidden_size"] <= 64 or name == "tiny-hd80"
     hd, h = c["head_dim"], c["hidden_size"]
-    assert src.tensors["model.layers.1.self_attn.q_proj.weight"].shape == (c["num_attention_heads"] * hd, h)
-    assert src.tensors["model.layers.0.self_attn.k_proj.weight"].shape == (c["num_key_value_heads"] * hd, h)
+    if name == "tiny-phi3":  # q, k, v in one matrix; gate and up in another
+        rows = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * hd
+        assert src.tensors["model.layers.1.self_attn.qkv_proj.weight"].shape == (rows, h)
+        assert src.tensors["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * c["intermediate_size"], h)
+    else:
+        assert src.tensors["model.layers.1.self_attn.q_proj.weight"].shape == (c["num_attention_heads"] * hd, h)
+        assert src.tensors["model.layers.0.self_attn.k_proj.weight"].shape == (c["num_key_value_heads"] * hd, h)
     assert ("lm_head.weight" in src.tensors) != c["tie_word_embeddings"]
     assert ("model.layers.0.self_attn.q_proj.bias" in src.tensors) == (name == "tiny-qwen2")
     assert ("model.layers.0.self_attn.k_norm.weight" in src.tensors) == (name == "tiny-qwen3")

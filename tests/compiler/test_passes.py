@@ -22,7 +22,7 @@ def layer(graph, i):
     return [n for n in graph.nodes if n.name.startswith(f"layers.{i}.")]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "phi3"])
 def test_each_layer_is_six_kernels(name):
     _, _, g, _, _, _ = optimized(name)
     assert [n.op for n in g.nodes] == ["embedding", *FUSED_LAYER * 2, "logits"]

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from tests.compiler.graph_eval import (
     LIMITS,
     LLAMA3,
     MODELS,
+    PHI3_LONGROPE,
     SEQS,
     evaluate,
     hf_logits,
@@ -86,7 +89,17 @@ def test_tied_embedding_is_one_tensor():
     assert graph.nodes[-1].input("w") == graph.nodes[0].input("weight") == "model.embed_tokens.weight"
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3-tied", "llama-linear", "qwen3"])
+def test_phi3_uses_its_fused_matrices_as_they_are():
+    graph, weights, _, _, _ = traced("phi3")
+    assert layer_ops(graph, 0) == ["rms_norm", "linear", "rope", "kv_cache_write", "attention", "linear", "add",
+                                   "rms_norm", "linear", "silu_mul", "linear"]
+    linears = [n.input("w") for n in graph.nodes if n.op == "linear" and n.name.startswith("layers.0.")]
+    assert linears == [f"model.layers.0.{p}.weight" for p in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                               "mlp.gate_up_proj", "mlp.down_proj")]
+    assert graph.get_meta("rotary_dim") == 6 and graph.get_meta("head_dim") == 12  # partial rotary 0.5
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3-tied", "llama-linear", "qwen3", "phi3"])
 def test_cos_sin_matches_hf_rotary_embedding(name):
     graph, weights, config, _, model = traced(name)
     positions = torch.arange(LIMITS.max_seq_len)[None]
@@ -105,6 +118,39 @@ def test_rope_scaling_changes_the_table():
     assert plain.shape == (32, 12) and not torch.allclose(plain, scaled) and not torch.allclose(plain, linear)
     # Linear scaling divides every frequency: position 4p scaled equals position p plain.
     torch.testing.assert_close(linear[4::4][:7], plain[1:8], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_seq_len", [24, 32, 33, 64])
+@pytest.mark.parametrize("kind", ["longrope", "su"])
+def test_longrope_table_is_hfs_for_the_longest_sequence(kind, max_seq_len):
+    """Short factors while no sequence can pass original_max_position_embeddings (32), long ones once it can.
+
+    HF's Phi3RotaryEmbedding is run over positions 0..max_seq_len-1: its dynamic update takes the long factors
+    exactly when the last position passes the original length, and it scales cos and sin by the attention factor.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config, _, model = tiny_model("phi3", **MODELS["phi3"][1])
+    # transformers 5 itself only reads "su" with the original length inside rope_scaling; trilite's own reading
+    # of the Phi-3 form (original length at the top) must give the same table.
+    table = rope_table({**config, "rope_parameters": None, "rope_scaling": dict(PHI3_LONGROPE, type=kind)}, 12,
+                       max_seq_len)
+    cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(max_seq_len)[None])
+    torch.testing.assert_close(table, torch.cat([cos[0, :, :3], sin[0, :, :3]], 1), rtol=0, atol=0)
+    factors = PHI3_LONGROPE["long_factor" if max_seq_len > 32 else "short_factor"]
+    inv_freq = 1.0 / (torch.tensor(factors) * 10000.0 ** (torch.arange(0, 6, 2).float() / 6))
+    scale = math.sqrt(1 + math.log(64 / 32) / math.log(32))  # factor = max_position_embeddings / original
+    torch.testing.assert_close(table[5, :3], (5 * inv_freq).cos() * scale)
+    hf_inv_freq, hf_scale = ROPE_INIT_FUNCTIONS["longrope"](model.config, "cpu", seq_len=max_seq_len)
+    torch.testing.assert_close(hf_inv_freq, inv_freq)
+    assert math.isclose(hf_scale, scale)
+
+
+def test_longrope_attention_factor_from_the_config_wins():
+    config, _, _ = tiny_model("phi3", **MODELS["phi3"][1])
+    plain, scaled = (rope_table({**config, "rope_parameters": None,
+                                 "rope_scaling": dict(PHI3_LONGROPE, attention_factor=f)}, 12, 32) for f in (1.0, 1.5))
+    torch.testing.assert_close(scaled, plain * 1.5)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -155,6 +201,9 @@ def test_ops_check_shapes():
                  num_q_heads=2, num_kv_heads=1, head_dim=4, eps=1e-6)
     with pytest.raises(ValueError, match="differ"):
         ops.add(x, t.source("y", "fp32", ("T", 4), "input"))
+    with pytest.raises(ValueError, match="no even width"):
+        ops.silu_mul(t.source("gu", "fp32", ("T", 7), "input"))
+    assert ops.silu_mul(x).shape == ("T", 4)
 
 
 def test_in_place_input_read_elsewhere_is_refused():

@@ -74,16 +74,19 @@ def test_presets_cover_every_supported_variant():
 
     configs = {n: json.loads((preset_dir(n) / "config.json").read_text()) for n in TINY_PRESETS}
     archs = {c["architectures"][0] for c in configs.values()}
-    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= archs
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+            "Phi3ForCausalLM"} <= archs
     rope = [c.get("rope_scaling") or c.get("rope_parameters") or {} for c in configs.values()]
     assert any(r.get("rope_type") == "llama3" for r in rope)
+    assert any(r.get("type") == "longrope" and set(r["short_factor"]) != {1.0} for r in rope)
+    assert any(0 < c.get("partial_rotary_factor", 1.0) < 1 for c in configs.values())
     tied = {bool(c.get("tie_word_embeddings")) for c in configs.values()}
     assert tied == {True, False}
     kv = {(c["num_attention_heads"], c["num_key_value_heads"]) for c in configs.values()}
     assert any(k == 1 for _, k in kv) and any(1 < k < h for h, k in kv) and any(k == h for h, k in kv)
     head_dims = {c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"] for c in configs.values()}
     assert any(d & (d - 1) for d in head_dims), head_dims  # one that is not a power of two
-    # q/k/v bias (Qwen2) and q/k norm (Qwen3) are checked on the artifacts' weights below
+    # q/k/v bias (Qwen2), q/k norm (Qwen3) and fused qkv/gate_up (Phi-3) are checked on the artifacts' weights below
 
 
 def test_artifact_has_binaries_for_every_default_target(case):
@@ -102,6 +105,10 @@ def test_artifact_has_binaries_for_every_default_target(case):
         assert any(name.endswith("bias") for name in weights), sorted(weights)
     if case.name == "tiny-qwen3":
         assert any("q_norm" in name for name in weights) and any("k_norm" in name for name in weights)
+    if case.name == "tiny-phi3":  # the checkpoint's fused matrices, folded (and interleaved) but never split
+        assert "model.layers.0.self_attn.qkv_proj.folded.weight" in weights
+        assert "model.layers.0.mlp.gate_up_proj.folded.swiglu.weight" in weights
+        assert artifact.manifest["model"]["config"]["partial_rotary_factor"] == 0.75
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
