@@ -251,14 +251,20 @@ def kv_cache_write(qkv: Sym, slot_mapping: Sym, k_cache: Sym, v_cache: Sym, *, n
 
 
 def attention(qkv: Sym, k_cache: Sym, v_cache: Sym, cu_seqlens_q: Sym, seq_lens: Sym, block_tables: Sym, *,
-              num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> Sym:
+              num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int = 0) -> Sym:
     """Causal GQA attention of qkv's q heads over the paged caches (already holding this step's k, v).
 
-    -> [T, Hq Dh]. Query i of sequence s sits at position seq_lens[s] - q_len + i.
+    -> [T, Hq Dh]. Query i of sequence s sits at position p = seq_lens[s] - q_len + i; with window > 0 it sees
+    only keys at positions > p - window (a sliding window, as transformers masks it).
     """
     rows = _check_qkv(qkv, "attention", num_q_heads, num_kv_heads, head_dim)
+    _check(isinstance(window, int) and window >= 0, f"attention: window must be an int >= 0, not {window!r}")
     attrs = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
              "block_size": k_cache.shape[1], "scale": float(scale), "max_blocks": block_tables.shape[1]}
+    if window:
+        # Only a windowed node carries the attr: full-attention graphs, and the tuning keys built from their
+        # attrs, stay as they were.
+        attrs["window"] = window
     return qkv.tracer.emit("attention", {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache,
                                          "cu_seqlens_q": cu_seqlens_q, "seq_lens": seq_lens,
                                          "block_tables": block_tables},

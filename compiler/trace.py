@@ -25,9 +25,9 @@ def trace(config: dict, tensors: Mapping[str, torch.Tensor], dtype: str, limits:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     family = family_of(config)
     cfg = ModelConfig.from_hf(config, has_lm_head="lm_head.weight" in tensors)
-    _check_window(config, limits)
     tracer = Tracer(dtype)
-    m = Model(cfg, tensors, tracer, limits, rope_table(config, cfg.head_dim, limits.max_seq_len))
+    m = Model(cfg, tensors, tracer, limits, rope_table(config, cfg.head_dim, limits.max_seq_len),
+              layer_windows(config, cfg.num_layers, limits.max_seq_len))
     logits = importlib.import_module(f"compiler.models.{family}").forward(m)
     meta = {"family": family, "architecture": cfg.architecture, "num_layers": cfg.num_layers,
             "num_q_heads": cfg.num_q_heads, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
@@ -38,12 +38,33 @@ def trace(config: dict, tensors: Mapping[str, torch.Tensor], dtype: str, limits:
     return tracer.graph({"logits": logits}, meta), dict(tracer.weights)
 
 
-def _check_window(config: Mapping, limits: Limits) -> None:
-    # A sliding window no shorter than the longest sequence is plain causal attention.
-    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-    if window and window < limits.max_seq_len:
-        raise ValueError(f"the model uses sliding-window attention ({window} tokens), which trilite does not "
-                         f"implement: compile with max_seq_len <= {window}")
+def _hf_config(config: Mapping):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    fields = _su_as_longrope({k: v for k, v in config.items() if k != "model_type"})
+    return CONFIG_MAPPING[config["model_type"]](**fields)
+
+
+def layer_windows(config: Mapping, num_layers: int, max_seq_len: int) -> tuple[int, ...]:
+    """Each layer's sliding window in tokens, 0 for full causal attention.
+
+    Which layers slide is transformers' decision for the config: its ``layer_types`` where the config class has
+    them (Qwen2/Qwen3 derive them from use_sliding_window and max_window_layers), else ``sliding_window`` on
+    every layer (Mistral). A window no shorter than max_seq_len is plain causal attention, so it becomes 0 and
+    the layer keeps the windowless kernels.
+    """
+    hf = _hf_config(config)
+    window = getattr(hf, "sliding_window", None) or 0
+    types = list(getattr(hf, "layer_types", None) or
+                 ["sliding_attention" if window else "full_attention"] * num_layers)
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != num_layers:
+        raise ValueError(f"config: layer_types {types} must name full_attention or sliding_attention for each of "
+                         f"the {num_layers} layers")
+    if "sliding_attention" in types and not (isinstance(window, int) and window > 0):
+        raise ValueError(f"config: sliding_window must be a positive integer, not {window!r}")
+    window = window if window < max_seq_len else 0
+    return tuple(window if t == "sliding_attention" else 0 for t in types)
 
 
 def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor:
@@ -53,9 +74,8 @@ def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor
     convention (neox halves, partial rotary, llama3 / linear / longrope scaling) is HF's to the bit.
     """
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    hf = CONFIG_MAPPING[config["model_type"]](**_su_as_longrope({k: v for k, v in config.items() if k != "model_type"}))
+    hf = _hf_config(config)
     hf.head_dim = head_dim
     params = dict(hf.rope_parameters)
     rope_type = params.get("rope_type", params.get("type", "default"))

@@ -8,6 +8,10 @@ GPU; each split writes its normalised partial output and log-sum-exp (base 2) to
 second launch combines them: out = sum_j 2^(lse_j - M) o_j / sum_j 2^(lse_j - M), M = max_j lse_j.
 With NUM_SPLITS == 1 the first launch writes the output itself and there is no second launch.
 A padding row (seq_len 0) reads no key, its splits report lse = -inf, and its output is zeros.
+
+Sliding window (USE_WINDOW): the query at position seq_len - 1 sees the last WINDOW keys only, so the splits
+divide the tiles of [seq_len - WINDOW, seq_len) and blocks before the window are never loaded; a window that
+starts inside a cache block needs no mask, as the first tile starts at the window's first key.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention_helpers import LOG2E, max_along, mma, online_softmax_step, paged_kv_offsets
-from kernels.attention_prefill import paged_attention
+from kernels.attention_prefill import paged_attention, window_constexprs
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
@@ -44,14 +48,19 @@ def _attention_decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr,  # keys the query sees, its own included; read only with USE_WINDOW
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(seq_len - WINDOW, 0)
     # Splits divide this sequence's own key tiles, so short sequences in a long-context batch stay balanced.
-    tiles_per_split = (((seq_len + BLOCK_N - 1) // BLOCK_N) + NUM_SPLITS - 1) // NUM_SPLITS
-    start = split * tiles_per_split * BLOCK_N
+    tiles_per_split = ((((seq_len - lo) + BLOCK_N - 1) // BLOCK_N) + NUM_SPLITS - 1) // NUM_SPLITS
+    start = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)
 
     g = tl.arange(0, BLOCK_G)
@@ -128,7 +137,10 @@ def _splits(meta: dict) -> int:
     second launch and the partial writes would cost more than the parallelism gains."""
     batch = meta.get("T_bucket", meta["max_S"])
     by_occupancy = triton.next_power_of_2(-(-1024 // (batch * meta["num_kv_heads"])))
-    by_length = triton.next_power_of_2(-(-meta["max_blocks"] * meta["block_size"] // 256))
+    context = meta["max_blocks"] * meta["block_size"]
+    if meta.get("window", 0) > 0:
+        context = min(context, meta["window"])  # keys read per sequence
+    by_length = triton.next_power_of_2(-(-context // 256))
     return max(1, min(by_occupancy, by_length, 32))
 
 
@@ -167,7 +179,8 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
                "stride_bt": "i64", "stride_out": "i64", "qk_scale": "fp32"},
         constexprs={"NUM_Q_HEADS": hq, "NUM_KV_HEADS": hk, "HEAD_DIM": dh, "GROUP": group,
                     "BLOCK_SIZE": meta["block_size"], "BLOCK_G": max(16, triton.next_power_of_2(group)),
-                    "BLOCK_N": config["BLOCK_N"], "BLOCK_D": block_d, "NUM_SPLITS": splits},
+                    "BLOCK_N": config["BLOCK_N"], "BLOCK_D": block_d, "NUM_SPLITS": splits,
+                    **window_constexprs(meta)},
         args={"qkv_ptr": ("tensor", "qkv"), "k_cache_ptr": ("tensor", "k_cache"),
               "v_cache_ptr": ("tensor", "v_cache"), "seq_lens_ptr": ("tensor", "seq_lens"),
               "block_tables_ptr": ("tensor", "block_tables"), "out_ptr": ("tensor", "out"),
@@ -200,10 +213,11 @@ SPEC = KernelSpec("attention_decode", configs, default, plan, tune_buckets=(1, 4
 
 def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                     block_size: int, scale: float, out: torch.Tensor | None = None,
+                     block_size: int, scale: float, window: int = 0, out: torch.Tensor | None = None,
                      config: Config | None = None) -> torch.Tensor:
     """qkv [S, (Hq + 2Hk) * Dh] (one token per sequence), caches [num_blocks, block_size, Hk, Dh],
-    seq_lens [S] i32 (0 = padding row -> zeros), block_tables [S, max_blocks] i32 -> out [S, Hq * Dh]."""
+    seq_lens [S] i32 (0 = padding row -> zeros), block_tables [S, max_blocks] i32 -> out [S, Hq * Dh].
+    window > 0: each query sees the last ``window`` keys of its sequence only."""
     S, max_blocks = block_tables.shape
     assert qkv.shape == (S, (num_q_heads + 2 * num_kv_heads) * head_dim) and qkv.is_contiguous()
     assert k_cache.shape[1:] == (block_size, num_kv_heads, head_dim) and k_cache.is_contiguous()
@@ -213,7 +227,8 @@ def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         out = torch.empty(S, num_q_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     assert out.shape == (S, num_q_heads * head_dim) and out.is_contiguous()
     meta = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
-            "block_size": block_size, "scale": scale, "max_blocks": max_blocks, "max_T": S, "max_S": S}
+            "block_size": block_size, "scale": scale, "window": window, "max_blocks": max_blocks, "max_T": S,
+            "max_S": S}
     tensors = {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens,
                "block_tables": block_tables, "out": out}
     dtypes = {role: dtype_name(t) for role, t in tensors.items()}
@@ -223,11 +238,12 @@ def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 def reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
               block_tables: torch.Tensor, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
-              scale: float) -> torch.Tensor:
-    """Each row s attends, in fp32, to the first seq_lens[s] tokens of its paged cache; length 0 gives zeros."""
+              scale: float, window: int = 0) -> torch.Tensor:
+    """Each row s attends, in fp32, to the first seq_lens[s] tokens of its paged cache (the last ``window`` of
+    them when window > 0); length 0 gives zeros."""
     S = qkv.shape[0]
     q = qkv[:, : num_q_heads * head_dim].reshape(S, 1, num_q_heads, head_dim)
     out = torch.zeros(S, num_q_heads * head_dim, device=qkv.device)
     for s, kv_len in enumerate(seq_lens.tolist()):
-        out[s] = paged_attention(q[s], k_cache, v_cache, kv_len, block_tables[s], scale).reshape(-1)
+        out[s] = paged_attention(q[s], k_cache, v_cache, kv_len, block_tables[s], scale, window).reshape(-1)
     return out.to(qkv.dtype)

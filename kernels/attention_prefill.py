@@ -11,6 +11,10 @@ Grid axis 0 enumerates query tiles of all sequences: sequence s owns the program
 cu_seqlens_q[s] // BLOCK_Q + s on, which leaves room for its ceil(q_len / BLOCK_Q) tiles, and
 cdiv(T, BLOCK_Q) + S programs cover every sequence; a program finds its sequence by counting the
 sequences that start at or before it, and programs past their sequence's last tile exit. Axis 1: kv heads.
+
+Sliding window (USE_WINDOW, Mistral): the query at position p sees only keys at positions > p - WINDOW, as
+transformers' sliding_window_overlay masks them; a tile starts its key loop at the window of its first query, so
+key tiles wholly before every row's window are never loaded.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ def _attention_prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr,  # keys per query, the query's own included; read only with USE_WINDOW
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -77,8 +83,12 @@ def _attention_prefill_kernel(
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     # The tile's last query sees keys up to its own position; nothing later is read.
     kv_end = prefix + tl.minimum(q_len, (tile + 1) * BLOCK_Q)
+    kv_start = 0
+    if USE_WINDOW:
+        # The tile's first query has the earliest window; later rows mask their own starts below.
+        kv_start = tl.maximum(prefix + tile * BLOCK_Q - WINDOW + 1, 0)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(0, kv_end, BLOCK_N):
+    for start in range(kv_start, kv_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_end
         offs = paged_kv_offsets(table, n, n_ok, BLOCK_SIZE, NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
@@ -86,12 +96,23 @@ def _attention_prefill_kernel(
         k = tl.load(k_cache_ptr + offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         scores = mma(q, tl.trans(k)) * qk_scale
-        scores = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), scores, float("-inf"))
+        visible = n_ok[None, :] & (n[None, :] <= pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (n[None, :] > pos[:, None] - WINDOW)
+        scores = tl.where(visible, scores, float("-inf"))
         m_i, l_i, acc = online_softmax_step(scores, m_i, l_i, acc, v)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     out = out_ptr + tok[:, None] * stride_out + head[:, None] * HEAD_DIM + dims[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def window_constexprs(meta: dict) -> dict:
+    """USE_WINDOW / WINDOW from the node's ``window`` attr; a node without one (full causal attention) has
+    USE_WINDOW False and WINDOW 0, so its binary is the windowless kernel whatever window other layers use."""
+    window = meta.get("window", 0)
+    assert window >= 0, f"window {window} must be >= 0 (0: full causal attention)"
+    return {"USE_WINDOW": window > 0, "WINDOW": window}
 
 
 def _group(meta: dict) -> int:
@@ -136,7 +157,8 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
                "stride_out": "i64", "qk_scale": "fp32"},
         constexprs={"NUM_KV_HEADS": hk, "HEAD_DIM": dh, "GROUP": group, "BLOCK_SIZE": meta["block_size"],
                     "BLOCK_M": block_m, "BLOCK_Q": block_q, "BLOCK_N": config["BLOCK_N"],
-                    "BLOCK_D": triton.next_power_of_2(dh), "BLOCK_S": triton.next_power_of_2(meta["max_S"])},
+                    "BLOCK_D": triton.next_power_of_2(dh), "BLOCK_S": triton.next_power_of_2(meta["max_S"]),
+                    **window_constexprs(meta)},
         args={"qkv_ptr": ("tensor", "qkv"), "k_cache_ptr": ("tensor", "k_cache"),
               "v_cache_ptr": ("tensor", "v_cache"), "cu_seqlens_q_ptr": ("tensor", "cu_seqlens_q"),
               "seq_lens_ptr": ("tensor", "seq_lens"), "block_tables_ptr": ("tensor", "block_tables"),
@@ -154,12 +176,13 @@ SPEC = KernelSpec("attention_prefill", configs, default, plan)
 
 def attention_prefill(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       seq_lens: torch.Tensor, block_tables: torch.Tensor, *, num_q_heads: int, num_kv_heads: int,
-                      head_dim: int, block_size: int, scale: float, out: torch.Tensor | None = None,
+                      head_dim: int, block_size: int, scale: float, window: int = 0, out: torch.Tensor | None = None,
                       config: Config | None = None) -> torch.Tensor:
     """qkv [T, (Hq + 2Hk) * Dh], caches [num_blocks, block_size, Hk, Dh], cu_seqlens_q [S + 1] i32,
     seq_lens [S] i32, block_tables [S, max_blocks] i32 -> out [T, Hq * Dh] in qkv's dtype.
 
-    Rows at or past cu_seqlens_q[S] belong to no sequence and are left as they are.
+    window > 0: each query sees its last ``window`` positions only. Rows at or past cu_seqlens_q[S] belong to no
+    sequence and are left as they are.
     """
     T, S = qkv.shape[0], seq_lens.shape[0]
     max_blocks = block_tables.shape[1]
@@ -171,7 +194,8 @@ def attention_prefill(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         out = torch.empty(T, num_q_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     assert out.shape == (T, num_q_heads * head_dim) and out.is_contiguous()
     meta = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
-            "block_size": block_size, "scale": scale, "max_blocks": max_blocks, "max_T": T, "max_S": S}
+            "block_size": block_size, "scale": scale, "window": window, "max_blocks": max_blocks, "max_T": T,
+            "max_S": S}
     tensors = {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "cu_seqlens_q": cu_seqlens_q,
                "seq_lens": seq_lens, "block_tables": block_tables, "out": out}
     dtypes = {role: dtype_name(t) for role, t in tensors.items()}
@@ -180,9 +204,10 @@ def attention_prefill(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
-                    block_table: torch.Tensor, scale: float) -> torch.Tensor:
+                    block_table: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
     """One sequence in fp32: q [q_len, Hq, Dh] at positions kv_len - q_len ..., causal over its first
-    kv_len cached tokens -> [q_len, Hq, Dh]. A sequence with no keys gives zeros."""
+    kv_len cached tokens -> [q_len, Hq, Dh]; window > 0 also hides keys at positions <= p - window from the
+    query at p. A sequence with no keys gives zeros."""
     q_len, hq, dh = q.shape
     if kv_len == 0:
         return torch.zeros(q_len, hq, dh, device=q.device)
@@ -192,19 +217,24 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     v = v_cache[blocks].reshape(-1, hk, dh)[:kv_len].float().repeat_interleave(hq // hk, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
     pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-    scores = scores.masked_fill(torch.arange(kv_len, device=q.device)[None, :] > pos[:, None], float("-inf"))
+    keys = torch.arange(kv_len, device=q.device)[None, :]
+    hidden = keys > pos[:, None]
+    if window > 0:
+        hidden |= keys <= pos[:, None] - window
+    scores = scores.masked_fill(hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v)
 
 
 def reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
               seq_lens: torch.Tensor, block_tables: torch.Tensor, *, num_q_heads: int, num_kv_heads: int,
-              head_dim: int, scale: float) -> torch.Tensor:
-    """Sequence by sequence in fp32 from the cache; rows outside every sequence come out as zeros."""
+              head_dim: int, scale: float, window: int = 0) -> torch.Tensor:
+    """Sequence by sequence in fp32 from the cache (window as in paged_attention); rows outside every sequence
+    come out as zeros."""
     T = qkv.shape[0]
     out = torch.zeros(T, num_q_heads, head_dim, device=qkv.device)
     q = qkv[:, : num_q_heads * head_dim].reshape(T, num_q_heads, head_dim)
     cu = cu_seqlens_q.tolist()
     for s, kv_len in enumerate(seq_lens.tolist()):
         lo, hi = cu[s], cu[s + 1]
-        out[lo:hi] = paged_attention(q[lo:hi], k_cache, v_cache, kv_len, block_tables[s], scale)
+        out[lo:hi] = paged_attention(q[lo:hi], k_cache, v_cache, kv_len, block_tables[s], scale, window)
     return out.reshape(T, -1).to(qkv.dtype)

@@ -86,6 +86,13 @@ class _Launched:
     produced: tuple[tuple[int, Seq, int], ...]
 
 
+def kv_window(graph) -> int:
+    """How far back any query of the model looks: the widest sliding window when every attention node has one,
+    else 0 (a full-attention layer needs every key)."""
+    windows = [dict(n.attrs).get("window", 0) for n in graph.nodes if n.op == "attention"]
+    return max(windows) if windows and all(windows) else 0
+
+
 class Engine:
     def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer, async_decode: bool = False) -> None:
         """async_decode: enqueue each step before reading the previous one's ids (the module docstring);
@@ -97,7 +104,7 @@ class Engine:
         self.vocab_size = int(artifact.graph.get_meta("vocab_size"))
         self.allocator = BlockAllocator(backend.num_blocks)
         self.scheduler = Scheduler(self.allocator, self.limits.block_size, self.limits.max_batch,
-                                   self.limits.max_num_tokens, self.limits.max_seq_len)
+                                   self.limits.max_num_tokens, self.limits.max_seq_len, kv_window(artifact.graph))
         self._next_id = 0
         self.async_decode = async_decode
 

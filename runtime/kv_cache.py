@@ -60,6 +60,9 @@ class BlockTable:
         self.allocator = allocator
         self.block_size = block_size
         self.blocks: list[int] = []
+        # Leading blocks already given back (drop_before): their entries stay, so positions still index the
+        # table, but no kernel reads them and the allocator may have handed them to another sequence.
+        self.dropped = 0
 
     @property
     def capacity(self) -> int:
@@ -78,9 +81,20 @@ class BlockTable:
         self.blocks.extend(self.allocator.allocate(need))
         return True
 
+    def drop_before(self, position: int) -> int:
+        """Give back the blocks whose tokens all sit before ``position`` (no query of a sliding-window model will
+        read them again); returns how many went."""
+        n = min(max(0, position) // self.block_size, len(self.blocks))
+        if n <= self.dropped:
+            return 0
+        self.allocator.free(self.blocks[self.dropped:n])
+        gone, self.dropped = n - self.dropped, n
+        return gone
+
     def release(self) -> None:
-        self.allocator.free(self.blocks)
+        self.allocator.free(self.blocks[self.dropped:])
         self.blocks = []
+        self.dropped = 0
 
     def slots(self, start: int, n: int) -> list[int]:
         """Cache slots (block * block_size + offset) of tokens ``start .. start+n-1``."""

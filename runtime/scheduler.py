@@ -79,7 +79,10 @@ class Batch:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_batch: int, max_num_tokens: int,
-                 max_seq_len: int) -> None:
+                 max_seq_len: int, window: int = 0) -> None:
+        """window > 0: every attention layer of the model looks back at most ``window`` keys (sliding-window
+        attention), so blocks wholly before the window of a sequence's next query are given back."""
+        self.window = window
         self.allocator = allocator
         self.block_size = block_size
         self.max_batch = max_batch
@@ -134,6 +137,7 @@ class Scheduler:
         budget = self.max_num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_batch:
             seq = self.waiting[0]
+            self._drop(seq, seq.num_cached)
             # A sequence in the middle of a chunked prefill already holds blocks for all its tokens.
             if not seq.table.ensure(len(seq.token_ids)):
                 break
@@ -153,6 +157,7 @@ class Scheduler:
         queue = deque(s for s in self.running if s.num_generated < s.max_tokens)
         while queue:
             seq = queue.popleft()
+            self._drop(seq, len(seq.token_ids) - 1)
             while not seq.table.ensure(len(seq.token_ids)):
                 if defer:
                     return None
@@ -163,6 +168,13 @@ class Scheduler:
             else:
                 batch.add(seq, len(seq.token_ids) - 1, 1)
         return batch
+
+    def _drop(self, seq: Sequence, first: int) -> None:
+        """The step's first query sits at ``first``; no query from there on sees a key at or before
+        first - window. Steps run in order on one stream, so a step still in flight has read its keys before
+        a later step writes into a block given back here."""
+        if self.window:
+            seq.table.drop_before(first - self.window + 1)
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and queue it first, to recompute all its tokens later."""

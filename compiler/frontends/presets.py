@@ -91,6 +91,9 @@ PRESETS: dict[str, Preset] = {
     "tiny-hd80": Preset("random Llama with head_dim 80: hidden 160, 2 heads, 1 kv head, vocab 320",
                         _tiny(7, _config("LlamaForCausalLM", "llama", hidden_size=160, num_attention_heads=2,
                                          num_key_value_heads=1, head_dim=80, vocab_size=320))),
+    "tiny-mistral-swa": Preset("random Mistral with a 4-token sliding window (shorter than the test prompts), "
+                               "vocab 416",
+                               _tiny(8, _config("MistralForCausalLM", "mistral", vocab_size=416, sliding_window=4))),
     "tinyllama-1.1b": Preset("random weights in TinyLlama-1.1B's shape (bf16, for GPU benchmarks)",
                              _big(11, _config("LlamaForCausalLM", "llama", hidden_size=2048, intermediate_size=5632,
                                               num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,

@@ -1,7 +1,8 @@
 """Model definitions, one module per architecture family, and what every definition is handed.
 
 A family module exposes ``forward(m: Model) -> Sym`` (the logits, traced). ``Model`` carries the validated
-config, the step inputs and KV caches as symbolic tensors, the RoPE table, and weight look-up by HF name.
+config, the step inputs and KV caches as symbolic tensors, the RoPE table, each layer's sliding window, and weight
+look-up by HF name.
 """
 
 from __future__ import annotations
@@ -66,11 +67,18 @@ class ModelConfig:
 
 
 class Model:
-    """What a model definition sees: config, step inputs, caches, cos_sin, and weights by HF name."""
+    """What a model definition sees: config, step inputs, caches, cos_sin, windows, and weights by HF name.
+
+    windows[i] is layer i's sliding window in tokens (0: full causal attention); one entry per layer, so a
+    family that alternates local and global layers (Gemma) is a different list, not a different definition.
+    """
 
     def __init__(self, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], tracer: Tracer, limits: Limits,
-                 cos_sin: torch.Tensor):
+                 cos_sin: torch.Tensor, windows: tuple[int, ...] | None = None):
         self.cfg, self.limits, self.tracer, self._tensors = cfg, limits, tracer, tensors
+        self.windows = tuple(windows) if windows is not None else (0,) * cfg.num_layers
+        if len(self.windows) != cfg.num_layers or any(w < 0 for w in self.windows):
+            raise ValueError(f"windows {self.windows}: one window >= 0 per layer ({cfg.num_layers}) is needed")
         inputs = {name: tracer.source(name, "i32", tuple(limits.max_blocks if d == "max_blocks" else d
                                                          for d in _INPUT_SHAPES[name]), "input")
                   for name in STEP_INPUTS}

@@ -22,11 +22,11 @@ def qkv_projection(m: Model, p: str, h: Sym) -> Sym:
 
 
 def attend(m: Model, p: str, i: int, qkv: Sym) -> Sym:
-    """Rotate q and k, write k and v to layer i's cache, attend, project out: [T, D]."""
+    """Rotate q and k, write k and v to layer i's cache, attend (within layer i's window), project out: [T, D]."""
     qkv = ops.rope(qkv, m.positions, m.cos_sin, eps=m.cfg.eps, **m.heads)
     k_cache, v_cache = ops.kv_cache_write(qkv, m.slot_mapping, m.k_cache[i], m.v_cache[i], **m.heads)
     o = ops.attention(qkv, k_cache, v_cache, m.cu_seqlens_q, m.seq_lens, m.block_tables,
-                      scale=m.cfg.head_dim ** -0.5, **m.heads)
+                      scale=m.cfg.head_dim ** -0.5, window=m.windows[i], **m.heads)
     return ops.linear(o, m.weight(p + "self_attn.o_proj"), m.bias(p + "self_attn.o_proj"))
 
 

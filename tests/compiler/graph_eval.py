@@ -30,6 +30,7 @@ MODELS = {
     "llama3-tied": ("llama", {"rope_scaling": LLAMA3, "tie_word_embeddings": True}),
     "llama-linear": ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}),
     "mistral": ("mistral", {"num_key_value_heads": 1, "sliding_window": None}),
+    "mistral-swa": ("mistral", {"sliding_window": 5}),  # shorter than SEQS[0]: the window hides keys
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {"head_dim": 20}),  # head_dim != hidden / heads
     # LIMITS.max_seq_len is the original length, so the short factors apply (as in HF for these sequences).
@@ -178,7 +179,10 @@ def _attention(i: dict, a: dict) -> torch.Tensor:
         qs = q[cu[s]:cu[s + 1]]
         scores = torch.einsum("qhd,khd->hqk", qs, k) * a["scale"]
         qpos = torch.arange(n - len(rows), n)
-        scores = scores.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
+        hidden = pos[None, None, :] > qpos[None, :, None]
+        if a.get("window"):
+            hidden = hidden | (pos[None, None, :] <= qpos[None, :, None] - a["window"])
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[cu[s]:cu[s + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(len(rows), -1)
     return out
 

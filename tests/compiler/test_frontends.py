@@ -81,7 +81,7 @@ def write_gguf(src, path: Path, f16: bool = False) -> Path:
 def test_list_presets_names_every_family():
     presets = list_presets()
     assert {"smollm2-135m", "tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-mqa",
-            "tiny-hd80", "tinyllama-1.1b", "llama3-8b"} <= set(presets)
+            "tiny-hd80", "tiny-mistral-swa", "tinyllama-1.1b", "llama3-8b"} <= set(presets)
     assert all(d and "\n" not in d for d in presets.values())
 
 

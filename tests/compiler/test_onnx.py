@@ -14,7 +14,8 @@ def graphs(name, dtype="fp32"):
     return graph, fused
 
 
-@pytest.mark.parametrize("name,dtype", [("llama", "fp32"), ("qwen2", "bf16"), ("qwen3", "fp16")])
+@pytest.mark.parametrize("name,dtype", [("llama", "fp32"), ("qwen2", "bf16"), ("qwen3", "fp16"),
+                                        ("mistral-swa", "fp32")])
 def test_round_trip_is_lossless_and_checked(name, dtype):
     for graph in graphs(name, dtype):
         model = to_onnx(graph)

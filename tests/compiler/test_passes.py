@@ -63,7 +63,7 @@ def test_residual_stream_starts_at_the_embedding():
 
 # kernel_refs=False runs every op through the test's own maths, so the check stands without kernels/.
 @pytest.mark.parametrize("name,kernel_refs", [(n, True) for n in MODELS] + [("llama3-tied", False), ("qwen2", False),
-                                                                            ("qwen3", False)])
+                                                                            ("qwen3", False), ("mistral-swa", False)])
 def test_fused_graph_gives_the_same_logits(name, kernel_refs):
     graph, weights, fused, fused_w, _, model = optimized(name)
     feeds = prefill_feeds(graph, LIMITS, SEQS)

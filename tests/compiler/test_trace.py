@@ -178,8 +178,6 @@ def test_unsupported_models_say_what_is_supported():
         trace({**config, "hidden_act": "gelu"}, tensors, "fp32", LIMITS)
     with pytest.raises(ValueError, match="rope type 'dynamic'"):
         trace({**config, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, tensors, "fp32", LIMITS)
-    with pytest.raises(ValueError, match="sliding-window"):
-        trace({**config, "sliding_window": 16}, tensors, "fp32", LIMITS)
     with pytest.raises(ValueError, match="unknown dtype"):
         trace(config, tensors, "fp8", LIMITS)
     missing = {k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}
@@ -228,3 +226,25 @@ def test_limits_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Limits(**kwargs)
     assert Limits(max_seq_len=33, max_batch=1, max_num_tokens=8, block_size=16).max_blocks == 3
+
+
+def _windows(graph) -> list[int]:
+    return [dict(n.attrs).get("window", 0) for n in graph.nodes if n.op == "attention"]
+
+
+def test_sliding_window_is_a_per_layer_attention_attr():
+    graph, weights, config, tensors, model = traced("mistral-swa")
+    assert _windows(graph) == [5, 5]  # Mistral: every layer slides
+    # A window no shorter than max_seq_len is causal attention: no attr, the windowless graph.
+    full, _ = trace({**config, "sliding_window": LIMITS.max_seq_len}, tensors, "fp32", LIMITS)
+    assert _windows(full) == [0, 0] and all("window" not in dict(n.attrs) for n in full.nodes)
+    # The window changes the logits of a prompt longer than it (and HF agrees: test_unfused_trace_matches_hf).
+    feeds = prefill_feeds(graph, LIMITS, SEQS)
+    windowed = evaluate(graph, weights, feeds)["logits"]
+    plain = evaluate(full, weights, prefill_feeds(full, LIMITS, SEQS))["logits"]
+    assert not torch.allclose(windowed, plain, rtol=1e-3, atol=1e-3)
+    # Qwen2 slides only from max_window_layers on, as transformers' layer_types say.
+    qwen2_config, qwen2_tensors, _ = tiny_model("qwen2")
+    qwen2 = {**qwen2_config, "use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}
+    qwen2.pop("layer_types", None)
+    assert _windows(trace(qwen2, qwen2_tensors, "fp32", LIMITS)[0]) == [0, 7]

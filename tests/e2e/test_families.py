@@ -86,7 +86,25 @@ def test_presets_cover_every_supported_variant():
     assert any(k == 1 for _, k in kv) and any(1 < k < h for h, k in kv) and any(k == h for h, k in kv)
     head_dims = {c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"] for c in configs.values()}
     assert any(d & (d - 1) for d in head_dims), head_dims  # one that is not a power of two
+    windows = [c.get("sliding_window") for c in configs.values() if c.get("sliding_window")]
+    assert any(w < min(LOGITS_LEN, GEN_PROMPT_LEN) for w in windows), windows  # a window the prompts outgrow
     # q/k/v bias (Qwen2), q/k norm (Qwen3) and fused qkv/gate_up (Phi-3) are checked on the artifacts' weights below
+
+
+def test_transformers_applies_the_sliding_window():
+    """The windowed preset's reference is windowed: without its window HF gives other logits past the window."""
+    from transformers import AutoModelForCausalLM
+
+    from compiler.frontends.presets import preset_dir
+
+    name = "tiny-mistral-swa"
+    window = json.loads((preset_dir(name) / "config.json").read_text())["sliding_window"]
+    ids = random_prompt(416, LOGITS_LEN, seed=1)
+    windowed = hf_logits(hf_model(name), ids)
+    full = hf_logits(AutoModelForCausalLM.from_pretrained(str(preset_dir(name)), dtype=torch.float32,
+                                                          use_safetensors=True, sliding_window=None).eval(), ids)
+    torch.testing.assert_close(windowed[:window], full[:window], rtol=1e-5, atol=1e-5)
+    assert rel_err(windowed[window:], full[window:]) > 0.1
 
 
 def test_artifact_has_binaries_for_every_default_target(case):

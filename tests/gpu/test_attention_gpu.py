@@ -62,7 +62,8 @@ def test_kv_cache_write_gpu(T, hq, hk, dh, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hq,hk,dh", HEADS)
-def test_attention_prefill_gpu(hq, hk, dh, dtype):
+@pytest.mark.parametrize("window", [0, 700], ids=["full", "window700"])  # 700: mid-block, shorter than most
+def test_attention_prefill_gpu(window, hq, hk, dh, dtype):
     gen = torch.Generator().manual_seed(hq + dh)
     q_lens = [q for q, _ in PREFILL]
     k_cache, v_cache, tables = paged_kv([kv for _, kv in PREFILL], hk, dh, dtype, gen, DEVICE)
@@ -72,8 +73,8 @@ def test_attention_prefill_gpu(hq, hk, dh, dtype):
             "seq_lens": torch.tensor([kv for _, kv in PREFILL], dtype=torch.int32, device=DEVICE),
             "block_tables": tables}
     out = torch.full((T, hq * dh), float("nan"), dtype=dtype, device=DEVICE)
-    attention_prefill(**case, **_attrs(hq, hk, dh), block_size=BLOCK_SIZE, out=out)
-    _assert_close(out, prefill_reference(**case, **_attrs(hq, hk, dh)))
+    attention_prefill(**case, **_attrs(hq, hk, dh), block_size=BLOCK_SIZE, window=window, out=out)
+    _assert_close(out, prefill_reference(**case, **_attrs(hq, hk, dh), window=window))
 
 
 def _decode_lens(S: int, gen: torch.Generator) -> list[int]:
@@ -87,7 +88,8 @@ def _decode_lens(S: int, gen: torch.Generator) -> list[int]:
 @pytest.mark.parametrize("hq,hk,dh", HEADS)
 @pytest.mark.parametrize("S", [1, 32])
 @pytest.mark.parametrize("splits", [None, 1], ids=["default", "one_split"])
-def test_attention_decode_gpu(splits, S, hq, hk, dh, dtype):
+@pytest.mark.parametrize("window", [0, 1000], ids=["full", "window1000"])
+def test_attention_decode_gpu(window, splits, S, hq, hk, dh, dtype):
     gen = torch.Generator().manual_seed(S * 1000 + hq + dh)
     lens = _decode_lens(S, gen)
     k_cache, v_cache, tables = paged_kv(lens, hk, dh, dtype, gen, DEVICE)
@@ -95,7 +97,7 @@ def test_attention_decode_gpu(splits, S, hq, hk, dh, dtype):
             "seq_lens": torch.tensor(lens, dtype=torch.int32, device=DEVICE), "block_tables": tables}
     config = None if splits is None else Config.make(BLOCK_N=32, NUM_SPLITS=splits)
     out = torch.full((S, hq * dh), float("nan"), dtype=dtype, device=DEVICE)
-    attention_decode(**case, **_attrs(hq, hk, dh), block_size=BLOCK_SIZE, out=out, config=config)
-    _assert_close(out, decode_reference(**case, **_attrs(hq, hk, dh)))
+    attention_decode(**case, **_attrs(hq, hk, dh), block_size=BLOCK_SIZE, window=window, out=out, config=config)
+    _assert_close(out, decode_reference(**case, **_attrs(hq, hk, dh), window=window))
     if 0 in lens:
         assert (out[lens.index(0)] == 0).all(), "a padding row must give zeros"

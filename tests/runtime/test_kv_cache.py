@@ -66,3 +66,15 @@ def test_slots_follow_the_block_table():
     b0, b1, b2 = t.blocks
     assert t.slots(0, 7) == [b0 * 3, b0 * 3 + 1, b0 * 3 + 2, b1 * 3, b1 * 3 + 1, b1 * 3 + 2, b2 * 3]
     assert t.slots(4, 2) == [b1 * 3 + 1, b1 * 3 + 2]
+
+
+def test_drop_before_gives_back_leading_blocks_once():
+    alloc = BlockAllocator(6)
+    table = BlockTable(alloc, 4)
+    assert table.ensure(14) and alloc.num_used == 4
+    assert table.drop_before(3) == 0  # block 0 still holds position 3
+    assert table.drop_before(9) == 2 and alloc.num_used == 2
+    assert table.drop_before(5) == 0 and table.drop_before(9) == 0  # already gone: never freed twice
+    assert len(table.blocks) == 4 and table.slots(9, 2) == [table.blocks[2] * 4 + 1, table.blocks[2] * 4 + 2]
+    table.release()
+    assert alloc.num_free == 6 and table.dropped == 0

@@ -202,3 +202,50 @@ def test_defer_returns_none_where_a_preemption_would_be_needed():
     assert sched.schedule(defer=True) is None and sched.running == [old, new] and not sched.waiting
     batch = sched.schedule()  # with every id known, the newer one yields as without a step in flight
     assert batch.seqs == [old] and list(sched.waiting) == [new]
+
+
+class WindowModel(FakeModel):
+    """A sliding-window 'model': a step reads the keys from its first query's window on, and its next token
+    depends on the last WINDOW tokens only, so a block given back too early shows up as a wrong context."""
+
+    WINDOW = 5
+
+    def run(self, sched: Scheduler, batch) -> list[int]:
+        step = make_step(batch.kind, batch.chunks(), BS, self.max_blocks)
+        for tok, slot in zip(step.ids.tolist(), step.slot_mapping.tolist()):
+            self.slots[slot] = tok
+        out = []
+        for row, (seq, count) in enumerate(zip(batch.seqs, batch.counts)):
+            n = int(step.seq_lens[row])
+            table = step.block_tables[row].tolist()
+            lo = max(0, n - count - self.WINDOW + 1)
+            ctx = [self.slots[table[p // BS] * BS + p % BS] for p in range(lo, n)]
+            assert ctx == seq.token_ids[lo:n], "a block inside the window was given back"
+            out.append(sum((i + 1) * t for i, t in enumerate(seq.token_ids[max(0, n - self.WINDOW):n])) * 31 % 1009)
+        return out
+
+
+def test_sliding_window_gives_back_blocks_behind_every_window():
+    def run(window, num_blocks):
+        alloc = BlockAllocator(num_blocks)
+        sched = Scheduler(alloc, BS, 4, 16, 64, window=window)
+        model = WindowModel(num_blocks, 16)
+        seqs = [Sequence(i, p, 30, sched.new_table()) for i, p in enumerate(_prompts(3, seed=4)[0])]
+        for s in seqs:
+            sched.add(s)
+        peak = 0
+        while (batch := sched.schedule()) is not None:
+            if batch.kind == "decode":  # a prefill holds its whole prompt's blocks until it has run
+                peak = max(peak, alloc.num_used)
+            for seq, _ in sched.update(batch, model.run(sched, batch)):
+                if seq.num_generated == seq.max_tokens:
+                    sched.finish(seq)
+        assert alloc.num_free == num_blocks, "blocks leaked"
+        return [s.generated for s in seqs], peak
+
+    full, full_peak = run(0, 64)
+    windowed, peak = run(WindowModel.WINDOW, 64)
+    assert windowed == full
+    # Five consecutive positions (the window of the step's query, which includes its own) touch at most two
+    # blocks of four: two per running sequence.
+    assert peak <= 3 * 2 < full_peak
