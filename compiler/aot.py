@@ -76,8 +76,8 @@ def cache_key(launch: Launch, target: Target) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def compile_launch(launch: Launch, target: Target) -> tuple[bytes, dict]:
-    """Compile to a cubin/hsaco. Returns (binary, metadata the driver needs to launch it)."""
+def compile_kernel(launch: Launch, target: Target):
+    """Triton's compiled kernel for ``launch`` on ``target`` (every stage's code in ``.asm``: ttir ... ptx, cubin)."""
     jit = launch.kernel
     if not isinstance(jit, triton.runtime.jit.JITFunction):  # interpreted under TRITON_INTERPRET=1
         jit = triton.runtime.jit.JITFunction(jit.fn)
@@ -86,7 +86,12 @@ def compile_launch(launch: Launch, target: Target) -> tuple[bytes, dict]:
     attrs = {(i,): [["tt.divisibility", 16]] for i in launch.divisibility()}
     src = ASTSource(fn=jit, signature=sig, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
-    compiled = triton.compile(src, target=target.gpu_target, options=options)
+    return triton.compile(src, target=target.gpu_target, options=options)
+
+
+def compile_launch(launch: Launch, target: Target) -> tuple[bytes, dict]:
+    """Compile to a cubin/hsaco. Returns (binary, metadata the driver needs to launch it)."""
+    compiled = compile_kernel(launch, target)
     md = compiled.metadata
     meta = {
         "name": md.name,

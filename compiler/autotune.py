@@ -82,15 +82,16 @@ def rotating_copies(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Te
     return [tensors] + [{k: t.clone() for k, t in tensors.items()} for _ in range(copies - 1)]
 
 
-def time_config(v: VariantSpec, config: Config, sets: list[dict], env: dict, pdl: bool = False) -> float:
+def time_config(v: VariantSpec, config: Config, sets: list[dict], env: dict) -> float:
     """Median microseconds of one run of the variant's plan, replayed under a CUDA graph back to back over the
-    input sets (see rotating_copies) with its scratch allocated once, as the runtime does."""
+    input sets (see rotating_copies) with its scratch allocated once, as the runtime does. Launched plainly, as the
+    runtime launches by default (programmatic dependent launch is opt-in there, TRILITE_PDL=1)."""
     plan: Plan = v.plan(config)
     scratch = alloc_scratch(plan, sets[0][next(iter(sets[0]))].device)
 
     def fn() -> None:
         for tensors in sets:
-            run(plan, {**tensors, **scratch}, env, interpret=False, pdl=pdl)
+            run(plan, {**tensors, **scratch}, env, interpret=False)
 
     fn()  # compile outside the graph
     torch.cuda.synchronize()
@@ -100,13 +101,11 @@ def time_config(v: VariantSpec, config: Config, sets: list[dict], env: dict, pdl
 def autotune_variant(v: VariantSpec, shapes: dict[str, tuple], env: dict) -> tuple[Config, dict[str, float]]:
     """Fastest config among the spec's candidates; configs that fail to compile or run are skipped."""
     sets = rotating_copies(timing_inputs(v, shapes, env, torch.device("cuda")))
-    # Kernels are timed as the runtime launches them by default: plainly (PDL is opt-in, TRILITE_PDL=1).
-    pdl = False
     timings: dict[str, float] = {}
     best, best_t = v.spec.default(v.meta_dict()), float("inf")
     for config in dict.fromkeys([*v.spec.configs(v.meta_dict()), best]):
         try:
-            t = time_config(v, config, sets, env, pdl)
+            t = time_config(v, config, sets, env)
         except Exception as err:  # a config the GPU cannot run (shared memory, registers) is not a candidate
             timings[json.dumps(config.to_json(), sort_keys=True)] = float("nan")
             print(f"  skip {v.op} {config.to_json()}: {type(err).__name__}")

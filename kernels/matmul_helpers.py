@@ -145,49 +145,6 @@ def store_rows(
 
 
 @triton.jit
-def _w_chunk(w_rows, col_mask, k, K: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """One [BLOCK_N, BLOCK_K] chunk of W from column k: read once and never again, so evict-first."""
-    ks = k + tl.arange(0, BLOCK_K)
-    if EVEN_K:
-        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None], other=0.0, eviction_policy="evict_first")
-    else:
-        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & (ks < K)[None, :], other=0.0,
-                    eviction_policy="evict_first")
-    return w
-
-
-@triton.jit
-def _gemv_step(acc, sumsq, x_rows, row_mask, w, k, K: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-               USE_DOT: tl.constexpr, USE_RMS: tl.constexpr):
-    """Fold one K chunk into the accumulator (and the rows' sum of squares). x is re-read by every program, so
-    it is kept in cache (evict-last)."""
-    ks = k + tl.arange(0, BLOCK_K)
-    if EVEN_K:
-        x_mask = row_mask[:, None]
-    else:
-        x_mask = row_mask[:, None] & (ks < K)[None, :]
-    x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0, eviction_policy="evict_last")
-    if USE_RMS:
-        if USE_DOT:
-            # A load of its own: the tl.dot operand also reduced in registers miscompiled on sm_90 once pipelined
-            # (seen in the GEMM tiles, Triton 3.6). Same addresses, so it hits the cache.
-            xs = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0, eviction_policy="evict_last")
-        else:
-            xs = x
-        xs = xs.to(tl.float32)
-        sumsq += tl.sum(xs * xs, axis=1)
-    if USE_DOT:
-        if x.dtype == tl.float32:
-            # fp32 models expect fp32 results; the default tf32 would round operands to 10 mantissa bits.
-            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, tl.trans(x), acc)
-    else:
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    return acc, sumsq
-
-
-@triton.jit
 def gemv_tile(
     x_ptr,  # [T, K]
     w_ptr,  # [N, K]
@@ -207,7 +164,8 @@ def gemv_tile(
     USE_RMS: tl.constexpr,
 ):
     """acc[BLOCK_M, BLOCK_N] = x[rows, k_lo:k_lo+K_SPAN] @ w[cols, same]^T, and the rows' sum of x^2 over that
-    K range, for the weight-streaming layout.
+    K range, for the weight-streaming layout. W is read once and never again, so its loads are evict-first; x is
+    re-read by every program, so it is kept in cache (evict-last).
 
     The broadcast product accumulates elementwise in a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 register tile and reduces
     along K once at the end: reducing every chunk would put a cross-warp reduction (shared memory and a barrier)
@@ -223,8 +181,32 @@ def gemv_tile(
         acc = tl.full((BLOCK_M, BLOCK_N, BLOCK_K), 0.0, tl.float32)
     sumsq = tl.full((BLOCK_M,), 0.0, tl.float32)
     for k in range(k_lo, k_lo + K_SPAN, BLOCK_K):
-        w = _w_chunk(w_rows, col_mask, k, K, BLOCK_K, EVEN_K)
-        acc, sumsq = _gemv_step(acc, sumsq, x_rows, row_mask, w, k, K, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
+        ks = k + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            x_mask = row_mask[:, None]
+            w_mask = col_mask[:, None]
+        else:
+            x_mask = row_mask[:, None] & (ks < K)[None, :]
+            w_mask = col_mask[:, None] & (ks < K)[None, :]
+        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0, eviction_policy="evict_last")
+        if USE_RMS:
+            if USE_DOT:
+                # A load of its own: the tl.dot operand also reduced in registers miscompiled on sm_90 once
+                # pipelined (seen in the GEMM tiles, Triton 3.6). Same addresses, so it hits the cache.
+                xs = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0, eviction_policy="evict_last")
+            else:
+                xs = x
+            xs = xs.to(tl.float32)
+            sumsq += tl.sum(xs * xs, axis=1)
+        if USE_DOT:
+            if x.dtype == tl.float32:
+                # fp32 models expect fp32 results; the default tf32 would round operands to 10 mantissa bits.
+                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     if USE_DOT:
         out = tl.trans(acc)
     else:

@@ -10,10 +10,8 @@ and AMD the instructions do not exist: those binaries are built without them.
 import re
 
 import pytest
-import triton
-from triton.compiler import ASTSource
 
-from compiler.aot import Target, compile_launch, for_target
+from compiler.aot import Target, compile_kernel, compile_launch, for_target
 from kernels import linear, rms_norm_linear
 from kernels.spec import USE_PDL
 
@@ -23,10 +21,7 @@ SM90 = Target.parse("cuda:90")
 
 
 def _ptx(launch, target: Target) -> str:
-    src = ASTSource(fn=launch.kernel, signature=dict(launch.signature), constexprs=dict(launch.constexprs),
-                    attrs={(i,): [["tt.divisibility", 16]] for i in launch.divisibility()})
-    return triton.compile(src, target=target.gpu_target,
-                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages}).asm["ptx"]
+    return compile_kernel(launch, target).asm["ptx"]
 
 
 def _cases():
