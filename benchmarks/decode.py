@@ -1,7 +1,7 @@
 """Decode speed through the public API, against the bandwidth floor and HF transformers, on the GPU.
 
     PYTHONPATH=. python -m benchmarks.decode artifacts/tinyllama-1.1b [artifacts/llama3-8b ...]
-        [--batch 1,16,32] [--hf/--no-hf] [--profile/--no-profile] [--out decode.md]
+        [--batch 1,16,32] [--hf/--no-hf] [--profile/--no-profile] [--modes plain,pdl,async,pdl+async] [--out decode.md]
 
 Protocol (issue 8): `runtime.load(...).generate()`, a 128-token prompt per sequence then 256 new tokens, greedy,
 ignore_eos; decode rate = batch * 255 / (t(256) - t(1)), each length timed after a warm-up run of it. The floor
@@ -99,54 +99,65 @@ def hf_rate(preset: str) -> float | None:
     return rate
 
 
+MODES = ("plain", "pdl", "async", "pdl+async")
+
+
 @click.command()
 @click.argument("artifacts", nargs=-1, required=True)
 @click.option("--batch", default="1,16,32", show_default=True)
 @click.option("--hf/--no-hf", default=True, show_default=True)
 @click.option("--profile/--no-profile", "do_profile", default=True, show_default=True)
-@click.option("--pdl/--no-pdl", default=True, show_default=True,
-              help="launch the PDL-built binaries with programmatic dependent launch")
+@click.option("--modes", default="pdl", show_default=True,
+              help=f"comma-separated launch modes, each timed on its own engine: {', '.join(MODES)} "
+                   "(pdl: the PDL-built binaries with programmatic dependent launch; async: async_decode=True)")
 @click.option("--out", default=None, help="also write the tables here (markdown)")
-def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, pdl: bool, out: str | None) -> None:
+def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, modes: str, out: str | None) -> None:
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    if bad := [m for m in chosen if m not in MODES]:
+        raise click.BadParameter(f"unknown mode(s) {bad}: choose from {', '.join(MODES)}", param_hint="--modes")
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
     name = torch.cuda.get_device_name()
     lines = [f"{name}, bf16, copy bandwidth {bw / 1e9:.0f} GB/s (read + written); prompt {PROMPT}, {NEW} new tokens, "
-             f"greedy, ignore_eos; PDL {'on' if pdl else 'off'}", "",
-             "| model | batch | tok/s | ms/step | % of floor | floor tok/s | HF static+compile tok/s |",
-             "|---|---|---|---|---|---|---|"]
+             f"greedy, ignore_eos", "",
+             "| model | batch | mode | tok/s | ms/step | % of floor | floor tok/s | HF static+compile tok/s |",
+             "|---|---|---|---|---|---|---|---|"]
     details = []
     for path in artifacts:
-        engine = runtime.load(path, backend="cuda", pdl=pdl)
-        manifest = engine.artifact.manifest
         model = Path(path).name
-        vocab = manifest["model"]["config"]["vocab_size"]
-        graph = engine.artifact.graph
-        wbytes = decode_weight_bytes(graph)
-        kv_tok = kv_bytes_per_token(graph, engine.artifact.limits.block_size)
-        # HF loads the very same weights only for a random preset (written as an HF directory). A preset's name
-        # ("tinyllama-1.1b") is no path: look it up, never guess from its suffix.
-        source = manifest["model"]["source"]
-        hf_tok = hf_rate(source) if hf and _is_random_preset(source) else None
-        for b in (int(x) for x in batch.split(",")):
-            rate = decode_rate(engine, vocab, b)
-            floor = floor_tok_s(wbytes, kv_tok, b, bw)
-            hf_cell = f"{hf_tok:.1f}" if (hf_tok and b == 1) else "–"
-            line = (f"| {model} | {b} | {rate:.1f} | {1000 * b / rate:.3f} | {100 * rate / floor:.0f}% | {floor:.0f} "
-                    f"| {hf_cell} |")
-            lines.append(line)
-            print(line, flush=True)
-        if do_profile:
-            rows, wall = kernel_profile(engine, vocab)
-            steps = 65
-            total = sum(r[2] for r in rows)
-            details += ["", f"{model}, batch 1, kernels over {steps} decode steps: {total / steps:.1f} µs of kernel "
-                        f"time per step, {wall / steps:.1f} µs wall per step", "",
-                        "| kernel | calls/step | µs/step | share |", "|---|---|---|---|"]
-            for k, calls, us in rows[:14]:
-                details.append(f"| {k[:60]} | {calls / steps:.1f} | {us / steps:.1f} | {100 * us / total:.1f}% |")
-        del engine
-        torch.cuda.empty_cache()
+        hf_tok = None
+        for k, mode in enumerate(chosen):
+            engine = runtime.load(path, backend="cuda", pdl="pdl" in mode, async_decode="async" in mode)
+            manifest = engine.artifact.manifest
+            vocab = manifest["model"]["config"]["vocab_size"]
+            graph = engine.artifact.graph
+            wbytes = decode_weight_bytes(graph)
+            kv_tok = kv_bytes_per_token(graph, engine.artifact.limits.block_size)
+            # HF loads the very same weights only for a random preset (written as an HF directory). A preset's
+            # name ("tinyllama-1.1b") is no path: look it up, never guess from its suffix.
+            source = manifest["model"]["source"]
+            if k == 0 and hf and _is_random_preset(source):
+                hf_tok = hf_rate(source)
+            for b in (int(x) for x in batch.split(",")):
+                rate = decode_rate(engine, vocab, b)
+                floor = floor_tok_s(wbytes, kv_tok, b, bw)
+                hf_cell = f"{hf_tok:.1f}" if (hf_tok and b == 1) else "–"
+                line = (f"| {model} | {b} | {mode} | {rate:.1f} | {1000 * b / rate:.3f} | {100 * rate / floor:.0f}% "
+                        f"| {floor:.0f} | {hf_cell} |")
+                lines.append(line)
+                print(line, flush=True)
+            if do_profile and k == 0:
+                rows, wall = kernel_profile(engine, vocab)
+                steps = 65
+                total = sum(r[2] for r in rows)
+                details += ["", f"{model}, batch 1, {mode}, kernels over {steps} decode steps: {total / steps:.1f} µs "
+                            f"of kernel time per step, {wall / steps:.1f} µs wall per step", "",
+                            "| kernel | calls/step | µs/step | share |", "|---|---|---|---|"]
+                for kname, calls, us in rows[:14]:
+                    share = 100 * us / total
+                    details.append(f"| {kname[:60]} | {calls / steps:.1f} | {us / steps:.1f} | {share:.1f}% |")
+            del engine
+            torch.cuda.empty_cache()
     text = "\n".join(lines + details) + "\n"
     print(text)
     if out:

@@ -9,7 +9,8 @@
 #   startup    where the time from process start to the first token goes
 #   hf         HF transformers baseline on the same preset
 #   decode     benchmarks/decode.py on artifacts/$MODEL (issue 8's protocol, HF in the same process, kernel profile)
-#   nopdl      the same at batch 1 with programmatic dependent launch off (same binaries launched plainly)
+#              in each launch mode of $MODES (default plain,pdl,async,pdl+async)
+#   serveload  `runtime serve` on artifacts/$MODEL, benchmarks/serve_load.py at 1/8/32 clients, `runtime bench` beside
 #   gemv       benchmarks/gemv.py over the pack's own GEMV candidates (every decode shape, T = 1, 4, 16, 32)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -24,7 +25,8 @@ export PYTHONUNBUFFERED=1 TRILITE_CACHE=/tmp/trilite-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
-    tests) python3 -m pytest -q -rs -m gpu tests/gpu -n 8 --junitxml="$OUT/gpu-junit.xml" 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
+    tests) timeout "${TESTS_LIMIT:-300}" python3 -m pytest -q -rs -m gpu tests/gpu -n 8 --junitxml="$OUT/gpu-junit.xml" \
+        2>&1 | tail -60 | tee "$OUT/tests.log" ;;
     kernels) python3 benchmarks/kernels.py --out "$OUT/kernels.md" 2>&1 | tail -80 | tee "$OUT/kernels.log" ;;
     matmul) python3 -m pytest -q -m gpu tests/gpu/test_matmul_gpu.py -n 8 2>&1 | tail -30 | tee "$OUT/matmul.log" ;;
     compile)  # MODEL=tinyllama-1.1b by default; autotuned for this GPU
@@ -44,9 +46,21 @@ for step in "$@"; do
         | tee "$OUT/startup.log" ;;
     hf) python3 -m benchmarks.hf_baseline "${MODEL:-tinyllama-1.1b}" > "$OUT/hf.log" 2>&1; grep "tok/s" "$OUT/hf.log" || tail -20 "$OUT/hf.log" ;;
     decode) python3 -m benchmarks.decode "artifacts/${MODEL:-tinyllama-1.1b}" --out "$OUT/decode-${MODEL:-tinyllama-1.1b}.md" \
-        2>&1 | tail -40 | tee "$OUT/decode.log" ;;
-    nopdl) python3 -m benchmarks.decode "artifacts/${MODEL:-tinyllama-1.1b}" --batch 1 --no-hf --no-profile --no-pdl \
-        2>&1 | tail -8 | tee "$OUT/nopdl.log" ;;
+        --modes "${MODES:-plain,pdl,async,pdl+async}" ${DECODE_ARGS:-} 2>&1 | tail -60 | tee "$OUT/decode.log" ;;
+    serveload)
+      A="artifacts/${MODEL:-tinyllama-1.1b}"
+      python3 -m runtime.cli serve "$A" --port 8011 > "$OUT/serve.log" 2>&1 &
+      server=$!
+      python3 -c "import httpx, time
+for _ in range(120):
+    try:
+        if httpx.get('http://127.0.0.1:8011/health').status_code == 200: break
+    except httpx.HTTPError: pass
+    time.sleep(1)"
+      python3 benchmarks/serve_load.py --url http://127.0.0.1:8011 --prompt-tokens 128 --max-tokens 256 \
+        --clients 1 8 32 --time-limit 60 2>&1 | tail -30 | tee "$OUT/serve_load.log"
+      kill "$server"; wait "$server"
+      python3 -m runtime.cli bench "$A" --batch 1 --batch 8 --batch 32 --tg 256 2>&1 | tail -12 | tee -a "$OUT/serve_load.log" ;;
     gemv) python3 benchmarks/gemv.py --out "$OUT" --space pack --pdl 2>&1 | grep -v "^  fail" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
