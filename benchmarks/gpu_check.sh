@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install what the image lacks, then run the GPU tests and benchmarks
 # named by the arguments, each step's log under $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_check.sh STEP...
-#   tests      pytest -m gpu tests/gpu
+#   tests      pytest -m gpu tests/gpu (or $TESTS)
 #   kernels    benchmarks/kernels.py
 #   matmul     the matmul GPU tests only
 #   compile    compile $MODEL (default tinyllama-1.1b) with autotune into artifacts/
@@ -25,8 +25,8 @@ export PYTHONUNBUFFERED=1 TRILITE_CACHE=/tmp/trilite-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
-    tests) timeout "${TESTS_LIMIT:-300}" python3 -m pytest -q -rs -m gpu tests/gpu -n 8 --junitxml="$OUT/gpu-junit.xml" \
-        2>&1 | tail -60 | tee "$OUT/tests.log" ;;
+    tests) timeout "${TESTS_LIMIT:-300}" python3 -m pytest -q -rs -m gpu ${TESTS:-tests/gpu} -n 8 \
+        --junitxml="$OUT/gpu-junit.xml" 2>&1 | tail -60 | tee "$OUT/tests.log" ;;
     kernels) python3 benchmarks/kernels.py --out "$OUT/kernels.md" 2>&1 | tail -80 | tee "$OUT/kernels.log" ;;
     matmul) python3 -m pytest -q -m gpu tests/gpu/test_matmul_gpu.py -n 8 2>&1 | tail -30 | tee "$OUT/matmul.log" ;;
     compile)  # MODEL=tinyllama-1.1b by default; autotuned for this GPU
@@ -46,7 +46,7 @@ for step in "$@"; do
         | tee "$OUT/startup.log" ;;
     hf) python3 -m benchmarks.hf_baseline "${MODEL:-tinyllama-1.1b}" > "$OUT/hf.log" 2>&1; grep "tok/s" "$OUT/hf.log" || tail -20 "$OUT/hf.log" ;;
     decode) python3 -m benchmarks.decode "artifacts/${MODEL:-tinyllama-1.1b}" --out "$OUT/decode-${MODEL:-tinyllama-1.1b}.md" \
-        --modes "${MODES:-plain,pdl,async,pdl+async}" ${DECODE_ARGS:-} 2>&1 | tail -60 | tee "$OUT/decode.log" ;;
+        --modes "${MODES:-plain,pdl,async,pdl+async}" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode-${MODEL:-tinyllama-1.1b}.log" ;;
     serveload)
       A="artifacts/${MODEL:-tinyllama-1.1b}"
       python3 -m runtime.cli serve "$A" --port 8011 > "$OUT/serve.log" 2>&1 &

@@ -30,6 +30,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# USE_PDL: 0 off; PDL_EARLY lets the next kernel be scheduled as soon as this one's wait returns, PDL_LATE once
+# each program has read its weights (the values kernels.spec.PDL_TRIGGER picks from).
+PDL_EARLY = tl.constexpr(1)
+PDL_LATE = tl.constexpr(2)
 
 @triton.jit
 def grouped_tile(pid, T, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -255,7 +259,8 @@ def matmul_program(
         # wait's inline asm, so a weight prefetch placed before it would drag activation loads along (seen in
         # the sm_90 PTX; tests/kernels/test_pdl.py checks that no load precedes the wait).
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if USE_PDL == PDL_EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
     if LOOP_M:
         pid_n = tl.program_id(0).to(tl.int64)
         pid_k = tl.program_id(1).to(tl.int64)
@@ -272,6 +277,8 @@ def matmul_program(
                 tl.store(partial_ptr + pid_k * rows_cap * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
                 if USE_RMS:
                     tl.store(sumsq_ptr + (pid_n * SPLIT_K + pid_k) * rows_cap + rows, sumsq, mask=rows < T)
+        if USE_PDL == PDL_LATE:  # the weights are read: the next kernel's programs may take this one's place
+            tl.extra.cuda.gdc_launch_dependents()
         if SPLIT_K > 1:
             # Split-K without a second launch: the last of the SPLIT_K programs of this column block to arrive
             # sums the partials, in split order (deterministic), runs the epilogue and re-arms the semaphore.
@@ -300,5 +307,7 @@ def matmul_program(
         cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc, sumsq = mm_tile(x_ptr, w_ptr, rows, cols, T, stride_x, 0, N, K, K_SPAN,
                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
+        if USE_PDL == PDL_LATE:
+            tl.extra.cuda.gdc_launch_dependents()
         store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out, eps,
                    N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)

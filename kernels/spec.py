@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,9 @@ SEMAPHORES = "semaphores"
 # The constexpr of kernels that support programmatic dependent launch (sm_90): plans set it False; the compiler
 # turns it on for targets that have it and marks those binaries, which the runtime then launches with PDL.
 USE_PDL = "USE_PDL"
+# Where PDL-built kernels let their dependents be scheduled: 1 right after their wait, 2 once their weights are
+# read (kernels/matmul_helpers.py). A build setting (TRILITE_PDL_TRIGGER), part of every binary's cache key.
+PDL_TRIGGER = int(os.environ.get("TRILITE_PDL_TRIGGER", "2"))
 
 TORCH_TO_TRITON = {
     torch.float32: "fp32",
@@ -210,7 +214,7 @@ def run(plan: Plan, tensors: dict[str, torch.Tensor], env: dict[str, int], inter
         else:
             options = {}
             if pdl and USE_PDL in kwargs:
-                kwargs[USE_PDL], options["launch_pdl"] = True, True
+                kwargs[USE_PDL], options["launch_pdl"] = PDL_TRIGGER, True
             launch.kernel[grid](*values, **kwargs, num_warps=launch.num_warps, num_stages=launch.num_stages,
                                 **options)
 

@@ -4,7 +4,7 @@ Each step the scheduler picks (prefill or decode) runs as one ``backend.submit``
 sampled ids are the only thing read back to the host per step. Stop conditions (EOS, stop token ids, stop
 strings, max_tokens) are checked here, on the host.
 
-Asynchronous decode (``async_decode=True``; off by default until its GPU test has run on the cuda backend): the
+Asynchronous decode (``async_decode=True``, the default; tests/gpu/test_async_decode_gpu.py on the GPU): the
 GPU must never wait for the host between steps, so step N+1 is scheduled and enqueued before step N's ids are
 read. A token still in flight is a PENDING placeholder in its sequence; the next decode step takes it on the
 device (the ``feed``: row i reads row feed[i] of step N's samples). Then step N's ids are read (pinned memory, an
@@ -18,6 +18,7 @@ which reads each step's ids before scheduling the next.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def kv_window(graph) -> int:
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer, async_decode: bool = False) -> None:
+    def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer, async_decode: bool = True) -> None:
         """async_decode: enqueue each step before reading the previous one's ids (the module docstring);
         False reads every step's ids before the next is scheduled."""
         self.artifact = artifact
@@ -149,10 +150,13 @@ class Engine:
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces as tokens come (never part of a stop string, never half a character)."""
         request = self._request(prompt, params or SamplingParams())
-        for r in self._run([request]):
-            piece = r.take()
-            if piece:
-                yield piece
+        # Closed explicitly: a consumer that stops early must free the sequence now, not whenever the collector
+        # gets to the suspended inner generator.
+        with contextlib.closing(self._run([request])) as run:
+            for r in run:
+                piece = r.take()
+                if piece:
+                    yield piece
 
     def _params_list(self, params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
         if params is None or isinstance(params, SamplingParams):
@@ -265,7 +269,7 @@ class Engine:
 
 
 def load(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = None, rehash: bool = False,
-         async_decode: bool = False, **backend_kw) -> Engine:
+         async_decode: bool = True, **backend_kw) -> Engine:
     """Load and validate the artifact at ``path`` and make an engine on ``backend`` (auto, torch, cuda, ...).
 
     ``rehash``: read every file for its sha256 even when this machine verified it unchanged before.

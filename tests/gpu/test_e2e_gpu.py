@@ -140,8 +140,8 @@ def test_greedy_matches_transformers_fp32(case):
 
 def _recording(forward, steps: list):
     """``forward`` that also appends (kind, S, a copy of the logits) of every step to ``steps``."""
-    def run(step):
-        out = forward(step)
+    def run(step, feed=None):
+        out = forward(step, feed)
         steps.append((step.kind, step.S, out.clone()))
         return out
     return run
