@@ -57,7 +57,11 @@ class Shape:
         return "rms_norm_linear" if self.name in ("qkv", "gate_up") else "linear"
 
     def meta(self, T: int) -> dict:
-        base = {"K": self.K, "N": self.N, "max_T": T, "max_S": T, "T_bucket": T}
+        """The op's metadata for T rows, with the token bucket the runtime's variant for T has (the smallest of
+        the spec's tune_buckets that holds T): the pack's candidates are those the compiler tries for it."""
+        spec = rnl.SPEC if self.op == "rms_norm_linear" else lin.SPEC
+        bucket = min((b for b in spec.tune_buckets if b >= T), default=T)
+        base = {"K": self.K, "N": self.N, "max_T": T, "max_S": T, "T_bucket": bucket}
         if self.op == "linear":
             return {**base, "has_bias": False, "has_residual": True}
         return {**base, "eps": EPS, "has_bias": False, "act": "silu_mul" if self.name == "gate_up" else None}
