@@ -29,7 +29,7 @@ PHASES = ("preset", "load", "trace", "passes", "configs", "autotune", "compile",
 
 def truncated_preset(name: str, layers: int, fresh: bool) -> tuple[str, float]:
     """The preset with only ``layers`` decoder layers, as an HF directory beside the presets; (path, seconds)."""
-    from compiler.frontends import cache_dir
+    from artifact_format.layout import cache_dir
     from compiler.frontends.presets import PRESETS
     from compiler.frontends.random_model import read_stamp, write_random_model
 
@@ -46,8 +46,8 @@ def truncated_preset(name: str, layers: int, fresh: bool) -> tuple[str, float]:
 
 def compile_one(name: str, layers: int | None, fresh: bool, autotune: bool, reference: bool,
                 targets: tuple[str, ...], dtype: str | None) -> dict[str, float]:
+    from artifact_format.layout import cache_dir
     from compiler.build import build
-    from compiler.frontends import cache_dir
 
     preset_seconds = None
     if layers:

@@ -10,14 +10,14 @@ The new artifact is built in a staging directory next to the target and swapped 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-FORMAT = 1
+from artifact_format.layout import FORMAT, dump_json, sha256_files
+
 # Leftovers of an interrupted compile carry these marks and the compiling process's id, so the next compile
 # can tell its own debris (dead process) from a concurrent compile's (live process) and from a user's folder.
 STAGING_MARK = "trilite-staging"
@@ -28,18 +28,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 class OutputDirError(ValueError):
     pass
-
-
-def dump_json(obj: object) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _listed_files(out: Path) -> set[str] | None:
@@ -130,8 +118,6 @@ def finish(stage: Path, out: Path, manifest: dict, known: dict[str, str] | None 
     The rest are hashed in parallel. ``out`` is checked again just before the swap: a compile takes minutes, and
     a file the user put there meanwhile must survive too.
     """
-    from compiler.fileio import sha256_files
-
     known = known or {}
     paths = {p.relative_to(stage).as_posix(): p for p in stage.rglob("*") if p.is_file()}
     hashed = sha256_files(p for rel, p in paths.items() if rel not in known)

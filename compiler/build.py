@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 import triton
 
+from artifact_format.graph import Graph, Limits
+from artifact_format.layout import dump_json, target_dir
 from compiler import artifact as art
 from compiler.aot import Target, for_target
 from compiler.autotune import autotune_variant, db_section, load_db, save_db
 from compiler.emit import manifest_fields, write_files, write_reference
-from compiler.graph import Graph, Limits
 from compiler.kcache import BinaryCache
 from compiler.lower import VariantSpec, node_variants, sampling_variant
 from compiler.progress import Progress
@@ -140,7 +141,7 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
     plans = {v: v.plan(chosen[v]) for v in variants}
     task = bar.add("compiling kernels", len(targets) * sum(len(p.launches) for p in plans.values()))
     for target in targets:
-        tdir = stage / "kernels" / str(target).replace(":", "-")
+        tdir = stage / target_dir(str(target))
         tdir.mkdir(parents=True)
         binaries: dict[str, dict] = {}
         nodes: list[dict] = []
@@ -174,7 +175,7 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
                               "variants": [entry]})
         index = {"target": str(target), "triton": triton.__version__, "binaries": binaries, "nodes": nodes,
                  "extra": extra}
-        (tdir / "index.json").write_bytes(art.dump_json(index))
+        (tdir / "index.json").write_bytes(dump_json(index))
         counts[str(target)] = len(binaries)
     return counts
 
@@ -272,7 +273,7 @@ def _is_random_preset(source: str) -> bool:
 def read_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every tensor of a lazy mapping, read (and for GGUF dequantised) by threads: torch and numpy copy and
     convert without the GIL, so a big checkpoint comes off the page cache on every core."""
-    from compiler.fileio import workers
+    from artifact_format.layout import workers
 
     names = list(tensors)
     with ThreadPoolExecutor(workers()) as pool:

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 import triton
 
-from compiler import artifact as art
+from artifact_format.graph import Graph, Limits
+from artifact_format.layout import dump_json
 from compiler.aot import Target
-from compiler.graph import Graph, Limits
 
 REFERENCE_TEXT = "The capital of France is"
 
@@ -18,14 +18,14 @@ def write_files(stage: Path, src, graph: Graph, weights: dict, tuning: dict) -> 
     """Write the artifact's files but the manifest; returns {relative path: sha256} of those hashed on the way."""
     import json
 
+    from artifact_format.onnx_io import to_onnx
     from compiler.fileio import save_tensors
-    from compiler.onnx_io import to_onnx
 
     sha = save_tensors(stage / "weights.safetensors", dict(sorted(weights.items())))
     (stage / "graph.onnx").write_bytes(to_onnx(graph).SerializeToString(deterministic=True))
     (stage / "tokenizer.json").write_bytes(src.tokenizer_json)
-    (stage / "tokenizer_config.json").write_bytes(art.dump_json(src.tokenizer_config))
-    (stage / "tuning.json").write_bytes(art.dump_json(json.loads(json.dumps(tuning))))
+    (stage / "tokenizer_config.json").write_bytes(dump_json(src.tokenizer_config))
+    (stage / "tuning.json").write_bytes(dump_json(json.loads(json.dumps(tuning))))
     return {"weights.safetensors": sha}
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,7 +19,8 @@ from typing import TypeVar
 
 import torch
 
-CHUNK = 1 << 26  # 64 MiB: big enough for the GIL to stay released, small enough for hashing to overlap writing
+from artifact_format.layout import HASH_CHUNK as CHUNK
+
 # safetensors' dtype names in the order its writer lays tensors out (descending dtype, then name), so a file
 # written here has the bytes safetensors.torch.save_file would write (tests compare the two).
 _DTYPES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.uint32: "U32",
@@ -30,30 +30,6 @@ _DTYPES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.
 _RANK = {dtype: i for i, dtype in enumerate(_DTYPES)}
 
 T = TypeVar("T")
-
-
-def workers() -> int:
-    return max(1, min(32, os.cpu_count() or 1))
-
-
-def file_sha256(path: Path | str, chunk: int = CHUNK) -> str:
-    """The sha256 of one file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(chunk)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def sha256_files(paths: Iterable[Path | str]) -> dict[Path, str]:
-    """path -> sha256 for every file, hashed in parallel threads (one file per thread; a big file is the floor)."""
-    paths = [Path(p) for p in paths]
-    if len(paths) <= 1:
-        return {p: file_sha256(p) for p in paths}
-    with ThreadPoolExecutor(min(len(paths), workers())) as pool:
-        return dict(zip(paths, pool.map(file_sha256, paths)))
 
 
 def in_order(fn: Callable[[str], T], items: Sequence[str], pool: Executor | None, ahead: int) -> Iterator[T]:

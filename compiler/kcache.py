@@ -10,8 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from artifact_format.layout import cache_dir
 from compiler.aot import Target, cache_key, compile_launch
-from compiler.frontends import cache_dir
 from kernels.spec import Launch
 
 

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from compiler.graph import Graph, Limits, Node
+from artifact_format.graph import Graph, Limits, Node
 from kernels.spec import Config, KernelSpec, Plan
 
 

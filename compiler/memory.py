@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import math
 
-from compiler.graph import DTYPE_BYTES, Dim, Graph, Limits, TensorSpec
-
-ALIGN = 16
+from artifact_format.graph import DTYPE_BYTES, Dim, Graph, Limits, TensorSpec
+from artifact_format.layout import ALIGN
 
 
 def max_rows(dim: Dim, limits: Limits) -> int:
@@ -60,7 +59,7 @@ def liveness(graph: Graph) -> dict[str, tuple[int, int]]:
 def memory_plan(graph: Graph, limits: Limits) -> dict:
     """{"arena_bytes": int, "offsets": {tensor name: byte offset}} for every activation and output tensor.
 
-    In-place aliases (compiler.graph.INPLACE) get their input's offset; tensors that live in the KV cache
+    In-place aliases (artifact_format.graph.INPLACE) get their input's offset; tensors that live in the KV cache
     (kind "cache") have none.
     """
     live = liveness(graph)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from compiler.graph import INPLACE, Dim, Graph, Node, TensorSpec
+from artifact_format.graph import INPLACE, Dim, Graph, Node, TensorSpec
 
 BASIC_OPS = ("add", "mul", "silu", "concat", "qk_norm", "gather")
 

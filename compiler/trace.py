@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from compiler.graph import Graph, Limits
+from artifact_format.graph import Graph, Limits
 from compiler.models import Model, ModelConfig, family_of
 from compiler.ops import Tracer
 

@@ -209,8 +209,8 @@ def run(plan: Plan, tensors: dict[str, torch.Tensor], env: dict[str, int], inter
             continue
         kwargs = dict(launch.constexprs)
         if interpret:
-            with _interpreting():
-                _interpreted(launch.kernel.fn)[grid](*values, **kwargs)
+            with interpreting():
+                interpreted(launch.kernel.fn)[grid](*values, **kwargs)
         else:
             options = {}
             if pdl and USE_PDL in kwargs:
@@ -228,7 +228,8 @@ def alloc_scratch(plan: Plan, device: Any, skip: Sequence[str] = ()) -> dict[str
 _INTERPRETED: dict = {}
 
 
-def _interpreted(fn: Callable) -> Any:
+def interpreted(fn: Callable) -> Any:
+    """The interpreter's twin of a @triton.jit function (made once per function)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     if fn not in _INTERPRETED:
@@ -237,7 +238,7 @@ def _interpreted(fn: Callable) -> Any:
 
 
 @contextlib.contextmanager
-def _interpreting():
+def interpreting():
     """Let a kernel imported without TRITON_INTERPRET run in the interpreter, nested jit calls included.
 
     Triton's own jit helpers (tl.sum, tl.max, tl.cdiv, ...) and ours are JITFunctions that refuse to be
@@ -252,7 +253,7 @@ def _interpreting():
         # afterwards: InterpretedFunction.__call__ never restores, which breaks later compilation.
         scope = _patch_lang(self.fn)
         try:
-            return _interpreted(self.fn).rewrite()(*args, **kwargs)
+            return interpreted(self.fn).rewrite()(*args, **kwargs)
         finally:
             scope.restore()
 

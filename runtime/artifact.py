@@ -18,15 +18,11 @@ from typing import Any
 
 from torch import Tensor
 
-from compiler.artifact import sha256_file as _sha256
-from compiler.frontends import cache_dir
-from compiler.graph import Limits
+from artifact_format.graph import Limits
+from artifact_format.layout import FORMAT, LIMIT_KEYS, REQUIRED_FILES, cache_dir, file_sha256, target_dir
 from runtime.errors import ArtifactError
 from runtime.safetensors_file import HeaderError, check_against, read_header
 
-FORMAT = 1
-REQUIRED_FILES = ("graph.onnx", "weights.safetensors", "tokenizer.json")
-LIMIT_KEYS = ("max_seq_len", "max_batch", "max_num_tokens", "block_size")
 MAX_JSON_BYTES = 256 << 20  # manifest.json and index.json are kilobytes to a few megabytes
 
 
@@ -60,7 +56,7 @@ class _Verified:
         key = str(path.resolve())
         if self.enabled and self.entries.get(key) == [*_stat_key(path), digest]:
             return True
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return False
         self.entries[key] = [*_stat_key(path), digest]
         self.dirty = True
@@ -79,14 +75,9 @@ class _Verified:
             pass  # a read-only home only costs the next start a rehash
 
 
-def target_dir(target: str) -> str:
-    """``cuda:90`` -> ``kernels/cuda-90``."""
-    return "kernels/" + target.replace(":", "-")
-
-
 def max_blocks(limits: Limits) -> int:
-    """Block-table width: blocks of the longest sequence the artifact allows."""
-    return -(-limits.max_seq_len // limits.block_size)
+    """Block-table width: blocks of the longest sequence the artifact allows (Limits.max_blocks)."""
+    return limits.max_blocks
 
 
 @dataclass(frozen=True)
@@ -120,10 +111,10 @@ class Artifact:
 
     @cached_property
     def graph(self) -> Any:
-        """The static graph (compiler.graph.Graph) read from graph.onnx."""
+        """The static graph (artifact_format.graph.Graph) read from graph.onnx."""
         import onnx
 
-        from compiler.onnx_io import from_onnx
+        from artifact_format.onnx_io import from_onnx
 
         try:
             return from_onnx(onnx.load(str(self.path / "graph.onnx")))

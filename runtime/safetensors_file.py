@@ -16,7 +16,7 @@ from pathlib import Path
 MAX_HEADER_BYTES = 100_000_000
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
               "F8_E4M3": 1, "F8_E5M2": 1}
-# graph dtype names (compiler/graph.py) -> safetensors' names
+# graph dtype names (artifact_format/graph.py) -> safetensors' names
 SAFETENSORS_DTYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "i32": "I32", "i64": "I64", "u8": "U8", "i8": "I8"}
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-ALIGN = 16  # bytes: every pointer the kernels see is 16-byte aligned (their divisibility hints assume it)
+from artifact_format.layout import ALIGN
 
 
 def aligned(n: int, align: int = ALIGN) -> int:

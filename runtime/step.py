@@ -46,7 +46,7 @@ class StepInput:
         return self.last_idx.shape[0]
 
     def inputs(self) -> dict[str, Tensor]:
-        """The step inputs by their graph names (compiler.graph.STEP_INPUTS)."""
+        """The step inputs by their graph names (artifact_format.graph.STEP_INPUTS)."""
         return {"ids": self.ids, "positions": self.positions, "slot_mapping": self.slot_mapping,
                 "cu_seqlens_q": self.cu_seqlens_q, "seq_lens": self.seq_lens, "block_tables": self.block_tables,
                 "last_idx": self.last_idx}

@@ -7,7 +7,6 @@ Submodules are imported lazily so that importing this package pulls in neither t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,18 +101,6 @@ def check_config(config: dict, source: str) -> None:
     if config["hidden_size"] % config["num_attention_heads"] and not config.get("head_dim"):
         raise SourceError(f"the config of {source}: hidden_size {config['hidden_size']} is not a multiple of "
                           f"num_attention_heads {config['num_attention_heads']} and no head_dim is given")
-
-
-def cache_dir() -> Path:
-    """Where generated files live: ``$TRILITE_CACHE`` or ``~/.cache/trilite``."""
-    root = os.environ.get("TRILITE_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "trilite"
-
-
-def file_sha256(path: Path) -> str:
-    from compiler.fileio import file_sha256 as sha256
-
-    return sha256(path)
 
 
 def list_presets() -> dict[str, str]:

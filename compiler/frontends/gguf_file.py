@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compiler.frontends import SUPPORTED_ARCHITECTURES, LazyTensors, ModelSource, SourceError, cache_dir, file_sha256
+from artifact_format.layout import cache_dir, file_sha256
+from compiler.frontends import SUPPORTED_ARCHITECTURES, LazyTensors, ModelSource, SourceError
 
 # GGUF general.architecture → (HF architecture, model_type)
 _ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),

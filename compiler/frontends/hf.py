@@ -152,7 +152,7 @@ def files_sha256(root: Path, files: list[Path], progress: bool = False, known: d
 
     Files are hashed in parallel; ``known`` gives digests already taken (while writing them), which are reused.
     """
-    from compiler.fileio import sha256_files
+    from artifact_format.layout import sha256_files
 
     files = sorted(set(files), key=lambda p: p.relative_to(root).as_posix())
     known = known or {}

@@ -12,7 +12,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.frontends import ModelSource, SourceError, cache_dir
+from artifact_format.layout import cache_dir
+from compiler.frontends import ModelSource, SourceError
 from compiler.frontends.random_model import RandomModelSpec, read_stamp, write_random_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

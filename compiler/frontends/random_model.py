@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from artifact_format.layout import workers
 from compiler import fileio
 from compiler.frontends import hf
 
@@ -224,7 +225,7 @@ def _write_shards(spec: RandomModelSpec, paths: list[Path], shards: list[list], 
     def make(name: str) -> torch.Tensor:
         return make_tensor(spec, name, shapes[name], kinds[name], generator)
 
-    n = fileio.workers()
+    n = workers()
     ahead = max(1, n // len(shards))
     with ThreadPoolExecutor(n) as makers, ThreadPoolExecutor(min(len(shards), n)) as writers:
         jobs = [writers.submit(fileio.write_safetensors, path, [(name, dtype, shape) for name, shape, _ in entries],

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from artifact_format.graph import STEP_INPUTS, Limits
 from compiler.frontends import family_of
-from compiler.graph import STEP_INPUTS, Limits
 from compiler.ops import Sym, Tracer
 
 _INPUT_SHAPES = {"ids": ("T",), "positions": ("T",), "slot_mapping": ("T",), "cu_seqlens_q": ("S+1",),

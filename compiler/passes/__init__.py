@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from compiler.graph import GRAPH_OPS, Graph
+from artifact_format.graph import GRAPH_OPS, Graph
 from compiler.passes.fuse import (
     fuse_add_rms_norm,
     fuse_logits,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compiler.graph import Graph, TensorSpec
+from artifact_format.graph import Graph, TensorSpec
 from compiler.passes.rewrite import Edit, make_node, renamed
 
 

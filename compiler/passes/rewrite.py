@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from compiler.graph import Graph, Node, TensorSpec
+from artifact_format.graph import Graph, Node, TensorSpec
 
 
 def make_node(op: str, name: str, inputs: dict[str, str | None], outputs: dict[str, str], **attrs: Any) -> Node:

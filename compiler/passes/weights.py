@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from compiler.graph import Graph, TensorSpec
+from artifact_format.graph import Graph, TensorSpec
 from compiler.ops import node_label
 from compiler.passes.rewrite import Edit, make_node, merged_name, rebuild
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from triton.runtime.jit import KernelInterface
 
-from kernels.spec import _interpreted, _interpreting
+from kernels.spec import interpreted, interpreting
 from runtime.artifact import Artifact
 from runtime.backends.base import Backend, num_kv_blocks, physical_memory
 from runtime.bound import BoundLaunch
@@ -59,8 +59,8 @@ def run_interpreted(launch: BoundLaunch, env: dict[str, int]) -> None:
     constexprs = dict(launch.binary["constexprs"])
     if constexprs.get("USE_PDL"):  # an sm_90 index: the interpreter runs one program at a time, nothing to overlap
         constexprs["USE_PDL"] = False
-    with _interpreting():
-        _interpreted(kernel.fn)[grid](*launch.args(env), **constexprs)
+    with interpreting():
+        interpreted(kernel.fn)[grid](*launch.args(env), **constexprs)
 
 
 class InterpretBackend(Backend):

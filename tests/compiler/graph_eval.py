@@ -14,7 +14,7 @@ import inspect
 import torch
 import transformers
 
-from compiler.graph import Graph, Limits
+from artifact_format.graph import Graph, Limits
 from compiler.trace import trace
 
 TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,

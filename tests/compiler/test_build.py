@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
 
+from artifact_format.onnx_io import from_onnx
 from compiler.build import DEFAULT_TARGETS, build
 from compiler.cli import main
-from compiler.onnx_io import from_onnx
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from artifact_format import layout
 from compiler import fileio
 
 
@@ -49,9 +50,9 @@ def test_parallel_sha256_is_the_plain_sha256(tmp_path):
     for i, size in enumerate((0, 1, 100, (1 << 20) + 7)):
         files.append(tmp_path / f"f{i}")
         files[-1].write_bytes(bytes(range(256)) * (size // 256) + bytes(size % 256))
-    got = fileio.sha256_files(files)
+    got = layout.sha256_files(files)
     assert got == {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-    assert fileio.file_sha256(files[-1], chunk=4096) == got[files[-1]]
+    assert layout.file_sha256(files[-1], chunk=4096) == got[files[-1]]
 
 
 def test_read_tensor_matches_safetensors(tmp_path):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from artifact_format.graph import Limits
 from compiler import ops
-from compiler.graph import Limits
 from compiler.memory import liveness, memory_plan, nbytes
 from compiler.ops import Tracer
 from compiler.passes import optimize

@@ -3,7 +3,7 @@ import json
 import onnx
 import pytest
 
-from compiler.onnx_io import DOMAIN, from_onnx, to_onnx
+from artifact_format.onnx_io import DOMAIN, from_onnx, to_onnx
 from compiler.passes import optimize
 from tests.compiler.graph_eval import traced
 

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
+from artifact_format.graph import GRAPH_OPS
 from compiler import ops
-from compiler.graph import GRAPH_OPS
 from compiler.ops import Tracer
 from compiler.passes import optimize
 from tests.compiler.graph_eval import LIMITS, MODELS, SEQS, evaluate, hf_logits, prefill_feeds, traced

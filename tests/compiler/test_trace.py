@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from artifact_format.graph import STEP_INPUTS, Limits
 from compiler import ops
-from compiler.graph import STEP_INPUTS, Limits
 from compiler.ops import BASIC_OPS, Tracer
 from compiler.trace import rope_table, trace
 from tests.compiler.graph_eval import (

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from artifact_format.layout import target_dir
 from compiler.build import DEFAULT_TARGETS
-from runtime.artifact import load_artifact, target_dir
+from runtime.artifact import load_artifact
 from runtime.engine import Engine, load
 from tests.e2e.conftest import (
     TINY_PRESETS,

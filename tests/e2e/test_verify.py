@@ -15,7 +15,7 @@ import struct
 import pytest
 from click.testing import CliRunner
 
-from compiler.artifact import sha256_file
+from artifact_format.layout import file_sha256 as sha256_file
 from runtime.cli import main
 from tests.e2e.conftest import SMOLLM2, TINY_PRESETS, needs_smollm2, shadow_copy
 

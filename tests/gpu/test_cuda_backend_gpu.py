@@ -40,9 +40,9 @@ def _entry(plan, keys: list[str]) -> dict:
 
 def hand_artifact(dtype: str, targets: list[str] | None = None) -> HandArtifact:
     """embedding -> rms_norm -> logits (final norm + lm_head on last_idx rows), sampling as the extra entry."""
+    from artifact_format.graph import Graph, Limits, Node, TensorSpec
     from compiler.aot import cache_key, compile_launch
     from compiler.build import local_target
-    from compiler.graph import Graph, Limits, Node, TensorSpec
     from kernels import embedding, logits, rms_norm, sampling
 
     target = local_target()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from compiler.artifact import sha256_file
+from artifact_format.layout import file_sha256 as sha256_file
 
 
 def invoke(main, *args, env: dict | None = None, timeout_s: int = 60):

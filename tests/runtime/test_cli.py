@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from compiler.artifact import sha256_file
+from artifact_format.layout import file_sha256 as sha256_file
 from runtime.cli import main
 from runtime.engine import load
 from runtime.sampling import SamplingParams

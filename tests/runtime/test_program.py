@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from compiler.graph import Graph, Node, TensorSpec
+from artifact_format.graph import Graph, Node, TensorSpec
 from runtime.bound import eval_grid
 from runtime.errors import ArtifactError
 from runtime.program import Program

@@ -18,7 +18,7 @@ import json
 import onnx
 from onnx import TensorProto, helper
 
-from compiler.graph import Graph, Node, TensorSpec
+from artifact_format.graph import Graph, Node, TensorSpec
 
 DOMAIN = "ai.trilite"
 DOMAIN_VERSION = 1
