@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,9 @@ from pathlib import Path
 import torch
 import triton
 
+from artifact_format import kernel_index as ki
 from artifact_format.graph import Graph, Limits
+from artifact_format.kernel_index import eval_grid
 from artifact_format.layout import dump_json, target_dir
 from compiler import artifact as art
 from compiler.aot import Target, for_target
@@ -20,7 +23,7 @@ from compiler.emit import manifest_fields, write_files, write_reference
 from compiler.kcache import BinaryCache
 from compiler.lower import VariantSpec, node_variants, sampling_variant
 from compiler.progress import Progress
-from kernels.spec import USE_PDL, Config, Plan, eval_grid
+from kernels.spec import USE_PDL, Config, Plan
 
 DEFAULT_TARGETS = ("cuda:80", "cuda:90", "hip:gfx942")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -125,14 +128,13 @@ def _role_shape(graph: Graph, v: VariantSpec, role: str) -> tuple:
     return graph.tensor(node.input(role) or node.output(role)).shape
 
 
-def index_entry(v: VariantSpec, plan: Plan, keys: list[str]) -> dict:
+def index_variant(v: VariantSpec, plan: Plan, keys: list[str]) -> ki.Variant:
     launches = []
     for launch, key in zip(plan.launches, keys):
-        params = [[name, dict(launch.signature)[name], list(arg)] for name, arg in launch.args]
-        grid = [[list(term) for term in dim] for dim in launch.grid]
+        params = tuple(ki.Param(name, dict(launch.signature)[name], *arg) for name, arg in launch.args)
         eval_grid(launch.grid, {"T": 1, "S": 1, "R": 1})  # a grid the runtime cannot evaluate fails here
-        launches.append({"binary": key, "params": params, "grid": grid})
-    return {"step": v.step, "max_T": v.max_T, "scratch": {r: list(s) for r, s in plan.scratch}, "launches": launches}
+        launches.append(ki.Launch(key, params, tuple(tuple(tuple(term) for term in dim) for dim in launch.grid)))
+    return ki.Variant(v.step, v.max_T, {r: tuple(s) for r, s in plan.scratch}, tuple(launches))
 
 
 def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Target], stage: Path, cache: BinaryCache,
@@ -143,9 +145,9 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
     for target in targets:
         tdir = stage / target_dir(str(target))
         tdir.mkdir(parents=True)
-        binaries: dict[str, dict] = {}
-        nodes: list[dict] = []
-        extra: dict = {}
+        binaries: dict[str, ki.Binary] = {}
+        nodes: list[ki.Entry] = []
+        sampling: list[ki.Variant] = []
         for v in variants:
             keys = []
             for launch in plans[v].launches:
@@ -158,24 +160,23 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
                                      f"try another --target, or rerun with --debug for the details") from e
                 if key not in binaries:
                     (tdir / f"{key}.{target.binary_ext}").write_bytes(binary)
-                    binaries[key] = {**md, "file": f"{key}.{target.binary_ext}", "source_hash": launch.kernel.cache_key,
-                                     "config": chosen[v].to_json(), "module": launch.kernel.fn.__module__,
-                                     "kernel": launch.kernel.fn.__name__, "constexprs": dict(launch.constexprs),
-                                     "pdl": bool(dict(launch.constexprs).get(USE_PDL, False))}
+                    binaries[key] = ki.Binary(
+                        file=f"{key}.{target.binary_ext}", source_hash=launch.kernel.cache_key,
+                        config=chosen[v].to_json(), module=launch.kernel.fn.__module__,
+                        kernel=launch.kernel.fn.__name__, constexprs=dict(launch.constexprs),
+                        pdl=bool(dict(launch.constexprs).get(USE_PDL, False)), **md)
                 keys.append(key)
                 bar.advance(task)
-            entry = index_entry(v, plans[v], keys)
+            variant = index_variant(v, plans[v], keys)
             if v.op == "sampling":
-                sampling = extra.setdefault("sampling", {"node": "sampling", "op": "sampling", "variants": []})
-                sampling["variants"].append(entry)
-            elif nodes and nodes[-1]["node"] == v.node:
-                nodes[-1]["variants"].append(entry)
+                sampling.append(variant)
+            elif nodes and nodes[-1].node == v.node:
+                nodes[-1] = dataclasses.replace(nodes[-1], variants=(*nodes[-1].variants, variant))
             else:
-                nodes.append({"node": v.node, "op": v.op if not v.op.startswith("attention") else "attention",
-                              "variants": [entry]})
-        index = {"target": str(target), "triton": triton.__version__, "binaries": binaries, "nodes": nodes,
-                 "extra": extra}
-        (tdir / "index.json").write_bytes(dump_json(index))
+                nodes.append(ki.Entry(v.node, v.op if not v.op.startswith("attention") else "attention", (variant,)))
+        extra = {"sampling": ki.Entry("sampling", "sampling", tuple(sampling))} if sampling else {}
+        index = ki.KernelIndex(str(target), triton.__version__, binaries, tuple(nodes), extra)
+        (tdir / "index.json").write_bytes(dump_json(index.to_json()))
         counts[str(target)] = len(binaries)
     return counts
 

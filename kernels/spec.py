@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from artifact_format.kernel_index import eval_grid
+
 # Step symbols a grid or a scalar argument may depend on; they change from step to step.
 #   T: tokens in the step (rows of every activation), S: sequences in the step,
 #   R: rows of logits wanted (S when generating; every token of a chunk for full-prompt logits).
@@ -83,14 +85,6 @@ GridDim = tuple[GridTerm, ...]
 
 def grid_dim(*terms: GridTerm | int) -> GridDim:
     return tuple((None, 1, t) if isinstance(t, int) else t for t in terms)
-
-
-def eval_grid(grid: Sequence[GridDim], env: dict[str, int]) -> tuple[int, ...]:
-    def term(t: GridTerm) -> int:
-        sym, div, mul = t
-        return mul if sym is None else -(-env[sym] // div) * mul
-
-    return tuple(sum(term(t) for t in dim) for dim in grid)
 
 
 # What a runtime parameter is bound to:

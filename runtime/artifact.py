@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from artifact_format.graph import Limits
+from artifact_format.kernel_index import IndexFormatError, KernelIndex
 from artifact_format.layout import FORMAT, LIMIT_KEYS, REQUIRED_FILES, cache_dir, file_sha256, target_dir
 from runtime.errors import ArtifactError
 from runtime.safetensors_file import HeaderError, check_against, read_header
@@ -144,17 +145,18 @@ class Artifact:
             raise ArtifactError(f"weights.safetensors in {self.path} {why}: {self.rebuild_hint}")
         return load_file(str(self.path / "weights.safetensors"), device=device)
 
-    def kernel_index(self, target: str) -> dict:
-        """kernels/TARGET/index.json of a target the artifact was compiled for."""
+    def kernel_index(self, target: str) -> KernelIndex:
+        """kernels/TARGET/index.json of a target the artifact was compiled for, checked."""
         if target not in self.targets:
             raise ArtifactError(f"artifact {self.name} has kernels for {', '.join(self.targets)}, not {target}: "
                                 f"recompile it with --target {target}")
         rel = f"{target_dir(target)}/index.json"
-        index = _read_json(self.path / rel, rel, self.rebuild_hint)
-        if not isinstance(index.get("binaries"), dict) or not isinstance(index.get("nodes"), list):
-            raise ArtifactError(f"{rel} in {self.path} has no binaries or nodes: {self.rebuild_hint}")
-        for b in index["binaries"].values():
-            if not isinstance(b, dict) or self.file(f"{target_dir(target)}/{b.get('file')}") is None:
+        try:
+            index = KernelIndex.from_json(_read_json(self.path / rel, rel, self.rebuild_hint))
+        except IndexFormatError as e:
+            raise ArtifactError(f"{rel} in {self.path} is malformed ({e}): {self.rebuild_hint}") from None
+        for b in index.binaries.values():
+            if self.file(f"{target_dir(target)}/{b.file}") is None:
                 raise ArtifactError(f"{rel} in {self.path} names a binary the manifest does not list: "
                                     f"{self.rebuild_hint}")
         return index
@@ -276,9 +278,9 @@ def describe(artifact: Artifact) -> dict:
     kernels = {}
     for target in artifact.targets:
         index = artifact.kernel_index(target)
-        files = {b["file"] for b in index["binaries"].values()}
+        files = {b.file for b in index.binaries.values()}
         size = sum((artifact.path / target_dir(target) / f).stat().st_size for f in files)
-        launches = sum(len(v["launches"]) for n in index["nodes"] for v in n["variants"])
+        launches = sum(len(v.launches) for n in index.nodes for v in n.variants)
         kernels[target] = {"binaries": len(files), "bytes": size, "launch sites": launches}
     header = artifact.safetensors_header("weights.safetensors")
     numel = sum(math.prod(t["shape"]) for t in header.values())

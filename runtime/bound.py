@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
+from artifact_format.kernel_index import Binary, eval_grid
 from runtime.errors import ArtifactError
 
 
@@ -29,8 +30,8 @@ class BoundLaunch:
 
     uid: int
     node: str
-    key: str  # binary key in index["binaries"]
-    binary: dict  # that entry: file, name, num_warps, shared, scratch sizes, module, kernel, constexprs
+    key: str  # binary key in KernelIndex.binaries
+    binary: Binary
     params: tuple[BoundParam, ...]
     grid: tuple  # dims, each a list of [sym | None, div, mul] terms
     global_scratch: Tensor | None = None
@@ -38,7 +39,8 @@ class BoundLaunch:
 
     def grid_for(self, env: dict[str, int]) -> tuple[int, int, int]:
         """The launch grid for a step's symbols, padded to three dimensions."""
-        return eval_grid(self.grid, env)
+        dims = eval_grid(self.grid, env)
+        return dims + (1,) * (3 - len(dims))
 
     def args(self, env: dict[str, int]) -> list:
         """Parameter values in order: tensors for pointers, numbers for scalars (symbols from ``env``)."""
@@ -67,9 +69,3 @@ class BoundNode:
                 return v
         raise ArtifactError(f"node {self.name} has no kernel variant for a {kind} step of {T} tokens: "
                             f"rebuild the artifact")
-
-
-def eval_grid(grid: Any, env: dict[str, int]) -> tuple[int, int, int]:
-    """Grid dims as index.json writes them (sums of [sym | None, div, mul] = ceil(sym / div) * mul) for ``env``."""
-    dims = [sum(mul if sym is None else -(-env[sym] // div) * mul for sym, div, mul in dim) for dim in grid]
-    return tuple(dims + [1] * (3 - len(dims)))

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from runtime.bound import BoundLaunch, BoundNode, BoundParam, BoundVariant, eval_grid
+from artifact_format.kernel_index import Entry, KernelIndex, Variant, eval_grid
+from runtime.bound import BoundLaunch, BoundNode, BoundParam, BoundVariant
 from runtime.errors import ArtifactError
 from runtime.staging import ALIGN, Staged, aligned
 from runtime.step import StepInput
@@ -42,7 +43,7 @@ class Program:
     backend knows how many KV blocks fit; launches are bound then.
     """
 
-    def __init__(self, artifact: Any, index: dict, device: torch.device, weights: dict[str, Tensor]):
+    def __init__(self, artifact: Any, index: KernelIndex, device: torch.device, weights: dict[str, Tensor]):
         self.graph = artifact.graph
         self.index = index
         self.device = torch.device(device)
@@ -120,26 +121,26 @@ class Program:
         self.num_blocks = num_blocks
         self.caches = {t.name: torch.zeros(self._shape(t.shape, num_blocks), dtype=DTYPES[t.dtype],
                                            device=self.device) for t in self.graph.sources("cache")}
-        entries = list(self.index["nodes"]) + list(self.index.get("extra", {}).values())
-        self.scratch = torch.empty(max([self._scratch_bytes(v) for e in entries for v in e["variants"]] + [ALIGN]),
+        entries = self.index.entries()
+        self.scratch = torch.empty(max([self._scratch_bytes(v) for e in entries for v in e.variants] + [ALIGN]),
                                    dtype=torch.uint8, device=self.device)
-        self.semaphores = torch.zeros(max([n for e in entries for v in e["variants"]
-                                           for r, (n, _) in v.get("scratch", {}).items() if r == SEMAPHORES] + [1]),
+        self.semaphores = torch.zeros(max([n for e in entries for v in e.variants
+                                           for r, (n, _) in v.scratch.items() if r == SEMAPHORES] + [1]),
                                       dtype=torch.int32, device=self.device)
         self._global_scratch = self._kernel_scratch(entries)
         by_name = {n.name: n for n in self.graph.nodes}
         nodes = []
-        for entry in self.index["nodes"]:
-            node = by_name.get(entry["node"])
+        for entry in self.index.nodes:
+            node = by_name.get(entry.node)
             if node is None:
-                raise ArtifactError(f"index.json names node {entry['node']}, which the graph lacks: "
+                raise ArtifactError(f"index.json names node {entry.node}, which the graph lacks: "
                                     f"rebuild the artifact")
             roles = {role: self._tensor(name) for role, name in (*node.inputs, *node.outputs)}
             nodes.append(self._bind(entry, roles))
         if [n.name for n in nodes] != [n.name for n in self.graph.nodes]:
             raise ArtifactError("index.json does not list the graph's nodes in order: rebuild the artifact")
         self.nodes = tuple(nodes)
-        for name, entry in self.index.get("extra", {}).items():
+        for name, entry in self.index.extra.items():
             buffers = self._extra_buffers(name, entry)
             self.extra_buffers[name] = buffers
             self.extras[name] = self._bind(entry, {"logits": self._logits, **buffers})
@@ -157,81 +158,76 @@ class Program:
         return self.views[name]
 
     @staticmethod
-    def _scratch_layout(variant: dict) -> dict[str, tuple[int, int, str]]:
+    def _scratch_layout(variant: Variant) -> dict[str, tuple[int, int, str]]:
         layout, off = {}, 0
-        for role, (numel, dt) in sorted(variant.get("scratch", {}).items()):
+        for role, (numel, dt) in sorted(variant.scratch.items()):
             if role == SEMAPHORES:
                 continue
             layout[role] = (off, numel, dt)
             off = aligned(off + numel * DTYPES[dt].itemsize, SCRATCH_ALIGN)
         return layout
 
-    def _scratch_bytes(self, variant: dict) -> int:
+    def _scratch_bytes(self, variant: Variant) -> int:
         return max([o + n * DTYPES[dt].itemsize for o, n, dt in self._scratch_layout(variant).values()] + [0])
 
-    def _kernel_scratch(self, entries: list[dict]) -> dict[str, Tensor | None]:
+    def _kernel_scratch(self, entries: list[Entry]) -> dict[str, Tensor | None]:
         """Triton's global/profile scratch: ``size`` bytes per program of the largest grid, shared by launches."""
         need = {"global": 0, "profile": 0}
         for e in entries:
-            for v in e["variants"]:
-                for launch in v["launches"]:
-                    b = self.index["binaries"][launch["binary"]]
-                    programs = math.prod(eval_grid(launch["grid"], self._max))
+            for v in e.variants:
+                for launch in v.launches:
+                    b = self.index.binaries[launch.binary]
+                    programs = math.prod(eval_grid(launch.grid, self._max))
                     for kind in need:
-                        size = b.get(f"{kind}_scratch_size", 0)
+                        size = getattr(b, f"{kind}_scratch_size")
                         if size:
-                            align = b.get(f"{kind}_scratch_align", 1)
-                            need[kind] = max(need[kind], aligned(programs * b.get("num_ctas", 1) * size, align))
+                            align = getattr(b, f"{kind}_scratch_align")
+                            need[kind] = max(need[kind], aligned(programs * b.num_ctas * size, align))
         return {k: torch.empty(n, dtype=torch.uint8, device=self.device) if n else None for k, n in need.items()}
 
-    def _extra_buffers(self, name: str, entry: dict) -> dict[str, Tensor]:
+    def _extra_buffers(self, name: str, entry: Entry) -> dict[str, Tensor]:
         """Per-row buffers ([max_batch]) of an extra entry (sampling), typed by the pointer parameters.
 
         Inputs are staged (one upload for all of them); the output role "out" is a buffer of its own.
         """
         specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        for v in entry["variants"]:
-            scratch = set(v.get("scratch", {}))
-            for launch in v["launches"]:
-                for _, ty, (kind, role) in launch["params"]:
-                    if kind == "tensor" and role != "logits" and role not in scratch:
-                        specs.setdefault(role, ((self.max_batch,), DTYPES[ty[1:]]))
+        for v in entry.variants:
+            for launch in v.launches:
+                for p in launch.params:
+                    if p.kind == "tensor" and p.value != "logits" and p.value not in v.scratch:
+                        specs.setdefault(p.value, ((self.max_batch,), DTYPES[p.type[1:]]))
         out = {r: torch.zeros(s, dtype=dt, device=self.device) for r, (s, dt) in specs.items() if r == "out"}
         if name == "sampling" and out.get("out", self.token_pool).dtype == torch.int32:
             out["out"] = self.token_pool[:self.max_batch]
         self._extra_staged[name] = Staged({r: v for r, v in specs.items() if r != "out"}, self.device)
         return {**self._extra_staged[name].views, **out}
 
-    def _bind(self, entry: dict, roles: dict[str, Tensor]) -> BoundNode:
+    def _bind(self, entry: Entry, roles: dict[str, Tensor]) -> BoundNode:
         variants = []
-        for v in entry["variants"]:
+        for v in entry.variants:
             scratch = {role: self.scratch[o:o + n * DTYPES[dt].itemsize].view(DTYPES[dt])
                        for role, (o, n, dt) in self._scratch_layout(v).items()}
-            if SEMAPHORES in v.get("scratch", {}):
-                if v["scratch"][SEMAPHORES][1] != "i32":
-                    raise ArtifactError(f"node {entry['node']}: semaphores must be i32: rebuild the artifact")
+            if SEMAPHORES in v.scratch:
+                if v.scratch[SEMAPHORES][1] != "i32":
+                    raise ArtifactError(f"node {entry.node}: semaphores must be i32: rebuild the artifact")
                 scratch[SEMAPHORES] = self.semaphores
             tensors = {**roles, **scratch}
             launches = []
-            for launch in v["launches"]:
-                binary = self.index["binaries"].get(launch["binary"])
-                if binary is None:
-                    raise ArtifactError(f"index.json lacks binary {launch['binary']}: rebuild the artifact")
-                params = tuple(self._param(entry["node"], name, ty, arg, tensors)
-                               for name, ty, arg in launch["params"])
-                grid = tuple(tuple(tuple(term) for term in dim) for dim in launch["grid"])
-                scratch_of = {k: self._global_scratch[k] if binary.get(f"{k}_scratch_size") else None
+            for launch in v.launches:
+                binary = self.index.binaries[launch.binary]  # KernelIndex.from_json checked it is listed
+                params = tuple(self._param(entry.node, p.name, p.type, p.kind, p.value, tensors)
+                               for p in launch.params)
+                scratch_of = {k: self._global_scratch[k] if getattr(binary, f"{k}_scratch_size") else None
                               for k in ("global", "profile")}
-                bound = BoundLaunch(len(self._launches), entry["node"], launch["binary"], binary, params, grid,
+                bound = BoundLaunch(len(self._launches), entry.node, launch.binary, binary, params, launch.grid,
                                     scratch_of["global"], scratch_of["profile"])
                 self._launches.append(bound)
                 launches.append(bound)
-            variants.append(BoundVariant(v["step"], v["max_T"], tuple(launches)))
-        return BoundNode(entry["node"], entry["op"], tuple(variants))
+            variants.append(BoundVariant(v.step, v.max_T, tuple(launches)))
+        return BoundNode(entry.node, entry.op, tuple(variants))
 
     @staticmethod
-    def _param(node: str, name: str, ty: str, arg: list, tensors: dict[str, Tensor]) -> BoundParam:
-        kind, value = arg
+    def _param(node: str, name: str, ty: str, kind: str, value: Any, tensors: dict[str, Tensor]) -> BoundParam:
         if kind == "tensor":
             if value not in tensors:
                 raise ArtifactError(f"node {node}: parameter {name} is bound to role {value!r}, which the node "

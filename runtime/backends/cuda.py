@@ -75,13 +75,13 @@ class CudaBackend(Backend):
         self.driver = Driver(self.api, self.device.index)
         if pdl is None:
             pdl = os.environ.get("TRILITE_PDL", "0") == "1"
-        for b in index["binaries"].values():
-            if b.get("num_ctas", 1) != 1:
-                raise ArtifactError(f"kernel {b['name']} uses thread-block clusters (num_ctas={b['num_ctas']}), "
+        for b in index.binaries.values():
+            if b.num_ctas != 1:
+                raise ArtifactError(f"kernel {b.name} uses thread-block clusters (num_ctas={b.num_ctas}), "
                                     f"which this runtime does not launch: rebuild the artifact with num_ctas=1")
-        kernels = {key: self.driver.load(artifact.binary(self.target, b["file"]), b["name"], b["num_warps"],
-                                         b["shared"], b.get("warp_size", 32), pdl and bool(b.get("pdl", False)))
-                   for key, b in index["binaries"].items()}
+        kernels = {key: self.driver.load(artifact.binary(self.target, b.file), b.name, b.num_warps, b.shared,
+                                         b.warp_size, pdl and b.pdl)
+                   for key, b in index.binaries.items()}
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, int(free * KV_FRACTION), total,

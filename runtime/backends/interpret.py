@@ -55,8 +55,8 @@ def run_interpreted(launch: BoundLaunch, env: dict[str, int]) -> None:
     grid = launch.grid_for(env)
     if math.prod(grid) == 0:
         return
-    kernel = kernel_of(launch.binary["module"], launch.binary["kernel"])
-    constexprs = dict(launch.binary["constexprs"])
+    kernel = kernel_of(launch.binary.module, launch.binary.kernel)
+    constexprs = dict(launch.binary.constexprs)
     if constexprs.get("USE_PDL"):  # an sm_90 index: the interpreter runs one program at a time, nothing to overlap
         constexprs["USE_PDL"] = False
     with interpreting():
@@ -74,8 +74,8 @@ class InterpretBackend(Backend):
         self.device = torch.device("cpu")
         self.target = target or artifact.targets[0]
         index = artifact.kernel_index(self.target)
-        for b in index["binaries"].values():  # every kernel resolved (and refused) before any work
-            kernel_of(b.get("module"), b.get("kernel"))
+        for b in index.binaries.values():  # every kernel resolved (and refused) before any work
+            kernel_of(b.module, b.kernel)
         weights = artifact.weights()
         self.program = Program(artifact, index, self.device, weights)
         self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, physical_memory() // 8,

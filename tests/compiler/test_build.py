@@ -4,6 +4,8 @@ import json
 
 import onnx
 import pytest
+
+from artifact_format.kernel_index import KernelIndex
 from click.testing import CliRunner
 from safetensors import safe_open
 
@@ -61,6 +63,7 @@ def test_binaries_for_every_target(artifact, target, magic):
     assert attention and all({v["step"] for v in n["variants"]} == {"decode", "prefill"} for n in attention)
     assert report.kernels[index["target"]] == len(index["binaries"])
     assert manifest["files"][f"kernels/{target}/index.json"]
+    assert KernelIndex.from_json(index).to_json() == index  # the typed contract reads back exactly what was written
 
 
 def test_same_inputs_same_bytes_and_cache(artifact, tmp_path):

@@ -114,11 +114,11 @@ def test_artifact_has_binaries_for_every_default_target(case):
     assert artifact.manifest["model"]["architecture"] == case.config["architectures"][0]
     for target in DEFAULT_TARGETS:
         index = artifact.kernel_index(target)
-        launches = [launch for node in index["nodes"] for v in node["variants"] for launch in v["launches"]]
-        assert launches and {launch["binary"] for launch in launches} <= set(index["binaries"])
-        for binary in index["binaries"].values():
-            data = (case.path / target_dir(target) / binary["file"]).read_bytes()
-            assert data[:4] == MAGIC[target.split(":")[0]], (target, binary["file"])
+        launches = [launch for node in index.nodes for v in node.variants for launch in v.launches]
+        assert launches and {launch.binary for launch in launches} <= set(index.binaries)
+        for binary in index.binaries.values():
+            data = (case.path / target_dir(target) / binary.file).read_bytes()
+            assert data[:4] == MAGIC[target.split(":")[0]], (target, binary.file)
     weights = artifact.weights()
     if case.name == "tiny-qwen2":
         assert any(name.endswith("bias") for name in weights), sorted(weights)

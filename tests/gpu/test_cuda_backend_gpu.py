@@ -268,7 +268,7 @@ def test_pdl_binaries_are_marked_and_launch_identically_with_and_without_pdl(tmp
     artifact = _build(tmp_path_factory, "bf16")
     major = torch.cuda.get_device_capability()[0]
     index = artifact.kernel_index(f"cuda:{major}{torch.cuda.get_device_capability()[1]}")
-    marked = {b["kernel"] for b in index["binaries"].values() if b.get("pdl")}
+    marked = {b.kernel for b in index.binaries.values() if b.pdl}
     if major < 9:
         assert not marked
         pytest.skip("programmatic dependent launch needs sm_90")

@@ -30,8 +30,9 @@ def _bind(launch, tensors: dict, env: dict) -> tuple[list[str], list]:
 
 def _run_plan(driver, plan, tensors: dict, env: dict) -> list:
     """Compile and launch every launch of ``plan`` through the driver; returns (kernel, params, grid) per launch."""
+    from artifact_format.kernel_index import eval_grid
     from compiler.aot import compile_launch
-    from kernels.spec import DTYPE_NAMES, eval_grid
+    from kernels.spec import DTYPE_NAMES
     from runtime.driver import ParamArray
 
     some = next(iter(tensors.values()))

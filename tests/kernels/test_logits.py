@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from artifact_format.kernel_index import eval_grid
 from kernels.logits import SPEC, logits, reference
-from kernels.spec import Config, eval_grid
+from kernels.spec import Config
 
 EPS = 1e-5
 # (T, D, V, R): rows taken from a larger x in shuffled order; D = 576 (SmolLM2) and 100 (no power of two, no

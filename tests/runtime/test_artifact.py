@@ -34,8 +34,8 @@ def test_a_good_artifact_loads(built):
     weights = a.weights()
     assert {t.name for t in a.graph.by_kind("weight")} <= set(weights)
     index = a.kernel_index("cuda:90")
-    some = next(iter(index["binaries"].values()))
-    assert a.binary("cuda:90", some["file"])[:4] == b"\x7fELF"  # a cubin is an ELF image
+    some = next(iter(index.binaries.values()))
+    assert a.binary("cuda:90", some.file)[:4] == b"\x7fELF"  # a cubin is an ELF image
     ids, logits = a.reference()
     assert logits.shape == (len(ids), a.graph.get_meta("vocab_size"))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from artifact_format.graph import Graph, Node, TensorSpec
-from runtime.bound import eval_grid
+from artifact_format.kernel_index import KernelIndex, eval_grid
 from runtime.errors import ArtifactError
 from runtime.program import Program
 from runtime.step import Chunk, make_step
@@ -108,7 +108,7 @@ def _artifact(graph: Graph | None = None) -> SimpleNamespace:
 def _program(num_blocks: int = 5, index: dict | None = None, weights: dict | None = None) -> Program:
     g = torch.Generator().manual_seed(0)
     w = weights if weights is not None else {"w": 1 + 0.1 * torch.randn(D, generator=g)}
-    p = Program(_artifact(), index or _index(), torch.device("cpu"), w)
+    p = Program(_artifact(), KernelIndex.from_json(index or _index()), torch.device("cpu"), w)
     p.allocate_kv(num_blocks)
     return p
 
@@ -232,8 +232,8 @@ def test_variant_choice_follows_step_kind_and_token_count():
 
 
 def test_grid_evaluation():
-    assert eval_grid([[["T", 1, 1]], [[None, 1, 3]]], {"T": 5}) == (5, 3, 1)
-    assert eval_grid([[["S", 4, 2], [None, 1, 1]]], {"S": 5}) == (5, 1, 1)
+    assert eval_grid([[["T", 1, 1]], [[None, 1, 3]]], {"T": 5}) == (5, 3)
+    assert eval_grid([[["S", 4, 2], [None, 1, 1]]], {"S": 5}) == (5,)
     assert eval_grid([[["T", 16, 1]], [["S", 1, 2]], [[None, 1, 7]]], {"T": 33, "S": 3}) == (3, 6, 7)
 
 
