@@ -4,11 +4,10 @@ import json
 
 import onnx
 import pytest
-
-from artifact_format.kernel_index import KernelIndex
 from click.testing import CliRunner
 from safetensors import safe_open
 
+from artifact_format.kernel_index import KernelIndex
 from artifact_format.onnx_io import from_onnx
 from compiler.build import DEFAULT_TARGETS, build
 from compiler.cli import main
