@@ -21,18 +21,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
 
 from runtime.engine import Engine
 from runtime.kv_cache import blocks_for
-from runtime.pipeline import Done, HostLogits, Request
+from runtime.pipeline import Done, Request
 from runtime.serving.metrics import Metrics
 from runtime.serving.protocol import ApiError, Generation
-from runtime.serving.scoring import TokenLogprob, apply_penalties, prompt_logprobs, token_logprobs
+from runtime.serving.scoring import ServeLogits, TokenLogprob, prompt_logprobs, token_logprobs
 
 log = logging.getLogger("trilite.serve")
 
@@ -86,28 +82,6 @@ class _Choice:
     first: float | None = None  # when its first token came
 
 
-class _ServeLogits(HostLogits):
-    """The engine's host-side logits processing, plus the model's own log-probabilities (taken before penalties
-    change the logits, and before sampling may reuse them) and OpenAI's presence / frequency penalties."""
-
-    def __init__(self, gen_of: Callable[[Request], Generation]) -> None:
-        self.gen_of = gen_of
-
-    def needs(self, r: Request) -> bool:
-        g = self.gen_of(r)
-        return super().needs(r) or g.logprobs is not None or bool(g.presence_penalty or g.frequency_penalty)
-
-    def apply(self, logits: Tensor, reqs: list[Request]) -> tuple[Tensor, Tensor | None]:
-        """-> (logits to sample from, log_softmax [R, V] of the raw logits when a row wants logprobs, else None)."""
-        gens = [self.gen_of(r) for r in reqs]
-        lp = torch.log_softmax(logits.float(), dim=-1) if any(g.logprobs is not None for g in gens) else None
-        logits, _ = super().apply(logits, reqs)
-        if any(g.presence_penalty or g.frequency_penalty for g in gens):
-            logits = apply_penalties(logits, [r.seq.generated for r in reqs], [g.presence_penalty for g in gens],
-                                     [g.frequency_penalty for g in gens])
-        return logits, lp
-
-
 class EngineLoop:
     def __init__(self, engine: Engine, metrics: Metrics, max_queue: int) -> None:
         self.engine = engine
@@ -121,7 +95,8 @@ class EngineLoop:
         self._pending_choices = 0  # kept as a count: handlers read it while this thread changes _pending
         self._choices: dict[Handle, list[_Choice]] = {}
         self._by_seq: dict[object, _Choice] = {}
-        self._host = _ServeLogits(lambda r: self._by_seq[r.seq].handle.gen)
+        self._num_host = 0  # choices in _by_seq that need host-side logits: while any live, no step runs ahead
+        self._host = ServeLogits(lambda r: self._by_seq[r.seq].handle.gen)
         self._pipe = engine.pipeline(self._host)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -247,6 +222,7 @@ class EngineLoop:
         self._choices[handle] = choices
         for c in choices:
             self._by_seq[c.req.seq] = c
+            self._num_host += self._host.needs(c.req)
             self.engine.scheduler.add(c.req.seq)
 
     def _abort(self, handle: Handle) -> None:
@@ -255,11 +231,12 @@ class EngineLoop:
             self._pending_choices -= handle.gen.num_choices
         for c in self._choices.pop(handle, []):
             self._pipe.abort(c.req)  # blocks freed now; a token of it in the step in flight is dropped
-            self._by_seq.pop(c.req.seq, None)
+            if c.req.seq in self._by_seq:
+                self._forget(c)
 
     def _step(self) -> None:
         """One turn of the pipeline: enqueue the next step, then hand out the tokens of the one before it."""
-        ahead = self.engine.async_decode and not any(self._host.needs(c.req) for c in self._by_seq.values())
+        ahead = self.engine.async_decode and self._num_host == 0
         turn = self._pipe.advance(lambda seq: self._by_seq[seq].req, ahead)
         if turn is not None and turn.done is not None:
             self._emit(turn.done)
@@ -290,10 +267,14 @@ class EngineLoop:
         n = c.req.seq.num_generated
         if n > 1:
             self.metrics.tpot.observe((now - c.first) / (n - 1))
-        del self._by_seq[c.req.seq]
+        self._forget(c)
         # the last of its choices to be handed out: choices that end in one step all have finish reasons by now
         if all(o.req.seq not in self._by_seq for o in self._choices[c.handle]):
             del self._choices[c.handle]
+
+    def _forget(self, c: _Choice) -> None:
+        self._num_host -= self._host.needs(c.req)  # before it leaves _by_seq, where needs() finds its Generation
+        del self._by_seq[c.req.seq]
 
     def _record_batch(self, kind: str, size: int) -> None:
         self.metrics.steps.labels(kind).inc()
