@@ -186,7 +186,9 @@ class Pipeline:
         # six tiny host-to-device copies per decode step. Offsets count the tokens still in flight too.
         inputs = sampling_inputs([r.params for r in reqs], [r.seed for r in reqs], [r.seq.num_generated for r in reqs])
         scores = None
-        if any(self.host.needs(r) for r in reqs):  # never with a step in flight (advance)
+        if any(self.host.needs(r) for r in reqs):
+            if prev is not None:  # the caller passes ahead=False while such a request lives
+                raise RuntimeError("a step that needs host-side logits was scheduled with a step in flight")
             logits, scores = self.host.apply(self.backend.forward(step), reqs)
             ids = PendingIds(self.backend.sample(logits, **inputs))
         else:

@@ -160,6 +160,13 @@ def test_async_loop_equals_generate_and_runs_steps_ahead(engine):
     # The loop ran ahead: nearly every step was enqueued before the previous one's ids were read, fed on the device.
     assert len(trace.submits()) > 10 and trace.ahead() >= len(trace.submits()) - 4, trace.events
     assert trace.fed > 10
+    # TTFT once per request, TPOT once per choice of more than one token, each step counted once
+    sample = loop.metrics.registry.get_sample_value
+    assert sample("trilite_time_to_first_token_seconds_count") == len(first + later)
+    assert sample("trilite_time_per_output_token_seconds_count") == sum(len(ids) > 1 for choices in expected
+                                                                           for ids, *_ in choices)
+    steps = sum(sample("trilite_engine_steps_total", {"kind": k}) for k in ("prefill", "decode"))
+    assert steps == len(trace.submits())
     sync, sync_trace, _ = _serve(engine, first, later, async_decode=False)
     assert sync == results and sync_trace.ahead() == 0
 
