@@ -82,15 +82,17 @@ def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: f
 @click.option("--max-queue", type=int, default=256, show_default=True,
               help="sequences that may wait for a place in the batch; more get 503 at once")
 @click.option("--served-model-name", default=None, help="the model name clients send (default: the artifact's folder)")
+@click.option("--async-decode/--no-async-decode", default=True, show_default=True,
+              help="enqueue each step before reading the previous one's tokens (off: read every step first)")
 @_backend
 @_kv
 def serve(artifact: Path, host: str, port: int, api_key: str | None, max_queue: int, served_model_name: str | None,
-          backend: str, kv_cache_gb: float | None) -> None:
+          async_decode: bool, backend: str, kv_cache_gb: float | None) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (chat and text completions, streaming)."""
     from runtime.serving.server import serve as run_server
 
     run_server(artifact, host=host, port=port, api_key=api_key, backend=backend, kv_cache_gb=kv_cache_gb,
-               max_queue=max_queue, served_model_name=served_model_name)
+               max_queue=max_queue, served_model_name=served_model_name, async_decode=async_decode)
 
 
 @main.command()

@@ -6,8 +6,11 @@ the running batch between steps (continuous batching across requests) and an abo
 request's KV blocks at the next step. Events go back to the handler's event loop through
 ``call_soon_threadsafe``: the decode loop never waits for HTTP work.
 
-The loop reuses the engine's request bookkeeping (tokens in, text and stop checks out) and adds what
-a server needs on top of ``Engine.generate``: log-probabilities and OpenAI's additive penalties.
+Steps go through the engine's pipeline (``runtime.pipeline``), asynchronous as ``Engine.generate`` is: step N+1
+is enqueued before step N's ids are read, and step N's tokens go out one step behind the device. On top of
+``Engine.generate`` the loop adds log-probabilities and OpenAI's additive penalties; while a request that needs
+a step's logits on the host lives (those, or the repetition penalty), each step is read before the next is
+scheduled, and an echo request's prompt is scored (a prefill of its own) with no step in flight.
 """
 
 from __future__ import annotations
@@ -20,16 +23,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
-from runtime.artifact import max_blocks
 from runtime.engine import Engine
 from runtime.kv_cache import blocks_for
-from runtime.sampling import apply_repetition_penalty, sampling_inputs
+from runtime.pipeline import Done, Request
 from runtime.serving.metrics import Metrics
 from runtime.serving.protocol import ApiError, Generation
-from runtime.serving.scoring import TokenLogprob, apply_penalties, prompt_logprobs, token_logprobs
-from runtime.step import make_step
+from runtime.serving.scoring import ServeLogits, TokenLogprob, prompt_logprobs, token_logprobs
 
 log = logging.getLogger("trilite.serve")
 
@@ -79,7 +78,7 @@ class Handle:
 class _Choice:
     handle: Handle
     index: int
-    req: object  # the engine's request record (sequence, decoder, stop checker, text)
+    req: Request  # the engine's request record (sequence, decoder, stop checker, text)
     first: float | None = None  # when its first token came
 
 
@@ -96,6 +95,9 @@ class EngineLoop:
         self._pending_choices = 0  # kept as a count: handlers read it while this thread changes _pending
         self._choices: dict[Handle, list[_Choice]] = {}
         self._by_seq: dict[object, _Choice] = {}
+        self._num_host = 0  # choices in _by_seq that need host-side logits: while any live, no step runs ahead
+        self._host = ServeLogits(lambda r: self._by_seq[r.seq].handle.gen)
+        self._pipe = engine.pipeline(self._host)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -154,10 +156,11 @@ class EngineLoop:
     # -- the loop thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        sched = self.engine.scheduler
+        sched, pipe = self.engine.scheduler, self._pipe
         while True:
             with self._cond:
-                while not self._stop and not self._inbox and sched.idle and not self._pending:
+                # never asleep with a step in flight: its tokens are owed to clients
+                while not self._stop and not self._inbox and sched.idle and not self._pending and pipe.inflight is None:
                     self._cond.wait()
                 if self._stop:
                     return
@@ -173,9 +176,10 @@ class EngineLoop:
                             self._queued -= handle.gen.num_choices
             try:
                 self._admit_pending()
-                if not sched.idle:
+                if not sched.idle or pipe.inflight is not None:
                     self._step()
             except Exception as e:  # a fault of the server, not of a request: fail what runs, keep serving
+                pipe.inflight = None  # never read: every request it holds is failed here
                 self._fail(list(self._choices) + list(self._pending), e)
 
     def _fail(self, handles: list[Handle], e: Exception) -> None:
@@ -198,6 +202,8 @@ class EngineLoop:
             handle = self._pending[0]
             if max(blocks_for(len(p), bs) for p in handle.gen.prompts) > alloc.num_free:
                 return
+            if self._pipe.inflight is not None:  # the scoring prefill runs outside the pipeline: nothing beside it
+                self._emit(self._pipe.drain())
             self._pending.popleft()
             self._pending_choices -= handle.gen.num_choices
             for i, ids in enumerate(handle.gen.prompts):
@@ -211,11 +217,12 @@ class EngineLoop:
                 params = gen.params
                 if params.seed is not None and j:  # n choices from one seed must differ
                     params = dataclasses.replace(params, seed=params.seed + j)
-                req = self.engine._request(list(ids), params)
+                req = self.engine.request(list(ids), params)
                 choices.append(_Choice(handle, p * gen.n + j, req))
         self._choices[handle] = choices
         for c in choices:
             self._by_seq[c.req.seq] = c
+            self._num_host += self._host.needs(c.req)
             self.engine.scheduler.add(c.req.seq)
 
     def _abort(self, handle: Handle) -> None:
@@ -223,46 +230,35 @@ class EngineLoop:
             self._pending.remove(handle)
             self._pending_choices -= handle.gen.num_choices
         for c in self._choices.pop(handle, []):
-            if c.req.finish_reason is None:
-                self.engine.scheduler.abort(c.req.seq)
-            self._by_seq.pop(c.req.seq, None)
+            self._pipe.abort(c.req)  # blocks freed now; a token of it in the step in flight is dropped
+            if c.req.seq in self._by_seq:
+                self._forget(c)
 
     def _step(self) -> None:
-        engine = self.engine
-        batch = engine.scheduler.schedule()
-        choices = [self._by_seq[s] for s in batch.seqs]
-        reqs = [c.req for c in choices]
-        step = make_step(batch.kind, batch.chunks(), engine.limits.block_size, max_blocks(engine.limits))
-        logits = engine.backend.forward(step)
-        want = [c.handle.gen.logprobs for c in choices]
-        # the model's own distribution, taken before penalties change the logits (and before sampling may reuse them)
-        lp = torch.log_softmax(logits.float(), dim=-1) if any(k is not None for k in want) else None
-        params = [r.params for r in reqs]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            logits = apply_repetition_penalty(logits, [r.seq.token_ids for r in reqs],
-                                              [p.repetition_penalty for p in params])
-        gens = [c.handle.gen for c in choices]
-        if any(g.presence_penalty or g.frequency_penalty for g in gens):
-            logits = apply_penalties(logits, [r.seq.generated for r in reqs], [g.presence_penalty for g in gens],
-                                     [g.frequency_penalty for g in gens])
-        inputs = sampling_inputs(params, [r.seed for r in reqs], [r.seq.num_generated for r in reqs])
-        sampled = engine.backend.sample(logits, **inputs).tolist()
-        scored = token_logprobs(lp, sampled, [k or 0 for k in want]) if lp is not None else None
-        self._record_batch(batch.kind, len(batch.seqs))
-        row = {s: i for i, s in enumerate(batch.seqs)}
+        """One turn of the pipeline: enqueue the next step, then hand out the tokens of the one before it."""
+        ahead = self.engine.async_decode and self._num_host == 0
+        turn = self._pipe.advance(lambda seq: self._by_seq[seq].req, ahead)
+        if turn is not None and turn.done is not None:
+            self._emit(turn.done)
+
+    def _emit(self, done: Done) -> None:
+        """Events for a step whose ids were read: each choice's new text and token, with its logprobs if asked."""
+        self._record_batch(done.step.kind, done.step.size)
+        scored: dict[int, TokenLogprob] = {}
+        want = [(row, tok, k) for row, r, tok in done.tokens if (k := self._by_seq[r.seq].handle.gen.logprobs)
+                is not None]
+        if done.step.scores is not None and want:
+            rows, toks, ks = zip(*want)
+            scored = dict(zip(rows, token_logprobs(done.step.scores[list(rows)], toks, ks)))
         now = time.perf_counter()
-        for seq, tok in engine.scheduler.update(batch, sampled):
-            c = self._by_seq[seq]
-            r = c.req
-            r.finish_reason = engine._accept(r, tok, seq.num_generated)
-            if r.finish_reason is not None:
-                engine.scheduler.finish(seq)
+        for row, r, tok in done.tokens:
+            c = self._by_seq[r.seq]
             if c.first is None:
                 c.first = now
             if c.handle.first is None:
                 c.handle.first = now
                 self.metrics.ttft.observe(now - c.handle.submitted)
-            lps = (scored[row[seq]],) if scored is not None and want[row[seq]] is not None else ()
+            lps = (scored[row],) if row in scored else ()
             c.handle.put(TokenEvent(c.index, r.take(), (tok,), lps, r.finish_reason))
             if r.finish_reason is not None:
                 self._finished(c, now)
@@ -271,9 +267,14 @@ class EngineLoop:
         n = c.req.seq.num_generated
         if n > 1:
             self.metrics.tpot.observe((now - c.first) / (n - 1))
-        del self._by_seq[c.req.seq]
-        if all(o.req.finish_reason is not None for o in self._choices[c.handle]):
+        self._forget(c)
+        # the last of its choices to be handed out: choices that end in one step all have finish reasons by now
+        if all(o.req.seq not in self._by_seq for o in self._choices[c.handle]):
             del self._choices[c.handle]
+
+    def _forget(self, c: _Choice) -> None:
+        self._num_host -= self._host.needs(c.req)  # before it leaves _by_seq, where needs() finds its Generation
+        del self._by_seq[c.req.seq]
 
     def _record_batch(self, kind: str, size: int) -> None:
         self.metrics.steps.labels(kind).inc()

@@ -2,16 +2,20 @@
 
 Log-probabilities are those of the model's own distribution (log_softmax of the raw logits, before
 penalties, temperature and filters), as vLLM reports them by default: a score tools can compare
-across requests whatever their sampling settings.
+across requests whatever their sampling settings. ``ServeLogits`` applies both to a step's logits on the host
+for the engine loop (such steps run synchronously).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from runtime.pipeline import HostLogits, Request
+from runtime.serving.protocol import Generation
 
 
 @dataclass(frozen=True)
@@ -67,3 +71,25 @@ def apply_penalties(logits: Tensor, generated: Sequence[Sequence[int]], presence
     p = torch.tensor(list(presence), dtype=logits.dtype, device=logits.device)[:, None]
     f = torch.tensor(list(frequency), dtype=logits.dtype, device=logits.device)[:, None]
     return logits - p * (counts > 0).to(logits.dtype) - f * counts
+
+
+class ServeLogits(HostLogits):
+    """The engine's host-side logits processing, plus the model's own log-probabilities (taken before penalties
+    change the logits, and before sampling may reuse them) and OpenAI's presence / frequency penalties."""
+
+    def __init__(self, gen_of: Callable[[Request], Generation]) -> None:
+        self.gen_of = gen_of
+
+    def needs(self, r: Request) -> bool:
+        g = self.gen_of(r)
+        return super().needs(r) or g.logprobs is not None or bool(g.presence_penalty or g.frequency_penalty)
+
+    def apply(self, logits: Tensor, reqs: list[Request]) -> tuple[Tensor, Tensor | None]:
+        """-> (logits to sample from, log_softmax [R, V] of the raw logits when a row wants logprobs, else None)."""
+        gens = [self.gen_of(r) for r in reqs]
+        lp = torch.log_softmax(logits.float(), dim=-1) if any(g.logprobs is not None for g in gens) else None
+        logits, _ = super().apply(logits, reqs)
+        if any(g.presence_penalty or g.frequency_penalty for g in gens):
+            logits = apply_penalties(logits, [r.seq.generated for r in reqs], [g.presence_penalty for g in gens],
+                                     [g.frequency_penalty for g in gens])
+        return logits, lp

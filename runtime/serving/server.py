@@ -21,7 +21,8 @@ def setup_logging() -> None:
 
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           backend: str = "auto", kv_cache_gb: float | None = None, max_queue: int = 256,
-          served_model_name: str | None = None) -> None:
+          served_model_name: str | None = None, async_decode: bool = True) -> None:
+    """async_decode: see ``runtime.engine.Engine`` (False reads every step's ids before the next is scheduled)."""
     import uvicorn
 
     from runtime.engine import load
@@ -30,9 +31,10 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, api_k
     if max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
     setup_logging()
-    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb)
+    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb, async_decode=async_decode)
     name = served_model_name or Path(artifact).resolve().name
     app = create_app(engine, name, api_key=api_key, max_queue=max_queue)
-    log.info("serving %s at http://%s:%d on the %s backend: %d KV blocks of %d tokens, max_batch %d", name, host,
-             port, engine.backend.name, engine.allocator.num_blocks, engine.limits.block_size, engine.limits.max_batch)
+    log.info("serving %s at http://%s:%d on the %s backend: %d KV blocks of %d tokens, max_batch %d, %s decode", name,
+             host, port, engine.backend.name, engine.allocator.num_blocks, engine.limits.block_size,
+             engine.limits.max_batch, "asynchronous" if async_decode else "synchronous")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

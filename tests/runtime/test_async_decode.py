@@ -12,6 +12,7 @@ import torch
 
 from runtime.engine import Engine, load
 from runtime.sampling import SamplingParams
+from tests.runtime.step_trace import StepTrace
 from tests.runtime.tiny_artifact import tiny_artifact
 
 LENGTHS = (1, 3, 7, 15, 16, 17, 33, 50)  # eight prompts for max_batch 4: admissions while others decode
@@ -44,37 +45,6 @@ def _outputs(engine: Engine, prompts, params, async_decode: bool) -> list[tuple]
     return [(o.token_ids, o.text, o.finish_reason) for o in outs]
 
 
-class _Trace:
-    """Records the order of submits and id reads on ``engine``'s backend, and how many rows were fed."""
-
-    def __init__(self, engine: Engine):
-        self.engine, self.events, self.fed = engine, [], 0
-
-    def __enter__(self):
-        backend, submit = self.engine.backend, self.engine.backend.submit
-        trace = self
-
-        class Ids:
-            def __init__(self, n, ids):
-                self.n, self.ids = n, ids
-
-            def tokens(self):
-                trace.events.append(("read", self.n))
-                return self.ids.tokens()
-
-        def traced(step, sampling, feed=None):
-            n = sum(1 for e in self.events if e[0] == "submit")
-            self.events.append(("submit", n))
-            self.fed += 0 if feed is None else int((feed >= 0).sum())
-            return Ids(n, submit(step, sampling, feed))
-
-        backend.submit = traced
-        return self
-
-    def __exit__(self, *exc):
-        del self.engine.backend.submit
-
-
 def _stop_tokens(outs: list[tuple], every: int = 2) -> list[tuple[int, ...]]:
     """For every other request, a stop token from the middle of its free-running output: stops at varied steps."""
     return [(ids[len(ids) // 2],) if k % every == 0 and len(ids) > 2 else () for k, (ids, _, _) in enumerate(outs)]
@@ -88,16 +58,14 @@ def test_greedy_async_equals_sync_with_stops_at_different_steps(engine):
               for m, st in zip(MAX_TOKENS, _stop_tokens(base))]
     sync = _outputs(engine, prompts, params, async_decode=False)
     assert sum(r == "stop" for _, _, r in sync) >= 3 and sync != base
-    with _Trace(engine) as trace:
+    with StepTrace(engine) as trace:
         got = _outputs(engine, prompts, params, async_decode=True)
     assert got == sync
     assert all(-1 not in ids for ids, _, _ in got)
     # One step behind: every read but the last comes after the next step was submitted.
-    reads = [n for kind, n in trace.events if kind == "read"]
-    submits = [n for kind, n in trace.events if kind == "submit"]
-    assert sorted(reads) == submits
-    ahead = sum(trace.events.index(("submit", n + 1)) < trace.events.index(("read", n)) for n in submits[:-1])
-    assert ahead >= len(submits) - 3, trace.events  # only a drain (the scheduler deferring) breaks the overlap
+    assert sorted(trace.reads()) == trace.submits()
+    # only a drain (the scheduler deferring) breaks the overlap
+    assert trace.ahead() >= len(trace.submits()) - 3, trace.events
     assert trace.fed > 20  # decode rows took their ids from the previous step's samples
 
 
@@ -153,7 +121,7 @@ def test_repetition_penalty_runs_synchronously_and_matches(engine):
     params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, repetition_penalty=1.3)] + \
         [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)] * 4
     sync = _outputs(engine, prompts, params, async_decode=False)
-    with _Trace(engine) as trace:
+    with StepTrace(engine) as trace:
         assert _outputs(engine, prompts, params, async_decode=True) == sync
     # Nothing fed, nothing ahead: each submitted step's ids are read before the next step is submitted.
     assert trace.fed == 0 and all(a[0] != b[0] for a, b in zip(trace.events, trace.events[1:]))
@@ -180,6 +148,6 @@ def test_interpret_backend_async_equals_sync(engine):
               SamplingParams(max_tokens=2, temperature=0.9, seed=3, ignore_eos=True), free]
     sync = _outputs(interp, prompts, params, async_decode=False)
     assert sync[0][2] == "stop" and len(sync[0][0]) <= 2
-    with _Trace(interp) as trace:
+    with StepTrace(interp) as trace:
         assert _outputs(interp, prompts, params, async_decode=True) == sync
     assert trace.fed >= 3
