@@ -21,7 +21,7 @@ def setup_logging() -> None:
 
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           backend: str = "auto", kv_cache_gb: float | None = None, max_queue: int = 256,
-          served_model_name: str | None = None) -> None:
+          served_model_name: str | None = None, prefix_cache: bool = True) -> None:
     import uvicorn
 
     from runtime.engine import load
@@ -30,7 +30,7 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, api_k
     if max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
     setup_logging()
-    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb)
+    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb, prefix_cache=prefix_cache)
     name = served_model_name or Path(artifact).resolve().name
     app = create_app(engine, name, api_key=api_key, max_queue=max_queue)
     log.info("serving %s at http://%s:%d on the %s backend: %d KV blocks of %d tokens, max_batch %d", name, host,
