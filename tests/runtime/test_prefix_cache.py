@@ -220,3 +220,69 @@ def test_requests_after_a_shared_prefix_equal_the_cache_off(on, off, params, asy
     want, _, _ = _run(off, [turn], params, async_decode)
     got, saved, prefilled = _run(on, [turn], params, async_decode)
     assert got == want and (saved, prefilled) == (48, 2)
+
+
+@pytest.fixture(scope="module")
+def small_on():
+    """Eight KV blocks of 16 tokens: the cache evicts, and four running sequences that grow are preempted."""
+    return load(tiny_artifact(), backend="torch", max_blocks_total=8)
+
+
+@pytest.fixture(scope="module")
+def small_off():
+    return load(tiny_artifact(), backend="torch", max_blocks_total=8, prefix_cache=False)
+
+
+@pytest.mark.parametrize("async_decode", [True, False], ids=["async", "sync"])
+def test_a_shared_system_prompt_under_preemption_equals_the_cache_off(small_on, small_off, async_decode):
+    system = _rand(20, seed=10 + async_decode)  # one whole block and part of the next
+    prompts = [system + _rand(n, seed=20 + n) for n in (3, 9, 14, 25, 5, 18, 12, 7)]
+    params = replace(GREEDY, max_tokens=12)
+    preempted = []
+    original = small_on.scheduler.preempt
+    small_on.scheduler.preempt = lambda seq: (preempted.append(seq.seq_id), original(seq))
+    try:
+        got, saved, _ = _run(small_on, prompts, params, async_decode)
+    finally:
+        del small_on.scheduler.preempt
+    want, _, _ = _run(small_off, prompts, params, async_decode)
+    assert got == want
+    assert preempted and saved >= 16 * 4, (preempted, saved)
+
+
+def test_a_prefix_evicted_under_memory_pressure_goes_tail_first(small_on, small_off):
+    prompts = [_rand(40, seed=30 + i) for i in range(4)]  # three blocks each at 48 tokens, two of them keyed
+    params = replace(GREEDY, max_tokens=8)
+    saved = []
+    for p in prompts + prompts[:1]:
+        got, s, _ = _run(small_on, [p], params, False)
+        want, _, _ = _run(small_off, [p], params, False)
+        assert got == want
+        saved.append(s)
+    # The fourth request took the last free block and then the oldest cached one: the first prompt's second block
+    # (released before its first). Its first block is still there for the repeat.
+    assert saved == [0, 0, 0, 0, 16]
+
+
+def test_an_abandoned_stream_leaves_its_prefix_to_reuse(on, off):
+    base = _rand(40, seed=40)
+    pieces = on.stream(base, replace(GREEDY, max_tokens=20))
+    next(pieces)
+    pieces.close()  # the consumer stops after the first piece: the sequence is aborted
+    assert on.scheduler.idle and on.allocator.num_used == 0
+    prompt = base[:32] + _rand(3, seed=41)
+    got, saved, _ = _run(on, [prompt], GREEDY, True)
+    want, _, _ = _run(off, [prompt], GREEDY, True)
+    assert got == want and saved == 32
+
+
+def test_greedy_after_a_cached_prefix_matches_transformers(on):
+    from tests.e2e.conftest import hf_greedy, hf_model
+
+    base = _rand(36, seed=50)
+    on.generate([base], GREEDY)
+    prompt = base[:34]
+    before = on.scheduler.reused_tokens
+    out = on.generate([prompt], replace(GREEDY, max_tokens=8))[0].token_ids
+    assert on.scheduler.reused_tokens - before == 32
+    assert out == hf_greedy(hf_model("tiny-llama"), prompt, 8)
