@@ -194,7 +194,8 @@ class Scheduler:
             seq.table.drop_before(first - self.window + 1)
 
     def preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks and queue it first, to recompute all its tokens later."""
+        """Free a running sequence's blocks and queue it first, to recompute later what the prefix cache no longer
+        holds of it (its full blocks stay keyed until evicted)."""
         self.running.remove(seq)
         self._release(seq)
         seq.num_cached = 0
@@ -220,8 +221,9 @@ class Scheduler:
         """Key the sequence's full blocks that launched steps write (``num_cached``) and whose tokens are known.
 
         Keying a block whose writing step is launched but maybe still running is safe: steps run in order on one
-        stream, so any step that reads the block through another sequence, launched later, runs after it. A block
-        whose last token is still PENDING is keyed by a later call, once the id is in (the key needs the ids)."""
+        stream, so any step that reads the block through another sequence, launched later, runs after it (as a
+        step that overwrites an evicted block runs after every step that read it). A block whose last token is
+        still PENDING is keyed by a later call, once the id is in: the key is made of the ids."""
         if not self.prefix_cache:
             return
         known = min(seq.num_cached, len(seq.token_ids))
