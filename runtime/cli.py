@@ -25,6 +25,8 @@ _artifact = click.argument("artifact", type=click.Path(path_type=Path))
 _backend = click.option("--backend", type=click.Choice(NAMES), default="auto", show_default=True,
                         help="auto: the GPU when the artifact has kernels for it, else torch on the CPU")
 _kv = click.option("--kv-cache-gb", type=float, default=None, help="KV-cache size (default: from free memory)")
+_prefix = click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+                       help="reuse the KV blocks of a prompt prefix an earlier request computed")
 
 
 def chat_prompt(tokenizer, prompt: str) -> list[int]:
@@ -55,9 +57,10 @@ def _check_utf8(text: str) -> None:
 @click.option("--stop", multiple=True, help="stop string (repeatable); not printed")
 @_backend
 @_kv
+@_prefix
 def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float, top_k: int,
         min_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...], backend: str,
-        kv_cache_gb: float | None) -> None:
+        kv_cache_gb: float | None, prefix_cache: bool) -> None:
     """Generate from ARTIFACT, streaming text to stdout as tokens come."""
     from runtime.engine import load
     from runtime.sampling import SamplingParams
@@ -66,7 +69,7 @@ def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: f
         _check_utf8(text)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
-    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb)
+    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb, prefix_cache=prefix_cache)
     source = chat_prompt(engine.tokenizer, prompt) if chat else prompt
     for piece in engine.stream(source, params):
         click.echo(piece, nl=False)
@@ -86,13 +89,15 @@ def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: f
               help="enqueue each step before reading the previous one's tokens (off: read every step first)")
 @_backend
 @_kv
+@_prefix
 def serve(artifact: Path, host: str, port: int, api_key: str | None, max_queue: int, served_model_name: str | None,
-          async_decode: bool, backend: str, kv_cache_gb: float | None) -> None:
+          async_decode: bool, backend: str, kv_cache_gb: float | None, prefix_cache: bool) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (chat and text completions, streaming)."""
     from runtime.serving.server import serve as run_server
 
     run_server(artifact, host=host, port=port, api_key=api_key, backend=backend, kv_cache_gb=kv_cache_gb,
-               max_queue=max_queue, served_model_name=served_model_name, async_decode=async_decode)
+               max_queue=max_queue, served_model_name=served_model_name, async_decode=async_decode,
+               prefix_cache=prefix_cache)
 
 
 @main.command()
@@ -153,14 +158,19 @@ def inspect(artifact: Path) -> None:
               help="batch sizes of the generation test (repeatable)")
 @_backend
 @_kv
-def bench(artifact: Path, pp: int, tg: int, batch: tuple[int, ...], backend: str, kv_cache_gb: float | None) -> None:
-    """Measure prompt processing and generation speed on ARTIFACT (a llama-bench-like table)."""
+@_prefix
+def bench(artifact: Path, pp: int, tg: int, batch: tuple[int, ...], backend: str, kv_cache_gb: float | None,
+          prefix_cache: bool) -> None:
+    """Measure prompt processing and generation speed on ARTIFACT (a llama-bench-like table).
+
+    Its steps go straight to the backend, past the scheduler: no test reuses a prefix, with the cache on or off."""
     from rich.console import Console
 
     from runtime.bench import run_bench
     from runtime.engine import load
 
-    rows = run_bench(load(artifact, backend=backend, kv_cache_gb=kv_cache_gb), pp=pp, tg=tg, batch_sizes=batch)
+    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb, prefix_cache=prefix_cache)
+    rows = run_bench(engine, pp=pp, tg=tg, batch_sizes=batch)
     Console(width=160).print(bench_table(rows))
 
 

@@ -9,6 +9,10 @@ is enqueued before step N's ids are read, through ``runtime.pipeline`` (its docs
 repetition penalty run synchronously: the penalty is applied to the logits on the host. Tokens, texts and finish
 reasons are those of the synchronous path (``async_decode=False``), which reads each step's ids before scheduling
 the next.
+
+Prefix caching (``prefix_cache=True``, the default; runtime/scheduler.py): a prompt that begins with whole KV
+blocks an earlier request computed (a system prompt, the turns of a chat so far) shares those blocks and is
+prefilled from their end; its tokens, texts and finish reasons are those it would get with the cache off.
 """
 
 from __future__ import annotations
@@ -47,9 +51,11 @@ def kv_window(graph) -> int:
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer, async_decode: bool = True) -> None:
+    def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer, async_decode: bool = True,
+                 prefix_cache: bool = True) -> None:
         """async_decode: enqueue each step before reading the previous one's ids (the module docstring);
-        False reads every step's ids before the next is scheduled."""
+        False reads every step's ids before the next is scheduled. prefix_cache: reuse the KV blocks of prompt
+        prefixes earlier requests computed (off for sliding-window models either way)."""
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
@@ -57,7 +63,8 @@ class Engine:
         self.vocab_size = int(artifact.graph.get_meta("vocab_size"))
         self.allocator = BlockAllocator(backend.num_blocks)
         self.scheduler = Scheduler(self.allocator, self.limits.block_size, self.limits.max_batch,
-                                   self.limits.max_num_tokens, self.limits.max_seq_len, kv_window(artifact.graph))
+                                   self.limits.max_num_tokens, self.limits.max_seq_len, kv_window(artifact.graph),
+                                   prefix_cache=prefix_cache)
         self._next_id = 0
         self.async_decode = async_decode
 
@@ -161,15 +168,15 @@ class Engine:
 
 
 def load(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = None, rehash: bool = False,
-         async_decode: bool = True, **backend_kw) -> Engine:
+         async_decode: bool = True, prefix_cache: bool = True, **backend_kw) -> Engine:
     """Load and validate the artifact at ``path`` and make an engine on ``backend`` (auto, torch, cuda, ...).
 
     ``rehash``: read every file for its sha256 even when this machine verified it unchanged before.
-    ``async_decode``: see ``Engine``."""
+    ``async_decode``, ``prefix_cache``: see ``Engine``."""
     artifact = load_artifact(path, rehash=rehash)
     tokenizer = artifact_tokenizer(artifact)  # before the backend: cheap, and its failures are the user's to fix
     be = make_backend(backend, artifact, kv_cache_gb=kv_cache_gb, **backend_kw)
-    return Engine(artifact, be, tokenizer, async_decode=async_decode)
+    return Engine(artifact, be, tokenizer, async_decode=async_decode, prefix_cache=prefix_cache)
 
 
 def artifact_tokenizer(artifact: Artifact) -> Tokenizer:

@@ -16,6 +16,13 @@ Steps may be scheduled one ahead of their results (the engine's asynchronous dec
 sequence that ended meanwhile drops the one extra token it was scheduled for (``finish(seq, num_tokens)``).
 ``schedule(defer=True)`` refuses what needs every result first: it never preempts (a preempted sequence is
 recomputed from its token ids, which must all be known) and returns None instead.
+
+Prefix caching (``prefix_cache``): once a launched step has written a sequence's KV up to the end of a block whose
+tokens are all known, the block is keyed by its prefix (kv_cache.prefix_key) and stays keyed in the allocator after
+the sequence ends, until evicted. A sequence about to be admitted (new, or preempted) first shares the keyed blocks
+of its longest cached prefix and starts with ``num_cached`` past them, so only the rest is prefilled. The reuse stops
+one token short of the sequence's end, rounded down to whole blocks: at least one token must run, for its step to
+sample the next. Off for sliding-window models: they give back the blocks behind the window, a prefix's included.
 """
 
 from __future__ import annotations
@@ -79,10 +86,13 @@ class Batch:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_batch: int, max_num_tokens: int,
-                 max_seq_len: int, window: int = 0) -> None:
+                 max_seq_len: int, window: int = 0, prefix_cache: bool = True) -> None:
         """window > 0: every attention layer of the model looks back at most ``window`` keys (sliding-window
-        attention), so blocks wholly before the window of a sequence's next query are given back."""
+        attention), so blocks wholly before the window of a sequence's next query are given back.
+        prefix_cache: reuse the KV blocks of cached prefixes (the module docstring); always off with a window."""
         self.window = window
+        self.prefix_cache = prefix_cache and not window
+        self.reused_tokens = 0  # tokens admitted sequences took from cached prefixes instead of prefilling them
         self.allocator = allocator
         self.block_size = block_size
         self.max_batch = max_batch
@@ -137,10 +147,17 @@ class Scheduler:
         budget = self.max_num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            self._drop(seq, seq.num_cached)
+            reused = 0
             # A sequence in the middle of a chunked prefill already holds blocks for all its tokens.
+            if self.prefix_cache and not seq.table.blocks:
+                reused = seq.num_cached = seq.table.reuse(seq.token_ids, len(seq.token_ids) - 1)
+            self._drop(seq, seq.num_cached)
             if not seq.table.ensure(len(seq.token_ids)):
+                if reused:  # all or nothing: the shared blocks go back to the cache until the whole sequence fits
+                    seq.table.release()
+                    seq.num_cached = 0
                 break
+            self.reused_tokens += reused
             n = min(len(seq.token_ids) - seq.num_cached, budget)
             batch.add(seq, seq.num_cached, n)
             budget -= n
@@ -177,9 +194,10 @@ class Scheduler:
             seq.table.drop_before(first - self.window + 1)
 
     def preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks and queue it first, to recompute all its tokens later."""
+        """Free a running sequence's blocks and queue it first, to recompute later what the prefix cache no longer
+        holds of it (its full blocks stay keyed until evicted)."""
         self.running.remove(seq)
-        seq.table.release()
+        self._release(seq)
         seq.num_cached = 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -193,10 +211,30 @@ class Scheduler:
         out = []
         for row, (seq, count) in enumerate(zip(batch.seqs, batch.counts)):
             seq.num_cached += count
+            self._publish(seq)
             if seq.num_cached == len(seq.token_ids):
                 out.append((row, seq, len(seq.token_ids)))
                 seq.token_ids.append(PENDING)
         return out
+
+    def _publish(self, seq: Sequence) -> None:
+        """Key the sequence's full blocks that launched steps write (``num_cached``) and whose tokens are known.
+
+        Keying a block whose writing step is launched but maybe still running is safe: steps run in order on one
+        stream, so any step that reads the block through another sequence, launched later, runs after it (as a
+        step that overwrites an evicted block runs after every step that read it). A block whose last token is
+        still PENDING is keyed by a later call, once the id is in: the key is made of the ids."""
+        if not self.prefix_cache:
+            return
+        known = min(seq.num_cached, len(seq.token_ids))
+        while known and seq.token_ids[known - 1] == PENDING:  # placeholders only ever sit at the end
+            known -= 1
+        seq.table.publish(seq.token_ids, known)
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back a sequence's blocks, keying first the full ones its launched steps wrote."""
+        self._publish(seq)
+        seq.table.release()
 
     def update(self, batch: Batch, sampled: list[int]) -> list[tuple[Sequence, int]]:
         """Record that ``batch`` ran; append each sampled token to a sequence that was fully cached by it.
@@ -213,9 +251,9 @@ class Scheduler:
         """A sequence is done: free its blocks. ``num_tokens``: its length at the token that ended it; a token
         scheduled after that one (still PENDING) is dropped."""
         self.running.remove(seq)
-        seq.table.release()
         if num_tokens is not None:
             del seq.token_ids[num_tokens:]
+        self._release(seq)
 
     def abort(self, seq: Sequence) -> None:
         """Drop a sequence wherever it is (the caller stopped consuming it): free what it holds."""
@@ -224,4 +262,4 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         if seq.table.blocks:
-            seq.table.release()
+            self._release(seq)

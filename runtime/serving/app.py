@@ -91,7 +91,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     metrics.bind(requests_running=lambda: loop.num_running, requests_waiting=lambda: loop.num_waiting,
                  kv_blocks_in_use=lambda: engine.allocator.num_used,
                  kv_blocks_total=lambda: engine.allocator.num_blocks,
-                 max_batch_size_seen=lambda: loop.max_batch_seen)
+                 max_batch_size_seen=lambda: loop.max_batch_seen,
+                 prefix_cache_hit_tokens=lambda: engine.scheduler.reused_tokens)
     names = TokenNames(engine.tokenizer)
     created = int(time.time())
 

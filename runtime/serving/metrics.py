@@ -37,7 +37,8 @@ class Metrics:
                         ("trilite_requests_waiting", "sequences waiting for a place in the batch or for KV blocks"),
                         ("trilite_kv_blocks_in_use", "KV-cache blocks held by sequences"),
                         ("trilite_kv_blocks_total", "KV-cache blocks of this server"),
-                        ("trilite_max_batch_size_seen", "the most sequences one engine step has run")]
+                        ("trilite_max_batch_size_seen", "the most sequences one engine step has run"),
+                        ("trilite_prefix_cache_hit_tokens", "tokens taken from cached prefixes instead of prefilled")]
 
     def bind(self, **sources: Callable[[], float]) -> None:
         """Gauges read when scraped: name without the prefix -> a function returning the value."""

@@ -101,6 +101,31 @@ def test_bench_prints_the_table(art):
     assert "pp16" in res.stdout and res.stdout.count("tg4") == 2
 
 
+def test_no_prefix_cache_reaches_the_engine(art, monkeypatch):
+    """run and bench load the engine with the flag's value, serve hands it to the server; on by default."""
+    import runtime.bench
+    import runtime.engine
+    import runtime.serving.server
+
+    seen = []
+    real_load = runtime.engine.load
+
+    def load(*args, **kw):
+        seen.append(kw["prefix_cache"])
+        return real_load(*args, **kw)
+
+    monkeypatch.setattr(runtime.engine, "load", load)
+    monkeypatch.setattr(runtime.serving.server, "serve", lambda *a, **kw: seen.append(kw["prefix_cache"]))
+    monkeypatch.setattr(runtime.bench, "run_bench", lambda engine, **kw: [])  # its measuring is tested above
+    run = ("run", art, "--prompt", "Hi", "--max-tokens", 2, "--backend", "torch")
+    bench = ("bench", art, "--backend", "torch")
+    for args in (run, bench, ("serve", art)):
+        for flag in ((), ("--no-prefix-cache",)):
+            res = _invoke(*args, *flag)
+            assert res.exit_code == 0, res.output
+    assert seen == [True, False] * 3
+
+
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "runtime.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)

@@ -37,9 +37,9 @@ class FakeModel:
         return out
 
 
-def generate(prompts, max_tokens, num_blocks, max_batch=4, max_num_tokens=16, max_seq_len=64):
+def generate(prompts, max_tokens, num_blocks, max_batch=4, max_num_tokens=16, max_seq_len=64, prefix_cache=True):
     alloc = BlockAllocator(num_blocks)
-    sched = Scheduler(alloc, BS, max_batch, max_num_tokens, max_seq_len)
+    sched = Scheduler(alloc, BS, max_batch, max_num_tokens, max_seq_len, prefix_cache=prefix_cache)
     model = FakeModel(num_blocks, -(-max_seq_len // BS))
     seqs = [Sequence(i, p, m, sched.new_table()) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
     for s in seqs:
@@ -94,7 +94,8 @@ def test_long_prompt_is_prefilled_in_chunks():
 def test_new_requests_wait_while_blocks_are_short():
     alloc = BlockAllocator(4)
     sched = Scheduler(alloc, BS, max_batch=4, max_num_tokens=64, max_seq_len=16)
-    a, b = (Sequence(i, [1] * 9, 3, sched.new_table()) for i in range(2))  # 3 blocks each at full length
+    # 3 blocks each at full length; different tokens, so that b cannot share a's blocks
+    a, b = (Sequence(i, [i + 1] * 9, 3, sched.new_table()) for i in range(2))
     sched.add(a)
     sched.add(b)
     batch = sched.schedule()
@@ -110,7 +111,8 @@ def test_new_requests_wait_while_blocks_are_short():
 
 def test_newest_running_sequence_is_preempted():
     alloc = BlockAllocator(3)
-    sched = Scheduler(alloc, BS, max_batch=4, max_num_tokens=64, max_seq_len=16)
+    # without the prefix cache it recomputes every token (test_prefix_cache: with it, it takes back its blocks)
+    sched = Scheduler(alloc, BS, max_batch=4, max_num_tokens=64, max_seq_len=16, prefix_cache=False)
     old, new = Sequence(0, [1] * 4, 4, sched.new_table()), Sequence(1, [2] * 4, 4, sched.new_table())
     sched.add(old)
     sched.add(new)

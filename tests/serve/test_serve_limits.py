@@ -40,6 +40,8 @@ def test_requests_beyond_the_kv_cache_wait(small_server, engine):
     assert [r.status_code for r in responses] == [200] * MAX_QUEUE
     assert all(r.json()["choices"][0]["text"] == expected for r in responses)
     assert small_server.metric("trilite_max_batch_size_seen") == 1, "two requests cannot share a 2-block cache"
+    # one after the other, each later request finds the prompt's first block in the prefix cache
+    assert small_server.metric("trilite_prefix_cache_hit_tokens") >= 16 * (MAX_QUEUE - 1)
 
 
 def test_requests_beyond_max_queue_get_503(small_server):
