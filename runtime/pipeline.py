@@ -31,7 +31,7 @@ from runtime.step import make_step
 from runtime.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
-    from compiler.graph import Limits
+    from artifact_format.graph import Limits
 
 
 @dataclass

@@ -57,7 +57,9 @@ def _stops(outs: list[tuple]) -> list[tuple[int, ...]]:
 def test_async_decode_equals_sync_on_cuda(artifact_path, backend_kw):
     import runtime
 
-    engine = runtime.load(artifact_path, backend="cuda", **backend_kw)
+    # Under KV pressure without the prefix cache: the reruns of the same prompts must recompute (and preempt).
+    engine = runtime.load(artifact_path, backend="cuda", prefix_cache="max_blocks_total" not in backend_kw,
+                          **backend_kw)
     prompts = _prompts(engine.vocab_size, seed=11)
     free = _run(engine, prompts, _params(), async_decode=False)
     params = _params(_stops(free))
