@@ -1,21 +1,30 @@
-"""Continuous batching: a waiting queue and a running set, one step at a time (after nano-vllm).
+"""Continuous batching: a waiting queue and a running set, one step at a time (after nano-vllm; the mixed steps
+after vLLM's chunked prefill).
 
-Each step is either a prefill or a decode:
-  prefill  admit waiting sequences in arrival order while the batch, the token budget
-           (max_num_tokens) and the KV blocks allow. A prompt longer than the budget is prefilled
-           in chunks, each continuing its cached prefix; it holds the head of the queue (and the
-           blocks for its whole prompt) until its last chunk has run.
-  decode   one token for every running sequence. When a sequence's next token needs a block and
-           none is free, the newest running sequence is preempted: its blocks are freed and it goes
-           back to the head of the queue with every token it has so far, to be recomputed later.
-Prefill steps come first whenever a waiting sequence can be admitted. Nothing is dropped: a request
-that could never fit is refused in ``add`` with a ValueError naming the limit.
+Every step carries at most ``max_num_tokens`` tokens (the token budget, ``--max-num-batched-tokens``); at most
+min(max_batch, budget) sequences run at once, so that one decode token each always fits. A step takes:
+  decode   first, one token for every running sequence, as a 1-token chunk continuing its cached prefix. When a
+           sequence's next token needs a block and none is free, the newest sequence yields: a prompt in the
+           middle of its chunked prefill first (it holds blocks for its whole prompt), else the newest running
+           one, whose blocks are freed and which goes back to the head of the queue with every token it has so
+           far, to be recomputed later.
+  prefill  then, with what is left of the budget, waiting sequences in arrival order while the batch and the KV
+           blocks allow. A prompt longer than what is left is prefilled in chunks over several steps, each
+           continuing its cached prefix; it holds the head of the queue (and the blocks for its whole prompt)
+           until its last chunk has run, while the running sequences keep decoding beside it.
+A step with a prompt chunk is a "prefill" step (the prefill kernels take any chunk lengths); one of decode tokens
+alone is a "decode" step (CUDA graphs). A step that preempted admits nothing: the blocks it freed go to the running
+sequences. ``mixed=False`` gives the former behaviour: a step is all prefill or all decode, and prefill comes first
+whenever a waiting sequence can be admitted (the running ones wait for its whole prefill). Nothing is dropped: a
+request that could never fit is refused in ``add`` with a ValueError naming the limit.
 
 Steps may be scheduled one ahead of their results (the engine's asynchronous decode): ``launched`` appends a
 ``PENDING`` placeholder for each token a step will sample, the engine writes the id in once it arrives, and a
 sequence that ended meanwhile drops the one extra token it was scheduled for (``finish(seq, num_tokens)``).
 ``schedule(defer=True)`` refuses what needs every result first: it never preempts (a preempted sequence is
-recomputed from its token ids, which must all be known) and returns None instead.
+recomputed from its token ids, which must all be known) and returns None instead. It still mixes: the decode rows,
+whose input may be PENDING, lead the step with one token each, which is what the engine's feed maps onto the
+previous step's samples on the device (runtime/pipeline.py), whatever the step's kind.
 
 Prefix caching (``prefix_cache``): once a launched step has written a sequence's KV up to the end of a block whose
 tokens are all known, the block is keyed by its prefix (kv_cache.prefix_key) and stays keyed in the allocator after
@@ -33,7 +42,7 @@ from dataclasses import dataclass, field
 from runtime.kv_cache import BlockAllocator, BlockTable, blocks_for
 from runtime.step import Chunk
 
-PENDING = -1  # a sampled token id still on its way from the device; only ever a decode step's input
+PENDING = -1  # a sampled token id still on its way from the device; only ever the input of a step's decode row
 
 
 @dataclass(eq=False)
@@ -66,7 +75,7 @@ class Sequence:
 class Batch:
     """One scheduled step: for each sequence, ``counts[i]`` tokens starting at ``starts[i]``."""
 
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" (at least one prompt chunk, decode rows first) | "decode"
     seqs: list[Sequence] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
@@ -86,17 +95,21 @@ class Batch:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_batch: int, max_num_tokens: int,
-                 max_seq_len: int, window: int = 0, prefix_cache: bool = True) -> None:
-        """window > 0: every attention layer of the model looks back at most ``window`` keys (sliding-window
-        attention), so blocks wholly before the window of a sequence's next query are given back.
-        prefix_cache: reuse the KV blocks of cached prefixes (the module docstring); always off with a window."""
+                 max_seq_len: int, window: int = 0, prefix_cache: bool = True, mixed: bool = True) -> None:
+        """max_num_tokens: the token budget of one step. window > 0: every attention layer of the model looks back
+        at most ``window`` keys (sliding-window attention), so blocks wholly before the window of a sequence's next
+        query are given back. prefix_cache: reuse the KV blocks of cached prefixes (the module docstring); always
+        off with a window. mixed: decode tokens and prompt chunks share steps (the module docstring)."""
         self.window = window
         self.prefix_cache = prefix_cache and not window
+        self.mixed = mixed
         self.reused_tokens = 0  # tokens admitted sequences took from cached prefixes instead of prefilling them
+        self.preemptions = 0
         self.allocator = allocator
         self.block_size = block_size
         self.max_batch = max_batch
         self.max_num_tokens = max_num_tokens
+        self.max_running = min(max_batch, max_num_tokens)  # so a decode step always fits the budget
         self.max_seq_len = max_seq_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -132,20 +145,25 @@ class Scheduler:
     def schedule(self, defer: bool = False) -> Batch | None:
         """The next step, or None when there is nothing to run (or, with ``defer``, nothing that can run before
         the results of the step in flight are in)."""
-        batch = self._prefill()
-        if batch.seqs:
-            return batch
-        batch = self._decode(defer)
+        if self.mixed:
+            preemptions = self.preemptions
+            batch = self._decode(defer)
+            if batch is not None and self.preemptions == preemptions:
+                self._prefill(batch)
+        else:
+            batch = self._prefill(Batch("prefill"))
+            if not batch.seqs:
+                batch = self._decode(defer)
         if batch is not None and batch.seqs:
             return batch
         if not self.idle and not defer:
             raise RuntimeError("scheduler stalled with work left: KV blocks leaked")
         return None
 
-    def _prefill(self) -> Batch:
-        batch = Batch("prefill")
-        budget = self.max_num_tokens
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch:
+    def _prefill(self, batch: Batch) -> Batch:
+        """Add prompt chunks to ``batch`` with what is left of the budget; it becomes a prefill step if any fits."""
+        budget = self.max_num_tokens - batch.num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
             reused = 0
             # A sequence in the middle of a chunked prefill already holds blocks for all its tokens.
@@ -160,6 +178,7 @@ class Scheduler:
             self.reused_tokens += reused
             n = min(len(seq.token_ids) - seq.num_cached, budget)
             batch.add(seq, seq.num_cached, n)
+            batch.kind = "prefill"
             budget -= n
             if seq.num_cached + n < len(seq.token_ids):
                 break  # the rest of this prompt goes in later steps, it keeps the head of the queue
@@ -178,6 +197,8 @@ class Scheduler:
             while not seq.table.ensure(len(seq.token_ids)):
                 if defer:
                     return None
+                if self._yield_partial():
+                    continue
                 victim = queue.pop() if queue else seq
                 self.preempt(victim)
                 if victim is seq:
@@ -197,10 +218,25 @@ class Scheduler:
         """Free a running sequence's blocks and queue it first, to recompute later what the prefix cache no longer
         holds of it (its full blocks stay keyed until evicted)."""
         self.running.remove(seq)
+        self._yield(seq)
+        self.waiting.appendleft(seq)
+
+    def _yield_partial(self) -> bool:
+        """Free the blocks of a prompt in the middle of its chunked prefill (mixed steps only: otherwise no decode
+        runs beside one); True if there was one. It is newer than every running sequence, so it yields first, and
+        it must: it is the head of the queue, so a running sequence preempted instead would queue before it and
+        could wait for blocks that it holds, forever. It stays at the head, to start again."""
+        head = self.waiting[0] if self.waiting else None
+        if head is None or not head.table.blocks:  # only a partly prefilled head holds blocks while it waits
+            return False
+        self._yield(head)
+        return True
+
+    def _yield(self, seq: Sequence) -> None:
         self._release(seq)
         seq.num_cached = 0
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.preemptions += 1
 
     def launched(self, batch: Batch) -> list[tuple[int, Sequence, int]]:
         """Record that ``batch`` is on its way: a PENDING token for each sequence it caches fully.

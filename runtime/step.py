@@ -1,7 +1,8 @@
 """What one forward step of the graph consumes: the step inputs of docs/ops.md as int32 CPU tensors.
 
-A step is either a prefill (each sequence brings a run of tokens that continues its cached prefix;
-the runtime also uses it for chunked prefill) or a decode (every sequence brings exactly one token).
+A step is either a prefill (each sequence brings a run of tokens that continues its cached prefix: chunked
+prefill, and the mixed steps where running sequences bring their one decode token beside prompt chunks) or a
+decode (every sequence brings exactly one token).
 Backends copy these tensors into their own buffers; nothing here depends on a device.
 """
 
@@ -44,6 +45,10 @@ class StepInput:
     @property
     def R(self) -> int:
         return self.last_idx.shape[0]
+
+    def single_token_rows(self, n: int) -> bool:
+        """Whether the first ``n`` rows carry one token each (so row i is token i): what a feed may cover."""
+        return n <= self.S and bool((self.cu_seqlens_q[:n + 1] == torch.arange(n + 1)).all())
 
     def inputs(self) -> dict[str, Tensor]:
         """The step inputs by their graph names (artifact_format.graph.STEP_INPUTS)."""
