@@ -1,8 +1,10 @@
 """The step pipeline: requests' host-side bookkeeping, and at most one step in flight ahead of its results.
 
 Asynchronous decode: the GPU must never wait for the host between steps, so step N+1 is scheduled and enqueued
-before step N's ids are read. A token still in flight is a PENDING placeholder in its sequence; the next decode
-step takes it on the device (the ``feed``: row i reads row feed[i] of step N's samples). Then step N's ids are
+before step N's ids are read. A token still in flight is a PENDING placeholder in its sequence; the next step takes
+it on the device (the ``feed``: row i reads row feed[i] of step N's samples). The feed covers a step's leading rows
+of one token each: all of a decode step, the decode rows a mixed step starts with (runtime/scheduler.py), so a
+prompt chunk goes beside the running sequences' decode tokens with a step in flight all the same. Then step N's ids are
 read (pinned memory, an event), written over their placeholders and checked for stops, one step behind the GPU.
 A sequence that stopped at step N was already scheduled in step N+1: that extra token is dropped and its blocks
 freed (after N+1 was enqueued, so any later step reusing them runs after it); one aborted meanwhile drops it too.
@@ -171,12 +173,14 @@ class Pipeline:
 
     def _launch(self, batch: Batch, reqs: list[Request], prev: Launched | None) -> Launched:
         """Enqueue ``batch``; its rows whose last token is still PENDING take it from ``prev``'s samples."""
-        feed = None
-        if prev is not None and batch.kind == "decode":
+        fed, feed = [-1] * len(reqs), None
+        if prev is not None:
             rows = {r.seq: row for row, r, _ in prev.produced}
-            feed = torch.tensor([rows.get(s, -1) for s in batch.seqs], dtype=torch.int32)
+            lead = next((i for i, n in enumerate(batch.counts) if n != 1), len(batch.counts))
+            fed[:lead] = [rows.get(s, -1) for s in batch.seqs[:lead]]
+            if max(fed) >= 0:
+                feed = torch.tensor(fed[:lead], dtype=torch.int32)
         # Only the step in flight can still owe a token: anything older was read before this one was scheduled.
-        fed = feed.tolist() if feed is not None else [-1] * len(reqs)
         owed = [s.seq_id for s, a, n, f in zip(batch.seqs, batch.starts, batch.counts, fed)
                 if PENDING in s.token_ids[a:a + n] and f < 0]
         if owed:

@@ -262,8 +262,9 @@ class Program:
 
         pad_to (decode only): add rows up to a CUDA-graph bucket. Padding rows are masked by the kernels
         (docs/ops.md): slot_mapping -1, seq_lens 0, block table zeros, positions 0, ids 0, last_idx = row.
-        feed (decode only, [S] int): row i's input id is the last sampling run's row feed[i] where that is
-        >= 0, else ids[i]; ``feed_ids`` applies it on the device. Without feed every row keeps its host id.
+        feed ([n] int over the step's first n rows, each of one token: Backend.submit): row i's input id is the
+        last sampling run's row feed[i] where that is >= 0, else ids[i]; ``feed_ids(n)`` applies it on the device.
+        Without feed every row keeps its host id.
         """
         T, S, R = step.T, step.S, step.R
         if T > self.max_num_tokens or S > self.max_batch or R > self.max_batch:
@@ -297,15 +298,17 @@ class Program:
         rows[:n] = np.arange(self.max_batch, self.max_batch + n)
         if feed is not None:
             f = feed.numpy()
-            if step.kind != "decode" or len(f) != S or (f >= self.max_batch).any():
-                raise ValueError(f"a feed maps each row of a decode step to a sampled row below {self.max_batch}: "
-                                 f"got a {step.kind} step of S={S} and feed {f.tolist()}")
-            rows[:S] = np.where(f >= 0, f, rows[:S])
+            if not step.single_token_rows(len(f)) or (f >= self.max_batch).any():
+                raise ValueError(f"a feed maps each of a step's leading one-token rows to a sampled row below "
+                                 f"{self.max_batch}: got a {step.kind} step of cu_seqlens_q "
+                                 f"{step.cu_seqlens_q.tolist()} and feed {f.tolist()}")
+            rows[:len(f)] = np.where(f >= 0, f, rows[:len(f)])
         self._step.upload()
         return {"T": n if pad_to else T, "S": n, "R": n if pad_to else R}
 
     def feed_ids(self, rows: int) -> None:
-        """On the device: ids[:rows] = token_pool[feed_index[:rows]] (decode steps, inside their CUDA graphs).
+        """On the device: ids[:rows] = token_pool[feed_index[:rows]] (decode steps inside their CUDA graphs; the
+        fed rows of any other step).
 
         Two tiny ops, no host sync: the step's host ids go to the pool's second half, then one gather picks each
         row's id from there or from the last sampled ids (what ``load_step``'s feed asked for).

@@ -3,7 +3,8 @@
 A backend owns the device-side state of an artifact (weights, KV-cache blocks, activations) and runs
 one step at a time: ``forward`` (StepInput -> logits [R, V] fp32) and ``sample`` (the sampling op), or both
 at once with ``submit``, which may return before the step has run: its sampled ids come back through a
-``PendingIds``, and the next decode step can take them as input ids on the device (``feed``). Scheduling,
+``PendingIds``, and the next step can take them as the input ids of its leading one-token rows on the device
+(``feed``). Scheduling,
 block tables and stop conditions live above it, in the engine.
 """
 
@@ -45,7 +46,8 @@ class Backend(ABC):
     def submit(self, step: StepInput, sampling: dict[str, Tensor], feed: Tensor | None = None) -> PendingIds:
         """Enqueue ``forward`` then ``sample`` (``sampling``: its per-row inputs, on the CPU); the ids [R] to come.
 
-        feed ([S] int32, decode steps only): where feed[i] >= 0, row i's input id is row feed[i] of the previous
+        feed ([n] int32 over the step's first n rows, each of one token: every row of a decode step, the decode
+        rows a mixed prefill step starts with): where feed[i] >= 0, row i's input id is row feed[i] of the previous
         submit's sampled ids, taken on the device (the host's id there is only a placeholder). This default
         runs synchronously; backends with a stream (cuda) return as soon as the work is enqueued.
         """
@@ -68,13 +70,14 @@ class Backend(ABC):
 
 def fed_step(step: StepInput, sampled: Tensor | None, feed: Tensor) -> StepInput:
     """``step`` with the fed rows' ids taken from ``sampled`` (on the host: what a device gather does elsewhere)."""
-    take = feed >= 0
-    if step.kind != "decode" or feed.shape != (step.S,) or (take.any() and sampled is None):
-        raise ValueError(f"a feed maps each row of a decode step to a sampled row of the previous step: got a "
-                         f"{step.kind} step of S={step.S}, feed {feed.tolist()}")
+    take, n = feed >= 0, feed.shape[0]
+    if not step.single_token_rows(n) or (take.any() and sampled is None):
+        raise ValueError(f"a feed maps each of a step's leading one-token rows to a sampled row of the previous "
+                         f"step: got a {step.kind} step of cu_seqlens_q {step.cu_seqlens_q.tolist()}, feed "
+                         f"{feed.tolist()}")
     ids = step.ids.clone()
-    if take.any():
-        ids[take] = sampled.cpu()[feed[take].long()].to(ids.dtype)
+    if take.any():  # the first n rows are the first n tokens
+        ids[:n][take] = sampled.cpu()[feed[take].long()].to(ids.dtype)
     return dataclasses.replace(step, ids=ids)
 
 

@@ -117,8 +117,8 @@ class CudaBackend(Backend):
             self._graphs[bucket].replay()
             return self.program.logits(step.R)
         env = self.program.load_step(step, feed=feed)
-        if feed is not None:
-            self.program.feed_ids(env["T"])
+        if feed is not None:  # its leading one-token rows only: T may exceed the pool's max_batch ids
+            self.program.feed_ids(len(feed))
         self._run(self.program.launches(step.kind, env), env)
         return self.program.logits(env["R"])
 

@@ -85,8 +85,8 @@ class InterpretBackend(Backend):
     def forward(self, step: StepInput, feed: Tensor | None = None) -> Tensor:
         """Logits [R, V] fp32: a view of the program's arena, valid until the next step (feed: see ``submit``)."""
         env = self.program.load_step(step, feed=feed)
-        if step.kind == "decode":
-            self.program.feed_ids(env["T"])
+        if step.kind == "decode" or feed is not None:  # a prefill step's fed rows are its leading ones
+            self.program.feed_ids(env["T"] if feed is None else len(feed))
         for launch in self.program.launches(step.kind, env):
             run_interpreted(launch, env)
         return self.program.logits(env["R"])

@@ -184,11 +184,24 @@ def test_a_fed_decode_step_takes_its_ids_from_the_last_samples():
     p.load_step(step, pad_to=4)  # without a feed the gather leaves every host id
     p.feed_ids(4)
     assert p.inputs["ids"][:4].tolist() == [-1, 12, -1, 0]
-    for bad in ([0, 1], [0, 1, MAX_B]):
+    for bad in ([0, 1, 2, 3], [0, 1, MAX_B]):
         with pytest.raises(ValueError, match="feed"):
             p.load_step(step, feed=torch.tensor(bad, dtype=torch.int32))
-    with pytest.raises(ValueError, match="feed"):
+    with pytest.raises(ValueError, match="feed"):  # a feed covers only leading one-token rows
         p.load_step(make_step("prefill", [Chunk([1, 2], 0, [1])], BS, MAX_BLOCKS), feed=torch.tensor([0]))
+
+
+def test_a_mixed_step_feeds_its_leading_decode_rows():
+    """A prefill-kind step that starts with decode rows: the feed covers those, the prompt chunk keeps its ids."""
+    p = _program()
+    p.extra_buffers["sampling"]["out"].copy_(torch.tensor([70, 71, 72, 73], dtype=torch.int32))
+    step = make_step("prefill", [Chunk([-1], 3, [1]), Chunk([12], 20, [2, 3]), Chunk([5, 6, 7], 0, [4])], BS,
+                     MAX_BLOCKS)
+    p.load_step(step, feed=torch.tensor([1, -1], dtype=torch.int32))
+    p.feed_ids(2)
+    assert p.inputs["ids"][:5].tolist() == [71, 12, 5, 6, 7]
+    with pytest.raises(ValueError, match="feed"):
+        p.load_step(step, feed=torch.tensor([1, -1, 0], dtype=torch.int32))
 
 
 def test_every_parameter_binds_to_its_buffer():
