@@ -1,6 +1,7 @@
 """A llama-bench-like measurement of an engine: prompt processing (pp) and token generation (tg) speed.
 
-pp: one sequence of ``pp`` random tokens prefilled (in chunks of max_num_tokens), tokens per second.
+pp: one sequence of ``pp`` random tokens prefilled (in chunks of the engine's step budget, max_num_batched_tokens),
+tokens per second.
 tg: ``batch`` sequences generating ``tg`` tokens each from an empty context, one decode step per token (CUDA
 graphs where the backend has them), each step's greedy-sampled ids fed in as the next step's on the device
 while the host enqueues one step ahead, as the engine's asynchronous decode does. Per decode step the model
@@ -108,7 +109,7 @@ class _Runner:
         return self.backend.sample(logits, *self._greedy[rows]).tolist()
 
     def prefill(self, ids: list[int], table: list[int]) -> torch.Tensor:
-        chunk = self.limits.max_num_tokens
+        chunk = self.engine.scheduler.max_num_tokens
         for start in range(0, len(ids), chunk):
             step = make_step("prefill", [Chunk(ids[start:start + chunk], start, table)], self.bs, self.width)
             logits = self.backend.forward(step)

@@ -27,6 +27,10 @@ _backend = click.option("--backend", type=click.Choice(NAMES), default="auto", s
 _kv = click.option("--kv-cache-gb", type=float, default=None, help="KV-cache size (default: from free memory)")
 _prefix = click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
                        help="reuse the KV blocks of a prompt prefix an earlier request computed")
+_mixed = click.option("--mixed-steps/--no-mixed-steps", default=True, show_default=True,
+                      help="running sequences keep decoding in the steps that prefill a new prompt")
+_budget = click.option("--max-num-batched-tokens", type=int, default=None,
+                       help="tokens one step may carry, 1 to the artifact's max_num_tokens (default: that)")
 
 
 def chat_prompt(tokenizer, prompt: str) -> list[int]:
@@ -58,9 +62,11 @@ def _check_utf8(text: str) -> None:
 @_backend
 @_kv
 @_prefix
+@_mixed
+@_budget
 def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float, top_k: int,
         min_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...], backend: str,
-        kv_cache_gb: float | None, prefix_cache: bool) -> None:
+        kv_cache_gb: float | None, prefix_cache: bool, mixed_steps: bool, max_num_batched_tokens: int | None) -> None:
     """Generate from ARTIFACT, streaming text to stdout as tokens come."""
     from runtime.engine import load
     from runtime.sampling import SamplingParams
@@ -69,7 +75,8 @@ def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: f
         _check_utf8(text)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
-    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb, prefix_cache=prefix_cache)
+    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb, prefix_cache=prefix_cache,
+                  mixed_steps=mixed_steps, max_num_batched_tokens=max_num_batched_tokens)
     source = chat_prompt(engine.tokenizer, prompt) if chat else prompt
     for piece in engine.stream(source, params):
         click.echo(piece, nl=False)
@@ -90,14 +97,17 @@ def run(artifact: Path, prompt: str, chat: bool, max_tokens: int, temperature: f
 @_backend
 @_kv
 @_prefix
+@_mixed
+@_budget
 def serve(artifact: Path, host: str, port: int, api_key: str | None, max_queue: int, served_model_name: str | None,
-          async_decode: bool, backend: str, kv_cache_gb: float | None, prefix_cache: bool) -> None:
+          async_decode: bool, backend: str, kv_cache_gb: float | None, prefix_cache: bool, mixed_steps: bool,
+          max_num_batched_tokens: int | None) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (chat and text completions, streaming)."""
     from runtime.serving.server import serve as run_server
 
     run_server(artifact, host=host, port=port, api_key=api_key, backend=backend, kv_cache_gb=kv_cache_gb,
                max_queue=max_queue, served_model_name=served_model_name, async_decode=async_decode,
-               prefix_cache=prefix_cache)
+               prefix_cache=prefix_cache, mixed_steps=mixed_steps, max_num_batched_tokens=max_num_batched_tokens)
 
 
 @main.command()
@@ -159,17 +169,20 @@ def inspect(artifact: Path) -> None:
 @_backend
 @_kv
 @_prefix
+@_budget
 def bench(artifact: Path, pp: int, tg: int, batch: tuple[int, ...], backend: str, kv_cache_gb: float | None,
-          prefix_cache: bool) -> None:
+          prefix_cache: bool, max_num_batched_tokens: int | None) -> None:
     """Measure prompt processing and generation speed on ARTIFACT (a llama-bench-like table).
 
-    Its steps go straight to the backend, past the scheduler: no test reuses a prefix, with the cache on or off."""
+    Its steps go straight to the backend, past the scheduler: no test reuses a prefix, with the cache on or off, and
+    none mixes; the prompt is prefilled in chunks of --max-num-batched-tokens."""
     from rich.console import Console
 
     from runtime.bench import run_bench
     from runtime.engine import load
 
-    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb, prefix_cache=prefix_cache)
+    engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb, prefix_cache=prefix_cache,
+                  max_num_batched_tokens=max_num_batched_tokens)
     rows = run_bench(engine, pp=pp, tg=tg, batch_sizes=batch)
     Console(width=160).print(bench_table(rows))
 

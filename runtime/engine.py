@@ -1,7 +1,7 @@
 """The engine: an artifact, a backend and a tokenizer behind ``logits``, ``generate`` and ``stream``.
 
-Each step the scheduler picks (prefill or decode) runs as one ``backend.submit`` (forward, then sample); the
-sampled ids are the only thing read back to the host per step. Stop conditions (EOS, stop token ids, stop
+Each step the scheduler picks (prefill, decode, or both mixed) runs as one ``backend.submit`` (forward, then
+sample); the sampled ids are the only thing read back to the host per step. Stop conditions (EOS, stop token ids, stop
 strings, max_tokens) are checked on the host.
 
 Asynchronous decode (``async_decode=True``, the default; tests/gpu/test_async_decode_gpu.py on the GPU): step N+1
@@ -13,6 +13,10 @@ the next.
 Prefix caching (``prefix_cache=True``, the default; runtime/scheduler.py): a prompt that begins with whole KV
 blocks an earlier request computed (a system prompt, the turns of a chat so far) shares those blocks and is
 prefilled from their end; its tokens, texts and finish reasons are those it would get with the cache off.
+
+Mixed steps (``mixed_steps=True``, the default; runtime/scheduler.py): a step carries every running sequence's
+decode token and then prompt chunks up to ``max_num_batched_tokens``, so a long prompt is prefilled over several
+steps while the others keep decoding, with the same tokens as without.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from artifact_format.graph import Limits
 from runtime.artifact import Artifact, load_artifact, max_blocks
 from runtime.backends import make_backend
 from runtime.backends.base import Backend
@@ -50,12 +55,26 @@ def kv_window(graph) -> int:
     return max(windows) if windows and all(windows) else 0
 
 
+def step_budget(limits: Limits, max_num_batched_tokens: int | None) -> int:
+    """Tokens one step may carry: ``max_num_batched_tokens``, checked against the artifact (None: all it allows)."""
+    if max_num_batched_tokens is None:
+        return limits.max_num_tokens
+    n = max_num_batched_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_num_tokens:
+        raise ValueError(f"--max-num-batched-tokens must be an integer from 1 to this artifact's max_num_tokens "
+                         f"{limits.max_num_tokens}, not {n!r}")
+    return n
+
+
 class Engine:
     def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer, async_decode: bool = True,
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, mixed_steps: bool = True,
+                 max_num_batched_tokens: int | None = None) -> None:
         """async_decode: enqueue each step before reading the previous one's ids (the module docstring);
         False reads every step's ids before the next is scheduled. prefix_cache: reuse the KV blocks of prompt
-        prefixes earlier requests computed (off for sliding-window models either way)."""
+        prefixes earlier requests computed (off for sliding-window models either way). mixed_steps: decode tokens
+        and prompt chunks share steps. max_num_batched_tokens: the token budget of a step (None: the artifact's
+        max_num_tokens)."""
         self.artifact = artifact
         self.backend = backend
         self.tokenizer = tokenizer
@@ -63,8 +82,8 @@ class Engine:
         self.vocab_size = int(artifact.graph.get_meta("vocab_size"))
         self.allocator = BlockAllocator(backend.num_blocks)
         self.scheduler = Scheduler(self.allocator, self.limits.block_size, self.limits.max_batch,
-                                   self.limits.max_num_tokens, self.limits.max_seq_len, kv_window(artifact.graph),
-                                   prefix_cache=prefix_cache)
+                                   step_budget(self.limits, max_num_batched_tokens), self.limits.max_seq_len,
+                                   kv_window(artifact.graph), prefix_cache=prefix_cache, mixed=mixed_steps)
         self._next_id = 0
         self.async_decode = async_decode
 
@@ -168,15 +187,18 @@ class Engine:
 
 
 def load(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = None, rehash: bool = False,
-         async_decode: bool = True, prefix_cache: bool = True, **backend_kw) -> Engine:
+         async_decode: bool = True, prefix_cache: bool = True, mixed_steps: bool = True,
+         max_num_batched_tokens: int | None = None, **backend_kw) -> Engine:
     """Load and validate the artifact at ``path`` and make an engine on ``backend`` (auto, torch, cuda, ...).
 
     ``rehash``: read every file for its sha256 even when this machine verified it unchanged before.
-    ``async_decode``, ``prefix_cache``: see ``Engine``."""
+    ``async_decode``, ``prefix_cache``, ``mixed_steps``, ``max_num_batched_tokens``: see ``Engine``."""
     artifact = load_artifact(path, rehash=rehash)
+    step_budget(artifact.limits, max_num_batched_tokens)  # a bad option fails before the backend's set-up
     tokenizer = artifact_tokenizer(artifact)  # before the backend: cheap, and its failures are the user's to fix
     be = make_backend(backend, artifact, kv_cache_gb=kv_cache_gb, **backend_kw)
-    return Engine(artifact, be, tokenizer, async_decode=async_decode, prefix_cache=prefix_cache)
+    return Engine(artifact, be, tokenizer, async_decode=async_decode, prefix_cache=prefix_cache,
+                  mixed_steps=mixed_steps, max_num_batched_tokens=max_num_batched_tokens)
 
 
 def artifact_tokenizer(artifact: Artifact) -> Tokenizer:

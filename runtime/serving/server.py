@@ -21,9 +21,11 @@ def setup_logging() -> None:
 
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           backend: str = "auto", kv_cache_gb: float | None = None, max_queue: int = 256,
-          served_model_name: str | None = None, async_decode: bool = True, prefix_cache: bool = True) -> None:
+          served_model_name: str | None = None, async_decode: bool = True, prefix_cache: bool = True,
+          mixed_steps: bool = True, max_num_batched_tokens: int | None = None) -> None:
     """async_decode: see ``runtime.engine.Engine`` (False reads every step's ids before the next is scheduled);
-    prefix_cache: reuse the KV blocks of prompts' cached prefixes (``runtime.engine.Engine``)."""
+    prefix_cache: reuse the KV blocks of prompts' cached prefixes; mixed_steps, max_num_batched_tokens: decode
+    tokens and prompt chunks in one step, up to that many tokens (all ``runtime.engine.Engine``)."""
     import uvicorn
 
     from runtime.engine import load
@@ -33,7 +35,7 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, api_k
         raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
     setup_logging()
     engine = load(artifact, backend=backend, kv_cache_gb=kv_cache_gb, async_decode=async_decode,
-                  prefix_cache=prefix_cache)
+                  prefix_cache=prefix_cache, mixed_steps=mixed_steps, max_num_batched_tokens=max_num_batched_tokens)
     name = served_model_name or Path(artifact).resolve().name
     app = create_app(engine, name, api_key=api_key, max_queue=max_queue)
     log.info("serving %s at http://%s:%d on the %s backend: %d KV blocks of %d tokens, max_batch %d, %s decode", name,

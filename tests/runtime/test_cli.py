@@ -126,6 +126,33 @@ def test_no_prefix_cache_reaches_the_engine(art, monkeypatch):
     assert seen == [True, False] * 3
 
 
+def test_mixed_step_options_reach_the_engine(art, monkeypatch):
+    """--no-mixed-steps (run, serve) and --max-num-batched-tokens (run, serve, bench); a budget the artifact
+    cannot take is one error line."""
+    import runtime.bench
+    import runtime.engine
+    import runtime.serving.server
+
+    seen = []
+    real_load = runtime.engine.load
+
+    def load(*args, **kw):
+        seen.append((kw.get("mixed_steps", True), kw["max_num_batched_tokens"]))
+        return real_load(*args, **kw)
+
+    monkeypatch.setattr(runtime.engine, "load", load)
+    monkeypatch.setattr(runtime.serving.server, "serve",
+                        lambda *a, **kw: seen.append((kw["mixed_steps"], kw["max_num_batched_tokens"])))
+    monkeypatch.setattr(runtime.bench, "run_bench", lambda engine, **kw: [])
+    run = ("run", art, "--prompt", "Hi", "--max-tokens", 2, "--backend", "torch")
+    for args in (run, ("serve", art)):
+        assert _invoke(*args).exit_code == 0
+        assert _invoke(*args, "--no-mixed-steps", "--max-num-batched-tokens", 8).exit_code == 0
+    assert _invoke("bench", art, "--backend", "torch", "--max-num-batched-tokens", 8).exit_code == 0
+    assert seen == [(True, None), (False, 8)] * 2 + [(True, 8)]
+    _one_line_error(_invoke(*run, "--max-num-batched-tokens", 0), "--max-num-batched-tokens", "from 1 to", "128")
+
+
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "runtime.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
