@@ -176,6 +176,8 @@ class Pipeline:
         fed, feed = [-1] * len(reqs), None
         if prev is not None:
             rows = {r.seq: row for row, r, _ in prev.produced}
+            # The device gather fills the step's first ids (Program.feed_ids): the one-token rows the scheduler puts
+            # first are the first tokens, so only they can be fed, and only decode rows hold PENDING tokens.
             lead = next((i for i, n in enumerate(batch.counts) if n != 1), len(batch.counts))
             fed[:lead] = [rows.get(s, -1) for s in batch.seqs[:lead]]
             if max(fed) >= 0:

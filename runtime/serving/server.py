@@ -38,7 +38,8 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, api_k
                   prefix_cache=prefix_cache, mixed_steps=mixed_steps, max_num_batched_tokens=max_num_batched_tokens)
     name = served_model_name or Path(artifact).resolve().name
     app = create_app(engine, name, api_key=api_key, max_queue=max_queue)
-    log.info("serving %s at http://%s:%d on the %s backend: %d KV blocks of %d tokens, max_batch %d, %s decode", name,
-             host, port, engine.backend.name, engine.allocator.num_blocks, engine.limits.block_size,
-             engine.limits.max_batch, "asynchronous" if async_decode else "synchronous")
+    log.info("serving %s at http://%s:%d on the %s backend: %d KV blocks of %d tokens, max_batch %d, %s decode, "
+             "%s steps of up to %d tokens", name, host, port, engine.backend.name, engine.allocator.num_blocks,
+             engine.limits.block_size, engine.limits.max_batch, "asynchronous" if async_decode else "synchronous",
+             "mixed" if mixed_steps else "prefill or decode", engine.scheduler.max_num_tokens)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
