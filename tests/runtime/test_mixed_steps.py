@@ -182,7 +182,7 @@ def test_budget_is_validated():
 def test_interpret_backend_feeds_a_mixed_step():
     """The program's device gather for the leading decode row of a prefill-kind step, against the torch backend
     (greedy: its tokens are the interpreter's)."""
-    kw = dict(max_blocks_total=8, max_num_batched_tokens=4)
+    kw = dict(max_blocks_total=8, max_num_batched_tokens=4, mixed_steps=True)
     interp, ref = load(tiny_artifact(), backend="interpret", **kw), load(tiny_artifact(), backend="torch", **kw)
     prompts = [[11, 12, 13], [20, 21, 22]]  # step 1: 3 + 1 tokens; step 2: 1 decode token + the other 2
     params = [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
