@@ -48,6 +48,10 @@ expect_error() {
     echo "ok: $* -> $(cat err.out)"
 }
 expect_error "needs a CUDA GPU" "$bin/runtime" run tiny-llama --backend cuda --prompt hi
+# serve imports the whole HTTP stack (uvicorn, fastapi, prometheus-client) before it loads the engine.
+expect_error "needs a CUDA GPU" "$bin/runtime" serve tiny-llama --backend cuda --port 0
+expect_error "needs a CUDA GPU" "$bin/runtime" bench tiny-llama --backend cuda
+expect_error "needs a CUDA GPU" "$bin/runtime" verify tiny-llama --backend cuda
 expect_error "trilite\[compile\]" "$bin/runtime" run tiny-llama --backend interpret --prompt hi --max-tokens 4
 expect_error "trilite\[compile\]" "$bin/runtime" run tiny-llama --backend torch --prompt hi --max-tokens 4
 expect_error "trilite\[compile\]" "$bin/compiler" compile tiny-llama --out again
