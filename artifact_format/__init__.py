@@ -4,5 +4,6 @@
   graph     the static op graph (frozen dataclasses) and its limits
   onnx_io   the graph to and from graph.onnx
 
-The runtime imports this package and ``kernels`` (for the interpreter backend) and nothing from ``compiler``.
+The runtime imports this package and ``kernels`` (for the interpret and torch backends, which need the compile
+extra) and nothing from ``compiler``.
 """

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from runtime.errors import ArtifactError
+from runtime.errors import ArtifactError, MissingExtra, missing_extra
 
 DEBUG_ENV = "TRILITE_DEBUG"
 
@@ -26,7 +26,9 @@ def debugging(ctx: click.Context | None = None) -> bool:
 
 def one_line(e: BaseException) -> str:
     """The sentence a user sees for ``e``."""
-    if isinstance(e, (ArtifactError, ValueError)) and str(e).strip():
+    if isinstance(e, ImportError) and not isinstance(e, MissingExtra):
+        e = missing_extra(e, "this command") or e  # e.g. `compiler compile` in a runtime-only install
+    if isinstance(e, (ArtifactError, ValueError, MissingExtra)) and str(e).strip():
         return str(e).strip().splitlines()[0]
     if isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""

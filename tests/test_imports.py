@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.errors import COMPILE_EXTRA
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("artifact_format", "kernels", "compiler", "runtime")
 
@@ -54,5 +56,16 @@ def test_no_private_name_of_another_package(package):
 def test_importing_the_runtime_loads_no_compiler_module():
     code = ("import sys, runtime, runtime.cli, runtime.engine, runtime.artifact, runtime.backends, runtime.verify; "
             "print(sorted(m for m in sys.modules if m == 'compiler' or m.startswith('compiler.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_the_gpu_serving_path_loads_nothing_of_the_compile_extra():
+    """What `runtime inspect | run --backend cuda | serve | verify | bench` import before a backend is chosen: none of
+    the compile extra's packages nor the kernel pack, so a plain `pip install .` serves artifacts on a GPU."""
+    banned = (*COMPILE_EXTRA, "kernels", "compiler")
+    code = ("import sys, runtime.cli, runtime.engine, runtime.serving.app, runtime.serving.server, runtime.verify, "
+            "runtime.bench, runtime.artifact, runtime.backends.cuda, runtime.backends.hip; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {banned!r}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

@@ -1,7 +1,8 @@
 """Backends by name: ``make_backend("torch" | "interpret" | "cuda" | "hip" | "auto", artifact, **kw)``.
 
 Modules are imported only when their backend is asked for, so the torch path never loads the driver
-and the GPU path never imports Triton.
+and the GPU path never imports Triton. interpret and torch run the kernel pack (kernels/), which needs
+Triton: without the compile extra, asking for them is a one-line MissingExtra.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from runtime.artifact import Artifact
 from runtime.backends.base import Backend
-from runtime.errors import ArtifactError
+from runtime.errors import ArtifactError, needs_compile_extra
 
 MODULES = {
     "torch": "runtime.backends.torch_ref",
@@ -59,7 +60,8 @@ def resolve(name: str, artifact: Artifact) -> str:
 
 def backend_class(name: str) -> type[Backend]:
     """The Backend subclass whose ``name`` is ``name``, from its module."""
-    module = importlib.import_module(MODULES[name])
+    with needs_compile_extra(f"the {name} backend"):
+        module = importlib.import_module(MODULES[name])
     for obj in vars(module).values():
         if isinstance(obj, type) and issubclass(obj, Backend) and obj is not Backend and obj.name == name:
             return obj

@@ -3,6 +3,7 @@
 No Triton kernel runs here, so it works on any torch device, CPU included: it is how a machine
 without a GPU serves a model, and the yardstick the kernel backends are checked against. KV caches
 are persistent tensors [num_blocks, block_size, Hk, Dh] in the model dtype, updated in place.
+The references live in the kernel pack's modules, which import Triton: this backend needs the compile extra.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from runtime.artifact import Artifact
 from runtime.backends.base import Backend, num_kv_blocks, physical_memory
+from runtime.errors import needs_compile_extra
 from runtime.step import StepInput
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,
@@ -28,7 +30,9 @@ class _Reference:
     """An op's reference() with the parameter names it accepts, so node roles and attrs can be filtered."""
 
     def __init__(self, op: str) -> None:
-        self.fn: Callable = importlib.import_module(f"kernels.{op}").reference
+        with needs_compile_extra("the torch backend"):  # the references live beside their kernels, under Triton
+            module = importlib.import_module(f"kernels.{op}")
+        self.fn: Callable = module.reference
         params = inspect.signature(self.fn).parameters.values()
         self.any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         self.names = {p.name for p in params}
@@ -44,6 +48,8 @@ class TorchBackend(Backend):
     def __init__(self, artifact: Artifact, kv_cache_gb: float | None = None, max_blocks_total: int | None = None,
                  device: str | torch.device = "cpu") -> None:
         super().__init__(artifact, kv_cache_gb, max_blocks_total)
+        self._refs: dict[str, _Reference] = {}
+        self._ref("sampling")  # without the compile extra this fails here, not at the first step
         self.device = torch.device(device)
         self.graph = artifact.graph
         if self.device.type == "cpu":
@@ -63,7 +69,6 @@ class TorchBackend(Backend):
         self.caches = {t.name: torch.empty(tuple(self.num_blocks if d == "NB" else d for d in t.shape),
                                            dtype=DTYPES[t.dtype], device=self.device)
                        for t in self.graph.sources("cache")}
-        self._refs: dict[str, _Reference] = {}
 
     def _ref(self, op: str) -> _Reference:
         if op not in self._refs:

@@ -157,3 +157,35 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "runtime.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and all(c in out.stdout for c in ("run", "verify", "inspect", "bench"))
+
+
+def test_without_triton_the_cpu_backends_say_which_extra(art):
+    """A runtime-only install (no Triton): inspect works; interpret and torch (and auto without a GPU) end in one
+    line naming the compile extra, cuda in the one-line no-GPU error; none of them a traceback."""
+    import torch
+
+    cpu_only = not torch.cuda.is_available()  # with a GPU, auto and cuda run the artifact's cuda:90 kernels
+    code = f"""
+import json, sys
+sys.modules["triton"] = None  # what `import triton` meets where it is not installed: ModuleNotFoundError
+from click.testing import CliRunner
+from runtime.cli import main
+out = {{}}
+for b in ("interpret", "torch", "auto", "cuda"):
+    r = CliRunner().invoke(main, ["run", {str(art)!r}, "--prompt", "hi", "--backend", b])
+    out[b] = [r.exit_code, r.stderr]
+r = CliRunner().invoke(main, ["inspect", {str(art)!r}])
+out["inspect"] = [r.exit_code, r.stdout]
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for b in ("interpret", "torch", "auto")[:3 if cpu_only else 2]:
+        rc, err = out[b]
+        assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, (b, err)
+        assert err.startswith(f"error: the {b if b != 'auto' else 'torch'} backend needs triton"), (b, err)
+        assert "pip install 'trilite[compile]'" in err, (b, err)
+    rc, err = out["cuda"]
+    assert not cpu_only or rc == 1 and err.count("\n") == 1 and err.startswith("error: backend cuda needs a CUDA"), err
+    assert out["inspect"][0] == 0 and "tiny-llama" in out["inspect"][1], out["inspect"]
