@@ -10,6 +10,7 @@
 #   hf         HF transformers baseline on the same preset
 #   decode     benchmarks/decode.py on artifacts/$MODEL (issue 8's protocol, HF in the same process, kernel profile)
 #              in each launch mode of $MODES (default plain,pdl,async,pdl+async)
+#   prefill    benchmarks/prefill.py on artifacts/$MODEL (pp512/2048/8192, mixed-step stall test, prefix-cache TTFT)
 #   serveload  `runtime serve` on artifacts/$MODEL, benchmarks/serve_load.py at 1/8/32 clients, `runtime bench` beside
 #   gemv       benchmarks/gemv.py over the pack's own GEMV candidates (every decode shape, T = 1, 4, 16, 32)
 set -uo pipefail
@@ -47,6 +48,8 @@ for step in "$@"; do
     hf) python3 -m benchmarks.hf_baseline "${MODEL:-tinyllama-1.1b}" > "$OUT/hf.log" 2>&1; grep "tok/s" "$OUT/hf.log" || tail -20 "$OUT/hf.log" ;;
     decode) python3 -m benchmarks.decode "artifacts/${MODEL:-tinyllama-1.1b}" --out "$OUT/decode-${MODEL:-tinyllama-1.1b}.md" \
         --modes "${MODES:-plain,pdl,async,pdl+async}" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode-${MODEL:-tinyllama-1.1b}.log" ;;
+    prefill) python3 -m benchmarks.prefill "artifacts/${MODEL:-tinyllama-1.1b}" --out "$OUT/prefill-${MODEL:-tinyllama-1.1b}.md" \
+        2>&1 | tee "$OUT/prefill.log" ;;
     serveload)
       A="artifacts/${MODEL:-tinyllama-1.1b}"
       python3 -m runtime.cli serve "$A" --port 8011 > "$OUT/serve.log" 2>&1 &

@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
+from artifact_format.graph import DTYPE_BYTES
 from runtime.step import Chunk, make_step
-
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "i32": 4, "i64": 8}
 
 
 def process_age() -> float | None:
