@@ -8,6 +8,7 @@ Triton: without the compile extra, asking for them is a one-line MissingExtra.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import warnings
 
 import torch
@@ -50,8 +51,10 @@ def resolve(name: str, artifact: Artifact) -> str:
         return "torch"
     if name in ("cuda", "hip"):
         if target is None or not target.startswith(name):
+            # The CPU backends run the kernel pack's references and interpreter: a runtime-only install lacks them.
+            extra = "" if importlib.util.find_spec("triton") else " (after pip install 'trilite[compile]')"
             raise ArtifactError(f"backend {name} needs a {name.upper()} GPU and this machine has "
-                                f"{target or 'none'}: use --backend torch or interpret")
+                                f"{target or 'none'}: use --backend torch or interpret{extra}")
         if target not in artifact.targets:
             raise ArtifactError(f"artifact has kernels for {', '.join(artifact.targets)}, this GPU is {target}: "
                                 f"recompile with --target {target}")
