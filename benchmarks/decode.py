@@ -23,7 +23,7 @@ import click
 import torch
 
 import runtime
-from runtime.bench import copy_bandwidth, decode_weight_bytes, kv_bytes_per_token
+from runtime.bench import copy_bandwidth, decode_weight_bytes, kv_bytes_per_token, weight_bytes_by_op
 
 PROMPT, NEW = 128, 256
 
@@ -152,10 +152,18 @@ def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, mod
                 total = sum(r[2] for r in rows)
                 details += ["", f"{model}, batch 1, {mode}, kernels over {steps} decode steps: {total / steps:.1f} µs "
                             f"of kernel time per step, {wall / steps:.1f} µs wall per step", "",
-                            "| kernel | calls/step | µs/step | share |", "|---|---|---|---|"]
+                            "| kernel | calls/step | µs/step | share | weight GB/s | % of copy |",
+                            "|---|---|---|---|---|---|"]
+                by_op = weight_bytes_by_op(graph)
                 for kname, calls, us in rows[:14]:
                     share = 100 * us / total
-                    details.append(f"| {kname[:60]} | {calls / steps:.1f} | {us / steps:.1f} | {share:.1f}% |")
+                    # Triton names a kernel after its jit function: _<op>_kernel reads that op's weights.
+                    # Only the matmuls read their whole weight each step (rope reads a row of its tables).
+                    op = kname.removeprefix("_").removesuffix("_kernel")
+                    wb = by_op.get(op, 0) if op in ("linear", "rms_norm_linear", "logits") else 0
+                    per_s = wb / (us / steps * 1e-6)  # bytes per second while the kernel runs
+                    rate = f"{per_s / 1e9:.0f} | {100 * per_s / bw:.0f}%" if wb else "– | –"
+                    details.append(f"| {kname[:60]} | {calls / steps:.1f} | {us / steps:.1f} | {share:.1f}% | {rate} |")
             del engine
             torch.cuda.empty_cache()
     text = "\n".join(lines + details) + "\n"

@@ -61,6 +61,19 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     return 2 * nbytes / statistics.median(times)
 
 
+def weight_bytes_by_op(graph: Any) -> dict[str, int]:
+    """op -> weight bytes one decode step reads through that op's nodes (the embedding's few rows are left out;
+    a tied lm_head counts under logits)."""
+    out: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "embedding":
+            continue
+        names = {name for _, name in node.inputs if graph.tensor(name).kind == "weight"}
+        nbytes = sum(math.prod(graph.tensor(n).shape) * DTYPE_BYTES[graph.tensor(n).dtype] for n in names)
+        out[node.op] = out.get(node.op, 0) + nbytes
+    return out
+
+
 def decode_weight_bytes(graph: Any) -> int:
     """Weight bytes one decode step reads: every weight but the embedding table, of which it reads a few rows
     (a tied lm_head still counts, through the logits node)."""
