@@ -32,11 +32,12 @@ def eval_grid(grid: Sequence[Sequence[Sequence]], env: Mapping[str, int]) -> tup
     return tuple(sum(mul if sym is None else -(-env[sym] // div) * mul for sym, div, mul in dim) for dim in grid)
 
 
-def _need(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(d, dict) or key not in d or not isinstance(d[key], kind) or isinstance(d[key], bool) \
-            and kind is int:
+def _need(d: Any, key: str, kind: type, where: str) -> Any:
+    """``d[key]`` if it is a ``kind`` (a bool is no int here), else IndexFormatError."""
+    value = d.get(key) if isinstance(d, dict) else None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise IndexFormatError(f"{where} has no valid {key!r}")
-    return d[key]
+    return value
 
 
 @dataclass(frozen=True)

@@ -76,11 +76,6 @@ class _Verified:
             pass  # a read-only home only costs the next start a rehash
 
 
-def max_blocks(limits: Limits) -> int:
-    """Block-table width: blocks of the longest sequence the artifact allows (Limits.max_blocks)."""
-    return limits.max_blocks
-
-
 @dataclass(frozen=True)
 class Artifact:
     path: Path

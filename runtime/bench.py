@@ -61,25 +61,29 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     return 2 * nbytes / statistics.median(times)
 
 
+def _weights(graph: Any, nodes: Any) -> set[str]:
+    """The weight tensors ``nodes`` read; the embedding reads a few rows of its table, so it is left out."""
+    return {name for node in nodes if node.op != "embedding" for _, name in node.inputs
+            if graph.tensor(name).kind == "weight"}
+
+
+def _nbytes(graph: Any, names: set[str]) -> int:
+    return sum(math.prod(graph.tensor(n).shape) * DTYPE_BYTES[graph.tensor(n).dtype] for n in names)
+
+
 def weight_bytes_by_op(graph: Any) -> dict[str, int]:
-    """op -> weight bytes one decode step reads through that op's nodes (the embedding's few rows are left out;
-    a tied lm_head counts under logits)."""
+    """op -> weight bytes one decode step reads through that op's nodes (a tied lm_head counts under logits)."""
     out: dict[str, int] = {}
     for node in graph.nodes:
-        if node.op == "embedding":
-            continue
-        names = {name for _, name in node.inputs if graph.tensor(name).kind == "weight"}
-        nbytes = sum(math.prod(graph.tensor(n).shape) * DTYPE_BYTES[graph.tensor(n).dtype] for n in names)
-        out[node.op] = out.get(node.op, 0) + nbytes
+        if node.op != "embedding":
+            out[node.op] = out.get(node.op, 0) + _nbytes(graph, _weights(graph, [node]))
     return out
 
 
 def decode_weight_bytes(graph: Any) -> int:
-    """Weight bytes one decode step reads: every weight but the embedding table, of which it reads a few rows
-    (a tied lm_head still counts, through the logits node)."""
-    names = {name for node in graph.nodes if node.op != "embedding" for _, name in node.inputs
-             if graph.tensor(name).kind == "weight"}
-    return sum(math.prod(graph.tensor(n).shape) * DTYPE_BYTES[graph.tensor(n).dtype] for n in names)
+    """Weight bytes one decode step reads: every weight but the embedding table, each once (a tied lm_head still
+    counts, through the logits node)."""
+    return _nbytes(graph, _weights(graph, graph.nodes))
 
 
 def kv_bytes_per_token(graph: Any, block_size: int) -> int:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from artifact_format.graph import Limits
-from runtime.artifact import Artifact, load_artifact, max_blocks
+from runtime.artifact import Artifact, load_artifact
 from runtime.backends import make_backend
 from runtime.backends.base import Backend
 from runtime.errors import ArtifactError
@@ -105,7 +105,7 @@ class Engine:
             for start in range(0, len(ids), chunk):
                 part = ids[start:start + chunk]
                 step = make_step("prefill", [Chunk(part, start, table.blocks)], self.limits.block_size,
-                                 max_blocks(self.limits), all_logits=True)
+                                 self.limits.max_blocks, all_logits=True)
                 # a copy: backends may return a view of their arena, which the next chunk overwrites
                 out.append(self.backend.forward(step).to("cpu", torch.float32, copy=True))
         finally:

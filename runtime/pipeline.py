@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from runtime.artifact import max_blocks
 from runtime.backends.base import Backend
 from runtime.sampling import Finish, SamplingParams, StopChecker, apply_repetition_penalty, sampling_inputs
 from runtime.scheduler import PENDING, Batch, Scheduler
@@ -187,7 +186,7 @@ class Pipeline:
                 if PENDING in s.token_ids[a:a + n] and f < 0]
         if owed:
             raise RuntimeError(f"sequences {owed} are scheduled with tokens no step in flight will give")
-        step = make_step(batch.kind, batch.chunks(), self.limits.block_size, max_blocks(self.limits))
+        step = make_step(batch.kind, batch.chunks(), self.limits.block_size, self.limits.max_blocks)
         # Built on the CPU: every backend takes them from there (the cuda backend in one staged upload), rather than
         # six tiny host-to-device copies per decode step. Offsets count the tokens still in flight too.
         inputs = sampling_inputs([r.params for r in reqs], [r.seed for r in reqs], [r.seq.num_generated for r in reqs])

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from runtime.artifact import Artifact, max_blocks
+from runtime.artifact import Artifact
 from runtime.staging import PendingIds
 from runtime.step import StepInput
 
@@ -109,7 +109,7 @@ def num_kv_blocks(artifact: Artifact, kv_cache_gb: float | None, max_blocks_tota
     """
     per_block = kv_bytes_per_block(artifact)
     limits = artifact.limits
-    longest = max_blocks(limits)
+    longest = limits.max_blocks
     if kv_cache_gb is not None:
         if not math.isfinite(kv_cache_gb) or kv_cache_gb <= 0:
             raise ValueError(f"--kv-cache-gb must be a positive number of GiB, not {kv_cache_gb}")

@@ -19,11 +19,8 @@ MAX_TOKENS = (9, 4, 24, 7, 30, 3, 11, 20)
 
 
 @pytest.fixture(scope="module")
-def artifact_path(tmp_path_factory):
-    from compiler.build import build, local_target
-
-    return build("tiny-llama", tmp_path_factory.mktemp("async") / "tiny", targets=[str(local_target())],
-                 dtype="fp32", max_seq_len=128, max_batch=4, autotune=False, reference=False).out
+def artifact_path(tiny_llama_gpu):
+    return tiny_llama_gpu
 
 
 def _prompts(vocab: int, seed: int) -> list[list[int]]:
