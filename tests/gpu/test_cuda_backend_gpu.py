@@ -22,8 +22,10 @@ EPS = 1e-5
 class HandArtifact(SimpleNamespace):
     """Just what a backend reads from an Artifact."""
 
-    def kernel_index(self, target: str) -> dict:
-        return self.index
+    def kernel_index(self, target: str):
+        from artifact_format.kernel_index import KernelIndex
+
+        return KernelIndex.from_json(self.index)
 
     def binary(self, target: str, file: str) -> bytes:
         return self.files[file]
