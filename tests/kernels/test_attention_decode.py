@@ -117,3 +117,23 @@ def test_other_head_dims_cross_compile(heads):
     for launch in plan.launches:
         for target in TARGETS:
             assert len(compile_launch(launch, target)[0]) > 1000
+
+
+def test_the_semaphores_are_left_zero_for_the_next_launch():
+    # The runtime shares one zeroed semaphore buffer between launches and steps: each launch must re-arm it, so
+    # a second launch over new inputs through the same buffers combines its own splits only.
+    from kernels.spec import run
+
+    hq, hk, dh = 8, 2, 64
+    cases = [decode_case(LENS, hq, hk, dh, torch.float32, seed=seed) for seed in (1, 2)]
+    meta = {**attrs(hq, hk, dh), "block_size": BLOCK_SIZE, "max_blocks": cases[0]["block_tables"].shape[1],
+            "max_T": len(LENS), "max_S": len(LENS)}
+    config = Config.make(BLOCK_N=16, NUM_SPLITS=4)
+    plan = SPEC.plan(meta, _dtypes("fp32"), config)
+    scratch = {role: (torch.zeros if role == SEMAPHORES else torch.empty)(n, dtype=getattr(torch, {
+        "fp32": "float32", "i32": "int32"}[dt])) for role, (n, dt) in plan.scratch}
+    for case in cases:
+        out = torch.full((len(LENS), hq * dh), float("nan"))
+        run(plan, {**case, "out": out, **scratch}, {"T": len(LENS), "S": len(LENS)})
+        torch.testing.assert_close(out, reference(**case, **attrs(hq, hk, dh)), atol=1e-5, rtol=1e-5)
+        assert (scratch[SEMAPHORES] == 0).all()
