@@ -10,7 +10,8 @@ Ops that exist only before the passes run (no kernel):
   concat(x0, x1, ...)                  columns side by side: [rows, D0 + D1 + ...]
   qk_norm(qkv, q_norm, k_norm)         RMSNorm of every q and k head by its weight (Qwen3); v untouched
   gather(x, idx)                       rows of x: [len(idx), D]
-The others (embedding, rms_norm, linear, silu_mul, rope, kv_cache_write, attention) are traced as the kernel ops.
+The others (embedding, rms_norm, linear, silu_mul, gelu_tanh_mul, rope, kv_cache_write, attention, logits) are traced
+as the kernel ops.
 """
 
 from __future__ import annotations
@@ -140,12 +141,17 @@ def _rows(x: Sym, what: str) -> Dim:
     return x.shape[0]
 
 
-def embedding(ids: Sym, weight: Sym) -> Sym:
-    """ids [T] i32, weight [V, D] -> [T, D]."""
+def embedding(ids: Sym, weight: Sym, scale: float = 1.0) -> Sym:
+    """ids [T] i32, weight [V, D] -> weight[ids] * scale: [T, D].
+
+    scale != 1 (Gemma's sqrt(hidden_size)) multiplies the rows as they are read, so a table tied to the lm_head
+    is never scaled itself; only then does the node carry the attr.
+    """
     _check(len(ids.shape) == 1 and ids.dtype == "i32", f"embedding: ids must be [T] i32, not {ids.shape} {ids.dtype}")
     _check(len(weight.shape) == 2, f"embedding: weight {weight.name} must be [V, D]")
     return ids.tracer.emit("embedding", {"ids": ids, "weight": weight},
-                           {"out": (weight.tracer.dtype, (ids.shape[0], weight.shape[1]))})[0]
+                           {"out": (weight.tracer.dtype, (ids.shape[0], weight.shape[1]))},
+                           {"scale": float(scale)} if scale != 1.0 else {})[0]
 
 
 def rms_norm(x: Sym, w: Sym, eps: float, name: str | None = None) -> Sym:
@@ -181,6 +187,13 @@ def silu_mul(x: Sym, name: str | None = None) -> Sym:
     rows = _rows(x, "silu_mul")
     _check(isinstance(x.shape[1], int) and x.shape[1] % 2 == 0, f"silu_mul: {x.name} {x.shape} has no even width")
     return x.tracer.emit("silu_mul", {"x": x}, {"out": (x.dtype, (rows, x.shape[1] // 2))}, {}, name)[0]
+
+
+def gelu_tanh_mul(x: Sym, name: str | None = None) -> Sym:
+    """x [rows, 2I] gate columns then up columns -> gelu_tanh(gate) * up: [rows, I] (GeGLU)."""
+    rows = _rows(x, "gelu_tanh_mul")
+    _check(isinstance(x.shape[1], int) and x.shape[1] % 2 == 0, f"gelu_tanh_mul: {x.name} {x.shape} has no even width")
+    return x.tracer.emit("gelu_tanh_mul", {"x": x}, {"out": (x.dtype, (rows, x.shape[1] // 2))}, {}, name)[0]
 
 
 def linear(x: Sym, w: Sym, b: Sym | None = None, out_dtype: str | None = None, name: str | None = None) -> Sym:
@@ -251,20 +264,25 @@ def kv_cache_write(qkv: Sym, slot_mapping: Sym, k_cache: Sym, v_cache: Sym, *, n
 
 
 def attention(qkv: Sym, k_cache: Sym, v_cache: Sym, cu_seqlens_q: Sym, seq_lens: Sym, block_tables: Sym, *,
-              num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int = 0) -> Sym:
+              num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int = 0,
+              softcap: float = 0.0) -> Sym:
     """Causal GQA attention of qkv's q heads over the paged caches (already holding this step's k, v).
 
     -> [T, Hq Dh]. Query i of sequence s sits at position p = seq_lens[s] - q_len + i; with window > 0 it sees
-    only keys at positions > p - window (a sliding window, as transformers masks it).
+    only keys at positions > p - window (a sliding window, as transformers masks it). softcap > 0 caps each
+    scaled score s as softcap * tanh(s / softcap) before the mask and softmax (Gemma 2).
     """
     rows = _check_qkv(qkv, "attention", num_q_heads, num_kv_heads, head_dim)
     _check(isinstance(window, int) and window >= 0, f"attention: window must be an int >= 0, not {window!r}")
+    _check(softcap >= 0, f"attention: softcap must be >= 0, not {softcap!r}")
     attrs = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
              "block_size": k_cache.shape[1], "scale": float(scale), "max_blocks": block_tables.shape[1]}
     if window:
         # Only a windowed node carries the attr: full-attention graphs, and the tuning keys built from their
-        # attrs, stay as they were.
+        # attrs, stay as they were. The same for softcap.
         attrs["window"] = window
+    if softcap:
+        attrs["softcap"] = float(softcap)
     return qkv.tracer.emit("attention", {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache,
                                          "cu_seqlens_q": cu_seqlens_q, "seq_lens": seq_lens,
                                          "block_tables": block_tables},
@@ -276,3 +294,18 @@ def gather(x: Sym, idx: Sym, name: str | None = None) -> Sym:
     _rows(x, "gather")
     _check(len(idx.shape) == 1 and idx.dtype == "i32", f"gather: idx must be 1-D i32, not {idx.shape} {idx.dtype}")
     return x.tracer.emit("gather", {"x": x, "idx": idx}, {"out": (x.dtype, (idx.shape[0], x.shape[1]))}, {}, name)[0]
+
+
+def logits(x: Sym, norm_w: Sym, weight: Sym, last_idx: Sym, *, eps: float, softcap: float = 0.0) -> Sym:
+    """Final norm and lm_head of the rows last_idx [R] picks: rms_norm(x[last_idx]) * norm_w @ weight^T, [R, V] fp32.
+
+    The fused form fuse_logits makes of rms_norm -> gather -> linear, traced directly by a family whose logits are
+    soft-capped (softcap > 0: cap * tanh(logits / cap), Gemma); only then does the node carry the attr.
+    """
+    _check(len(last_idx.shape) == 1 and last_idx.dtype == "i32", "logits: last_idx must be 1-D i32")
+    _check(norm_w.shape == (x.shape[1],) and len(weight.shape) == 2 and weight.shape[1] == x.shape[1],
+           f"logits: {x.name} {x.shape}, norm_w {norm_w.shape} and weight {weight.shape} do not fit")
+    _check(softcap >= 0, f"logits: softcap must be >= 0, not {softcap!r}")
+    attrs = {"eps": float(eps), **({"softcap": float(softcap)} if softcap else {})}
+    return x.tracer.emit("logits", {"x": x, "norm_w": norm_w, "weight": weight, "last_idx": last_idx},
+                         {"out": ("fp32", (last_idx.shape[0], weight.shape[0]))}, attrs, "logits")[0]

@@ -26,8 +26,14 @@ def trace(config: dict, tensors: Mapping[str, torch.Tensor], dtype: str, limits:
     family = family_of(config)
     cfg = ModelConfig.from_hf(config, has_lm_head="lm_head.weight" in tensors)
     tracer = Tracer(dtype)
-    m = Model(cfg, tensors, tracer, limits, rope_table(config, cfg.head_dim, limits.max_seq_len),
-              layer_windows(config, cfg.num_layers, limits.max_seq_len))
+    types = layer_types(config, cfg.num_layers)
+    # Gemma 3 keeps one set of RoPE parameters per layer type: the global table for full layers, a local one.
+    per_type = "sliding_attention" in (getattr(_hf_config(config), "rope_parameters", None) or {})
+    local = rope_table(config, cfg.head_dim, limits.max_seq_len, "sliding_attention") if per_type else None
+    m = Model(cfg, tensors, tracer, limits,
+              rope_table(config, cfg.head_dim, limits.max_seq_len, "full_attention" if per_type else None),
+              layer_windows(config, cfg.num_layers, limits.max_seq_len), local_cos_sin=local,
+              sliding=tuple(t == "sliding_attention" for t in types))
     logits = importlib.import_module(f"compiler.models.{family}").forward(m)
     meta = {"family": family, "architecture": cfg.architecture, "num_layers": cfg.num_layers,
             "num_q_heads": cfg.num_q_heads, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
@@ -53,6 +59,21 @@ def layer_windows(config: Mapping, num_layers: int, max_seq_len: int) -> tuple[i
     every layer (Mistral). A window no shorter than max_seq_len is plain causal attention, so it becomes 0 and
     the layer keeps the windowless kernels.
     """
+    window = getattr(_hf_config(config), "sliding_window", None) or 0
+    types = layer_types(config, num_layers)
+    if "sliding_attention" in types and not (isinstance(window, int) and window > 0):
+        raise ValueError(f"config: sliding_window must be a positive integer, not {window!r}")
+    window = window if window < max_seq_len else 0
+    return tuple(window if t == "sliding_attention" else 0 for t in types)
+
+
+def layer_types(config: Mapping, num_layers: int) -> list[str]:
+    """"sliding_attention" or "full_attention" for each layer, as transformers decides them for the config.
+
+    Its ``layer_types`` where the config class has them (Qwen2/Qwen3 derive them from use_sliding_window and
+    max_window_layers, Gemma 2 alternates, Gemma 3 follows sliding_window_pattern), else ``sliding_window`` on
+    every layer (Mistral).
+    """
     hf = _hf_config(config)
     window = getattr(hf, "sliding_window", None) or 0
     types = list(getattr(hf, "layer_types", None) or
@@ -61,23 +82,23 @@ def layer_windows(config: Mapping, num_layers: int, max_seq_len: int) -> tuple[i
     if unknown or len(types) != num_layers:
         raise ValueError(f"config: layer_types {types} must name full_attention or sliding_attention for each of "
                          f"the {num_layers} layers")
-    if "sliding_attention" in types and not (isinstance(window, int) and window > 0):
-        raise ValueError(f"config: sliding_window must be a positive integer, not {window!r}")
-    window = window if window < max_seq_len else 0
-    return tuple(window if t == "sliding_attention" else 0 for t in types)
+    return types
 
 
-def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor:
+def rope_table(config: Mapping, head_dim: int, max_seq_len: int, layer_type: str | None = None) -> torch.Tensor:
     """cos_sin [max_seq_len, rotary_dim] fp32: cos in the first rotary_dim/2 columns, sin in the rest.
 
     Frequencies and the attention scaling come from transformers' own RoPE code for the config, so the
     convention (neox halves, partial rotary, llama3 / linear / longrope scaling) is HF's to the bit.
+    ``layer_type`` picks one set of a config that keeps RoPE parameters per layer type (Gemma 3: its local base
+    frequency for sliding layers, rope_theta and any rope_scaling for full ones).
     """
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf = _hf_config(config)
     hf.head_dim = head_dim
-    params = dict(hf.rope_parameters)
+    params = dict(hf.rope_parameters if layer_type is None else hf.rope_parameters[layer_type])
+    by_type = {} if layer_type is None else {"layer_type": layer_type}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope type {rope_type!r} is not supported: supported are {', '.join(ROPE_TYPES)}")
@@ -91,9 +112,9 @@ def rope_table(config: Mapping, head_dim: int, max_seq_len: int) -> torch.Tensor
         # original_max_position_embeddings; one table must serve every step, so it takes the set for the longest
         # sequence this build admits: HF's exactly whenever max_seq_len <= the original length, which short
         # factors then cover. The attention factor (from max_position_embeddings / original) scales cos and sin.
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu", seq_len=max_seq_len)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu", seq_len=max_seq_len, **by_type)
     else:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu", **by_type)
     freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
     return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=1).contiguous()
 

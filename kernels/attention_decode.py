@@ -14,6 +14,8 @@ A padding row (seq_len 0) reads no key, its splits report lse = -inf, and its ou
 Sliding window (USE_WINDOW): the query at position seq_len - 1 sees the last WINDOW keys only, so the splits
 divide the tiles of [seq_len - WINDOW, seq_len) and blocks before the window are never loaded; a window that
 starts inside a cache block needs no mask, as the first tile starts at the window's first key.
+
+Soft-capping (USE_SOFTCAP, Gemma 2): as in attention_prefill, SOFTCAP = cap * log2(e) caps the log2-unit scores.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_helpers import LOG2E, mma, online_softmax_step, paged_kv_offsets
+from kernels.attention_helpers import LOG2E, mma, online_softmax_step, paged_kv_offsets, soft_cap, softcap_constexprs
 from kernels.attention_prefill import paged_attention, window_constexprs
 from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
@@ -53,6 +55,8 @@ def _attention_decode_kernel(
     NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     WINDOW: tl.constexpr,  # keys the query sees, its own included; read only with USE_WINDOW
+    USE_SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # cap * log2(e); read only with USE_SOFTCAP
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -84,7 +88,10 @@ def _attention_decode_kernel(
         kv_mask = n_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_cache_ptr + offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        scores = tl.where(n_ok[None, :], mma(q, tl.trans(k)) * qk_scale, float("-inf"))
+        scores = mma(q, tl.trans(k)) * qk_scale
+        if USE_SOFTCAP:
+            scores = soft_cap(scores, SOFTCAP)
+        scores = tl.where(n_ok[None, :], scores, float("-inf"))
         m_i, l_i, acc = online_softmax_step(scores, m_i, l_i, acc, v)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -178,7 +185,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         constexprs={"NUM_Q_HEADS": hq, "NUM_KV_HEADS": hk, "HEAD_DIM": dh, "GROUP": group,
                     "BLOCK_SIZE": meta["block_size"], "BLOCK_G": max(16, triton.next_power_of_2(group)),
                     "BLOCK_N": config["BLOCK_N"], "BLOCK_D": block_d, "NUM_SPLITS": splits,
-                    **window_constexprs(meta)},
+                    **window_constexprs(meta), **softcap_constexprs(meta, LOG2E)},
         args={"qkv_ptr": ("tensor", "qkv"), "k_cache_ptr": ("tensor", "k_cache"),
               "v_cache_ptr": ("tensor", "v_cache"), "seq_lens_ptr": ("tensor", "seq_lens"),
               "block_tables_ptr": ("tensor", "block_tables"), "out_ptr": ("tensor", "out"),
@@ -201,11 +208,11 @@ SPEC = KernelSpec("attention_decode", configs, default, plan, tune_buckets=(1, 4
 
 def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                     block_size: int, scale: float, window: int = 0, out: torch.Tensor | None = None,
-                     config: Config | None = None) -> torch.Tensor:
+                     block_size: int, scale: float, window: int = 0, softcap: float = 0.0,
+                     out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
     """qkv [S, (Hq + 2Hk) * Dh] (one token per sequence), caches [num_blocks, block_size, Hk, Dh],
     seq_lens [S] i32 (0 = padding row -> zeros), block_tables [S, max_blocks] i32 -> out [S, Hq * Dh].
-    window > 0: each query sees the last ``window`` keys of its sequence only."""
+    window > 0: each query sees the last ``window`` keys of its sequence only; softcap > 0 caps the scaled scores."""
     S, max_blocks = block_tables.shape
     assert qkv.shape == (S, (num_q_heads + 2 * num_kv_heads) * head_dim) and qkv.is_contiguous()
     assert k_cache.shape[1:] == (block_size, num_kv_heads, head_dim) and k_cache.is_contiguous()
@@ -215,8 +222,8 @@ def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         out = torch.empty(S, num_q_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     assert out.shape == (S, num_q_heads * head_dim) and out.is_contiguous()
     meta = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
-            "block_size": block_size, "scale": scale, "window": window, "max_blocks": max_blocks, "max_T": S,
-            "max_S": S}
+            "block_size": block_size, "scale": scale, "window": window, "softcap": softcap, "max_blocks": max_blocks,
+            "max_T": S, "max_S": S}
     tensors = {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens,
                "block_tables": block_tables, "out": out}
     dtypes = {role: dtype_name(t) for role, t in tensors.items()}
@@ -226,12 +233,13 @@ def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 def reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
               block_tables: torch.Tensor, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
-              scale: float, window: int = 0) -> torch.Tensor:
+              scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Each row s attends, in fp32, to the first seq_lens[s] tokens of its paged cache (the last ``window`` of
-    them when window > 0); length 0 gives zeros."""
+    them when window > 0, scores soft-capped when softcap > 0); length 0 gives zeros."""
     S = qkv.shape[0]
     q = qkv[:, : num_q_heads * head_dim].reshape(S, 1, num_q_heads, head_dim)
     out = torch.zeros(S, num_q_heads * head_dim, device=qkv.device)
     for s, kv_len in enumerate(seq_lens.tolist()):
-        out[s] = paged_attention(q[s], k_cache, v_cache, kv_len, block_tables[s], scale, window).reshape(-1)
+        out[s] = paged_attention(q[s], k_cache, v_cache, kv_len, block_tables[s], scale, window,
+                                 softcap).reshape(-1)
     return out.to(qkv.dtype)

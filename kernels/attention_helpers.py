@@ -27,6 +27,27 @@ def paged_kv_offsets(
 
 
 @triton.jit
+def soft_cap(x, CAP: tl.constexpr):
+    """CAP * tanh(x / CAP), elementwise in fp32 (Gemma 2's soft-capping of attention scores and of logits).
+
+    From exp, as Triton has no portable tanh: tanh|u| = (1 - e) / (1 + e) with e = exp(-2|u|) in (0, 1], which
+    never overflows; the sign goes back on after. Near 0 the subtraction costs relative precision but not absolute
+    (~1e-7 * CAP), and an absolute error is what a softmax or a logit sees.
+    """
+    e = tl.exp(-2.0 * tl.abs(x) / CAP)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t) * CAP
+
+
+def softcap_constexprs(meta: dict, unit: float = 1.0) -> dict:
+    """USE_SOFTCAP / SOFTCAP from a node's ``softcap`` attr (absent: off, and the kernel is the one every other
+    model compiles). SOFTCAP is the cap times ``unit``: LOG2E for scores kept in log2 units."""
+    cap = float(meta.get("softcap", 0.0))
+    assert cap >= 0, f"softcap {cap} must be >= 0 (0: off)"
+    return {"USE_SOFTCAP": cap > 0, "SOFTCAP": cap * unit if cap > 0 else 0.0}
+
+
+@triton.jit
 def _maximum(a, b):
     return tl.maximum(a, b)
 

@@ -15,6 +15,9 @@ sequences that start at or before it, and programs past their sequence's last ti
 Sliding window (USE_WINDOW, Mistral): the query at position p sees only keys at positions > p - WINDOW, as
 transformers' sliding_window_overlay masks them; a tile starts its key loop at the window of its first query, so
 key tiles wholly before every row's window are never loaded.
+
+Soft-capping (USE_SOFTCAP, Gemma 2): each scaled score s becomes cap * tanh(s / cap) before the mask, as
+transformers' eager attention does; the scores are in log2 units here, so SOFTCAP holds cap * log2(e).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_helpers import LOG2E, mma, online_softmax_step, paged_kv_offsets
+from kernels.attention_helpers import LOG2E, mma, online_softmax_step, paged_kv_offsets, soft_cap, softcap_constexprs
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
@@ -52,6 +55,8 @@ def _attention_prefill_kernel(
     BLOCK_S: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     WINDOW: tl.constexpr,  # keys per query, the query's own included; read only with USE_WINDOW
+    USE_SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # cap * log2(e); read only with USE_SOFTCAP
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -96,6 +101,8 @@ def _attention_prefill_kernel(
         k = tl.load(k_cache_ptr + offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         scores = mma(q, tl.trans(k)) * qk_scale
+        if USE_SOFTCAP:
+            scores = soft_cap(scores, SOFTCAP)
         visible = n_ok[None, :] & (n[None, :] <= pos[:, None])
         if USE_WINDOW:
             visible = visible & (n[None, :] > pos[:, None] - WINDOW)
@@ -158,7 +165,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         constexprs={"NUM_KV_HEADS": hk, "HEAD_DIM": dh, "GROUP": group, "BLOCK_SIZE": meta["block_size"],
                     "BLOCK_M": block_m, "BLOCK_Q": block_q, "BLOCK_N": config["BLOCK_N"],
                     "BLOCK_D": triton.next_power_of_2(dh), "BLOCK_S": triton.next_power_of_2(meta["max_S"]),
-                    **window_constexprs(meta)},
+                    **window_constexprs(meta), **softcap_constexprs(meta, LOG2E)},
         args={"qkv_ptr": ("tensor", "qkv"), "k_cache_ptr": ("tensor", "k_cache"),
               "v_cache_ptr": ("tensor", "v_cache"), "cu_seqlens_q_ptr": ("tensor", "cu_seqlens_q"),
               "seq_lens_ptr": ("tensor", "seq_lens"), "block_tables_ptr": ("tensor", "block_tables"),
@@ -176,13 +183,13 @@ SPEC = KernelSpec("attention_prefill", configs, default, plan)
 
 def attention_prefill(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       seq_lens: torch.Tensor, block_tables: torch.Tensor, *, num_q_heads: int, num_kv_heads: int,
-                      head_dim: int, block_size: int, scale: float, window: int = 0, out: torch.Tensor | None = None,
-                      config: Config | None = None) -> torch.Tensor:
+                      head_dim: int, block_size: int, scale: float, window: int = 0, softcap: float = 0.0,
+                      out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
     """qkv [T, (Hq + 2Hk) * Dh], caches [num_blocks, block_size, Hk, Dh], cu_seqlens_q [S + 1] i32,
     seq_lens [S] i32, block_tables [S, max_blocks] i32 -> out [T, Hq * Dh] in qkv's dtype.
 
-    window > 0: each query sees its last ``window`` positions only. Rows at or past cu_seqlens_q[S] belong to no
-    sequence and are left as they are.
+    window > 0: each query sees its last ``window`` positions only; softcap > 0 caps the scaled scores. Rows at
+    or past cu_seqlens_q[S] belong to no sequence and are left as they are.
     """
     T, S = qkv.shape[0], seq_lens.shape[0]
     max_blocks = block_tables.shape[1]
@@ -194,8 +201,8 @@ def attention_prefill(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         out = torch.empty(T, num_q_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     assert out.shape == (T, num_q_heads * head_dim) and out.is_contiguous()
     meta = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
-            "block_size": block_size, "scale": scale, "window": window, "max_blocks": max_blocks, "max_T": T,
-            "max_S": S}
+            "block_size": block_size, "scale": scale, "window": window, "softcap": softcap, "max_blocks": max_blocks,
+            "max_T": T, "max_S": S}
     tensors = {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "cu_seqlens_q": cu_seqlens_q,
                "seq_lens": seq_lens, "block_tables": block_tables, "out": out}
     dtypes = {role: dtype_name(t) for role, t in tensors.items()}
@@ -204,10 +211,11 @@ def attention_prefill(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
-                    block_table: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+                    block_table: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """One sequence in fp32: q [q_len, Hq, Dh] at positions kv_len - q_len ..., causal over its first
     kv_len cached tokens -> [q_len, Hq, Dh]; window > 0 also hides keys at positions <= p - window from the
-    query at p. A sequence with no keys gives zeros."""
+    query at p; softcap > 0 maps the scaled scores s to softcap * tanh(s / softcap) first. A sequence with no keys
+    gives zeros."""
     q_len, hq, dh = q.shape
     if kv_len == 0:
         return torch.zeros(q_len, hq, dh, device=q.device)
@@ -216,6 +224,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     k = k_cache[blocks].reshape(-1, hk, dh)[:kv_len].float().repeat_interleave(hq // hk, dim=1)
     v = v_cache[blocks].reshape(-1, hk, dh)[:kv_len].float().repeat_interleave(hq // hk, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
     pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
     keys = torch.arange(kv_len, device=q.device)[None, :]
     hidden = keys > pos[:, None]
@@ -227,14 +237,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
               seq_lens: torch.Tensor, block_tables: torch.Tensor, *, num_q_heads: int, num_kv_heads: int,
-              head_dim: int, scale: float, window: int = 0) -> torch.Tensor:
-    """Sequence by sequence in fp32 from the cache (window as in paged_attention); rows outside every sequence
-    come out as zeros."""
+              head_dim: int, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """Sequence by sequence in fp32 from the cache (window and softcap as in paged_attention); rows outside every
+    sequence come out as zeros."""
     T = qkv.shape[0]
     out = torch.zeros(T, num_q_heads, head_dim, device=qkv.device)
     q = qkv[:, : num_q_heads * head_dim].reshape(T, num_q_heads, head_dim)
     cu = cu_seqlens_q.tolist()
     for s, kv_len in enumerate(seq_lens.tolist()):
         lo, hi = cu[s], cu[s + 1]
-        out[lo:hi] = paged_attention(q[lo:hi], k_cache, v_cache, kv_len, block_tables[s], scale, window)
+        out[lo:hi] = paged_attention(q[lo:hi], k_cache, v_cache, kv_len, block_tables[s], scale, window, softcap)
     return out.reshape(T, -1).to(qkv.dtype)

@@ -15,6 +15,8 @@ registers miscompiled on sm_90 with num_stages >= 3 (seen in rms_norm_linear, Tr
 rstd and norm_w scale each x chunk before it meets the weight, as HF normalises before lm_head: the operand is
 the normed activation, O(1), in range for fp16 whatever the hidden states' scale. The broadcast path is fp32
 throughout, so it multiplies norm_w into x and rstd into its accumulator at the end.
+
+Soft-capping (USE_SOFTCAP, Gemma 2's final_logit_softcapping): each logit z is stored as cap * tanh(z / cap).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_helpers import soft_cap, softcap_constexprs
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
@@ -56,6 +59,8 @@ def _rows_dot(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Rows r0 .. r0 + BLOCK_R on tensor cores: acc[BLOCK_R, BLOCK_V] = normed x @ weight tile^T, rows padded."""
     rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -82,6 +87,8 @@ def _rows_dot(
             acc = tl.dot(xn, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(xn.to(w.dtype), tl.trans(w), acc)
+    if USE_SOFTCAP:
+        acc = soft_cap(acc, SOFTCAP)
     tl.store(out_ptr + rows[:, None] * stride_out + vocab[None, :], acc, mask=r_mask[:, None] & v_mask[None, :])
 
 
@@ -104,6 +111,8 @@ def _rows_broadcast(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Rows r0 .. r0 + BLOCK_R (1..4) in fp32 registers: each row in turn meets the weight tile, which is reduced
     along D in the layout it was loaded in. The accumulator is [BLOCK_V, BLOCK_R] so that a row's [BLOCK_V]
@@ -131,6 +140,8 @@ def _rows_broadcast(
             part = tl.sum(w * (x * g)[None, :], axis=1)
             acc += tl.where(ids[None, :] == i, part[:, None], 0.0)
     acc = acc * (1.0 / tl.sqrt(sumsq / D + eps))[None, :]
+    if USE_SOFTCAP:
+        acc = soft_cap(acc, SOFTCAP)
     tl.store(out_ptr + rows[None, :] * stride_out + vocab[:, None], acc, mask=v_mask[:, None] & r_mask[None, :])
 
 
@@ -152,16 +163,18 @@ def _logits_kernel(
     BLOCK_D: tl.constexpr,
     USE_DOT: tl.constexpr,
     EVEN_D: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # the cap; read only with USE_SOFTCAP
 ):
     vocab = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     w_rows = weight_ptr + vocab[:, None] * D
     for r0 in range(0, R, BLOCK_R):
         if USE_DOT:
             _rows_dot(x_ptr, norm_w_ptr, w_rows, last_idx_ptr, out_ptr, r0, R, vocab, stride_x, stride_out, eps,
-                      D, V, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D)
+                      D, V, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D, USE_SOFTCAP=USE_SOFTCAP, SOFTCAP=SOFTCAP)
         else:
             _rows_broadcast(x_ptr, norm_w_ptr, w_rows, last_idx_ptr, out_ptr, r0, R, vocab, stride_x, stride_out,
-                            eps, D, V, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D)
+                            eps, D, V, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D, USE_SOFTCAP=USE_SOFTCAP, SOFTCAP=SOFTCAP)
 
 
 # Fewest programs the heuristic accepts before narrowing BLOCK_V: two per SM of an H100 (132 SMs), so every SM
@@ -242,7 +255,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         types={"x_ptr": ptr(dtypes["x"]), "norm_w_ptr": ptr(dtypes["norm_w"]), "weight_ptr": ptr(dtypes["weight"]),
                "last_idx_ptr": ptr(dtypes["last_idx"]), "out_ptr": ptr(dtypes["out"]), "R": "i32",
                "stride_x": "i64", "stride_out": "i64", "eps": "fp32"},
-        constexprs={"D": D, "V": V, "EVEN_D": D % config["BLOCK_D"] == 0,
+        constexprs={"D": D, "V": V, "EVEN_D": D % config["BLOCK_D"] == 0, **softcap_constexprs(meta),
                     **{k: config[k] for k in ("BLOCK_R", "BLOCK_V", "BLOCK_D", "USE_DOT")}},
         args={"x_ptr": ("tensor", "x"), "norm_w_ptr": ("tensor", "norm_w"), "weight_ptr": ("tensor", "weight"),
               "last_idx_ptr": ("tensor", "last_idx"), "out_ptr": ("tensor", "out"), "R": ("sym", "R"),
@@ -261,8 +274,9 @@ SPEC = KernelSpec("logits", configs, default, plan, tune_buckets=(1, 4, 16, 64))
 
 
 def logits(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, last_idx: torch.Tensor, *, eps: float,
-           out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
-    """x [T, D], norm_w [D], weight [V, D], last_idx [R] i32 (each < T) -> out [R, V] fp32, via the kernel."""
+           softcap: float = 0.0, out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """x [T, D], norm_w [D], weight [V, D], last_idx [R] i32 (each < T) -> out [R, V] fp32, via the kernel;
+    softcap > 0: each logit z soft-capped to softcap * tanh(z / softcap)."""
     T, D = x.shape
     V = weight.shape[0]
     R = last_idx.shape[0]
@@ -271,8 +285,8 @@ def logits(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, last_idx
     if out is None:
         out = torch.empty(R, V, dtype=torch.float32, device=x.device)
     assert out.shape == (R, V) and out.dtype == torch.float32 and out.stride(1) == 1
-    meta = {"D": D, "V": V, "eps": eps, "stride_x": x.stride(0), "stride_out": out.stride(0), "max_T": T,
-            "max_S": max(R, 1), "T_bucket": max(T, R)}
+    meta = {"D": D, "V": V, "eps": eps, "softcap": softcap, "stride_x": x.stride(0), "stride_out": out.stride(0),
+            "max_T": T, "max_S": max(R, 1), "T_bucket": max(T, R)}
     tensors = {"x": x, "norm_w": norm_w, "weight": weight, "last_idx": last_idx, "out": out}
     run(plan(meta, {k: dtype_name(t) for k, t in tensors.items()}, config or default(meta)), tensors,
         {"T": T, "S": R, "R": R})
@@ -280,7 +294,8 @@ def logits(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, last_idx
 
 
 def reference(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, last_idx: torch.Tensor, *,
-              eps: float) -> torch.Tensor:
+              eps: float, softcap: float = 0.0) -> torch.Tensor:
     h = x[last_idx.long()].float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()
-    return h @ weight.float().T
+    out = h @ weight.float().T
+    return out if softcap == 0 else torch.tanh(out / softcap) * softcap

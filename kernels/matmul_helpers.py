@@ -34,6 +34,8 @@ import triton.language as tl
 # each program has read its weights (the values kernels.spec.PDL_TRIGGER picks from).
 PDL_EARLY = tl.constexpr(1)
 PDL_LATE = tl.constexpr(2)
+# ACT_SILU_MUL: False off, True the SwiGLU epilogue, ACT_GELU_TANH the GeGLU one (same pairing, gelu_tanh(gate)).
+ACT_GELU_TANH = tl.constexpr(2)
 
 @triton.jit
 def grouped_tile(pid, T, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -141,7 +143,12 @@ def store_rows(
         BM: tl.constexpr = acc.shape[0]
         BN: tl.constexpr = acc.shape[1]
         gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
-        acc = gate * tl.sigmoid(gate) * up
+        if ACT_SILU_MUL == ACT_GELU_TANH:
+            # gelu_tanh(g) = g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3), as kernels/silu_mul.py computes it.
+            u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+            acc = gate / (1.0 + tl.exp(-2.0 * u)) * up
+        else:
+            acc = gate * tl.sigmoid(gate) * up
         even, _ = tl.split(tl.reshape(cols, (BN // 2, 2)))
         cols = even // 2
         mask = (rows < T)[:, None] & (cols < N // 2)[None, :]

@@ -1,4 +1,9 @@
-"""RMSNorm: out = x / sqrt(mean(x^2) + eps) * w, one program per row, statistics in fp32."""
+"""RMSNorm: out = x / sqrt(mean(x^2) + eps) * w, one program per row, statistics in fp32.
+
+With HAS_RESIDUAL the norm takes the residual add after it as its epilogue: out = residual + norm(x) * w, the
+sandwich norm of Gemma 2/3 (out = x + post_norm(o_proj(...)), where the add follows a norm, not a linear). The
+normed value is rounded to the output dtype before the add, as HF's norm returns it in the activation dtype.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,16 @@ from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_la
 def _rms_norm_kernel(
     x_ptr,  # [T, D]
     w_ptr,  # [D]
+    residual_ptr,  # [T, D]; without HAS_RESIDUAL bound to x and never read
     out_ptr,  # [T, D]
     T,
     stride_x,
+    stride_res,
     stride_out,
     eps,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -27,7 +35,11 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+    y = (x * rstd * w).to(out_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + r).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + cols, y, mask=mask)
 
 
 def _warps(block: int) -> int:
@@ -45,14 +57,18 @@ def default(meta: dict) -> Config:
 
 def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     D = meta["D"]
+    has_residual = bool(meta.get("has_residual", False))
+    residual = "residual" if has_residual else "x"
     launch = make_launch(
         _rms_norm_kernel,
-        types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "out_ptr": ptr(dtypes["out"]),
-               "T": "i32", "stride_x": "i64", "stride_out": "i64", "eps": "fp32"},
-        constexprs={"D": D, "BLOCK_D": triton.next_power_of_2(D)},
-        args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "out_ptr": ("tensor", "out"),
-              "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", D)),
-              "stride_out": ("int", meta.get("stride_out", D)), "eps": ("float", meta["eps"])},
+        types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "residual_ptr": ptr(dtypes[residual]),
+               "out_ptr": ptr(dtypes["out"]), "T": "i32", "stride_x": "i64", "stride_res": "i64",
+               "stride_out": "i64", "eps": "fp32"},
+        constexprs={"D": D, "BLOCK_D": triton.next_power_of_2(D), "HAS_RESIDUAL": has_residual},
+        args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "residual_ptr": ("tensor", residual),
+              "out_ptr": ("tensor", "out"), "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", D)),
+              "stride_res": ("int", meta.get("stride_res", D)), "stride_out": ("int", meta.get("stride_out", D)),
+              "eps": ("float", meta["eps"])},
         grid=[grid_dim(("T", 1, 1))],
         config=config,
     )
@@ -62,17 +78,27 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
 SPEC = KernelSpec("rms_norm", configs, default, plan)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, config: Config | None = None) -> torch.Tensor:
-    """x [T, D], w [D] -> [T, D] in x's dtype, through the kernel (interpreter on CPU tensors)."""
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """x [T, D], w [D] (, residual [T, D]) -> [T, D] in x's dtype (+ residual), through the kernel (interpreter on
+    CPU tensors)."""
     T, D = x.shape
     assert x.stride(1) == 1 and w.shape == (D,), "x must be [T, D] with unit column stride, w [D]"
-    out = torch.empty_like(x)
-    meta = {"D": D, "eps": eps, "stride_x": x.stride(0), "stride_out": out.stride(0), "max_T": T, "max_S": 1}
-    dtypes = {"x": dtype_name(x), "w": dtype_name(w), "out": dtype_name(out)}
-    run(plan(meta, dtypes, config or default(meta)), {"x": x, "w": w, "out": out}, {"T": T, "S": 1})
+    assert residual is None or (residual.shape == x.shape and residual.stride(1) == 1)
+    out = torch.empty_like(x) if out is None else out
+    assert out.shape == x.shape and out.stride(1) == 1
+    tensors = {"x": x, "w": w, "out": out, **({"residual": residual} if residual is not None else {})}
+    meta = {"D": D, "eps": eps, "has_residual": residual is not None, "stride_x": x.stride(0),
+            "stride_res": residual.stride(0) if residual is not None else D, "stride_out": out.stride(0),
+            "max_T": T, "max_S": 1}
+    dtypes = {role: dtype_name(t) for role, t in tensors.items()}
+    run(plan(meta, dtypes, config or default(meta)), tensors, {"T": T, "S": 1})
     return out
 
 
-def reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def reference(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+              has_residual: bool = False) -> torch.Tensor:
+    """x / rms(x) * w in fp32, in x's dtype; with a residual, that rounded value + residual, rounded again."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+    return out if residual is None else (out.float() + residual.float()).to(x.dtype)

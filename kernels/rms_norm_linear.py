@@ -7,7 +7,8 @@ to W and cache-resident), so no [T, K] normed activation is ever written. Layout
 (GEMV / split-K for decode, tl.dot tiles for prefill) are those of kernels/matmul_helpers.py.
 
 With act "silu_mul" (the compiler's SwiGLU fusion) w is the gate_up weight with its rows interleaved, row 2j =
-gate_j and row 2j + 1 = up_j, and out[T, N / 2] = silu(gate) * up: silu_mul runs in the epilogue.
+gate_j and row 2j + 1 = up_j, and out[T, N / 2] = silu(gate) * up: silu_mul runs in the epilogue. act
+"gelu_tanh_mul" (GeGLU, Gemma) is the same with gelu_tanh(gate).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kernels.matmul_configs import (
     tile_constexprs,
     tile_grid,
 )
-from kernels.matmul_helpers import matmul_program
+from kernels.matmul_helpers import ACT_GELU_TANH, matmul_program
 from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
 
 
@@ -72,14 +73,17 @@ def default(meta: dict) -> Config:
     return matmul_default(meta)
 
 
-def _act(meta: dict) -> bool:
-    """Whether the SwiGLU epilogue is on (attr act: absent or None = off, "silu_mul" = on)."""
+_ACTS = {None: False, "silu_mul": True, "gelu_tanh_mul": ACT_GELU_TANH.value}
+
+
+def _act(meta: dict) -> bool | int:
+    """ACT_SILU_MUL for attr act: absent or None off (False), "silu_mul" SwiGLU (True), "gelu_tanh_mul" GeGLU."""
     act = meta.get("act")
-    if act not in (None, "silu_mul"):
-        raise ValueError(f"rms_norm_linear: act {act!r} is not None or 'silu_mul'")
+    if act not in _ACTS:
+        raise ValueError(f"rms_norm_linear: act {act!r} is not None, 'silu_mul' or 'gelu_tanh_mul'")
     if act and meta["N"] % 2:
-        raise ValueError(f"rms_norm_linear: act silu_mul needs an even N (interleaved gate/up rows), got {meta['N']}")
-    return act == "silu_mul"
+        raise ValueError(f"rms_norm_linear: act {act} needs an even N (interleaved gate/up rows), got {meta['N']}")
+    return _ACTS[act]
 
 
 def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
@@ -116,11 +120,12 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
                     ) -> torch.Tensor:
     """x [T, K], w [N, K] (norm weight folded in), bias [N] or None -> out [T, N] in x's dtype, via the kernel.
 
-    act "silu_mul": w (and bias) rows interleaved gate/up, out [T, N / 2] = silu(gate) * up.
+    act "silu_mul": w (and bias) rows interleaved gate/up, out [T, N / 2] = silu(gate) * up; "gelu_tanh_mul" the
+    same with gelu_tanh(gate).
     """
     T, K = x.shape
     N = w.shape[0]
-    N_out = N // 2 if act == "silu_mul" else N
+    N_out = N // 2 if act else N
     assert x.stride(1) == 1 and w.shape == (N, K) and w.is_contiguous(), "x [T, K] unit column stride, w [N, K]"
     assert bias is None or bias.shape == (N,)
     if out is None:
@@ -142,9 +147,11 @@ def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (xf @ w.float().T)
     if bias is not None:
         out = out + bias.float()
-    if act == "silu_mul":
+    if act in ("silu_mul", "gelu_tanh_mul"):
         gate, up = out[:, 0::2], out[:, 1::2]  # interleaved rows: gate_j at 2j, up_j at 2j + 1
-        out = torch.nn.functional.silu(gate) * up
+        gated = torch.nn.functional.silu(gate) if act == "silu_mul" else \
+            torch.nn.functional.gelu(gate, approximate="tanh")
+        out = gated * up
     elif act is not None:
-        raise ValueError(f"act {act!r} is not None or 'silu_mul'")
+        raise ValueError(f"act {act!r} is not None, 'silu_mul' or 'gelu_tanh_mul'")
     return out.to(x.dtype)

@@ -19,9 +19,12 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 # Configs written without `architectures` still name their model_type.
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 
 class SourceError(ValueError):
@@ -67,7 +70,8 @@ class LazyTensors(Mapping):
 
 
 def family_of(config: dict) -> str:
-    """The model-definition family ("llama", "qwen2", "qwen3", "phi3") for an HF config; ValueError if unsupported."""
+    """The model-definition family ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3") for an HF config;
+    ValueError if unsupported."""
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
     for arch in archs:

@@ -53,6 +53,11 @@ def _tiny(seed: int, config: dict) -> RandomModelSpec:
     return RandomModelSpec(config=config, seed=seed, std=0.2, norm_std=0.1)
 
 
+def _gemma(seed: int, config: dict) -> RandomModelSpec:
+    # Embeddings of std 0.05, scaled by sqrt(64) = 8 as Gemma scales them, weigh about what each layer adds.
+    return RandomModelSpec(config=config, seed=seed, std=0.2, norm_std=0.1, embed_std=0.05)
+
+
 def _big(seed: int, config: dict) -> RandomModelSpec:
     # Drawn by the GPU's generator where there is one: 8B parameters take seconds there, minutes on the CPU.
     return RandomModelSpec(config=config, seed=seed, std=0.02, norm_std=0.02, dtype="bfloat16",
@@ -95,6 +100,26 @@ PRESETS: dict[str, Preset] = {
     "tiny-mistral-swa": Preset("random Mistral with a 4-token sliding window (shorter than the test prompts), "
                                "vocab 416",
                                _tiny(8, _config("MistralForCausalLM", "mistral", vocab_size=416, sliding_window=4))),
+    # Gemma 2: layer 0 slides (a 4-token window the test prompts outgrow), layer 1 is global; caps small enough to
+    # bend the tiny model's scores and logits (a kernel ignoring them fails), query_pre_attn_scalar != head_dim.
+    "tiny-gemma2": Preset("random Gemma 2: GeGLU, sandwich norms, soft-capping (attention 2, logits 1), window 4 on "
+                          "alternate layers, query_pre_attn_scalar 24, tied, vocab 368",
+                          _gemma(21, _config("Gemma2ForCausalLM", "gemma2", vocab_size=368, hidden_act=None,
+                                           hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                           rms_norm_eps=1e-6, query_pre_attn_scalar=24, sliding_window=4,
+                                           attn_logit_softcapping=2.0, final_logit_softcapping=1.0,
+                                           bos_token_id=1, eos_token_id=2, pad_token_id=0))),
+    # Gemma 3: sliding_window_pattern 2 makes layer 0 local (base frequency 10000) and layer 1 global (theta 1e6,
+    # linear rope scaling 4), so both tables and both window kinds are in play.
+    "tiny-gemma3": Preset("random Gemma 3: q/k (1 + w) norms, local/global rope tables (linear scaling 4 on "
+                          "global), window 4, tied, vocab 352",
+                          _gemma(28, _config("Gemma3ForCausalLM", "gemma3_text", vocab_size=352, hidden_act=None,
+                                            hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                            rms_norm_eps=1e-6, query_pre_attn_scalar=16, sliding_window=4,
+                                            sliding_window_pattern=2, rope_theta=1000000.0,
+                                            rope_local_base_freq=10000.0,
+                                            rope_scaling={"rope_type": "linear", "factor": 4.0},
+                                            final_logit_softcapping=None, attn_logit_softcapping=None))),
     "tinyllama-1.1b": Preset("random weights in TinyLlama-1.1B's shape (bf16, for GPU benchmarks)",
                              _big(11, _config("LlamaForCausalLM", "llama", hidden_size=2048, intermediate_size=5632,
                                               num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,

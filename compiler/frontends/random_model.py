@@ -60,9 +60,12 @@ class RandomModelSpec:
     config: dict
     seed: int
     std: float  # linear, embedding and bias weights ~ N(0, std)
-    norm_std: float  # norm weights ~ 1 + N(0, norm_std), so a kernel that ignores them fails
+    norm_std: float  # norm scales ~ 1 + N(0, norm_std), so a kernel that ignores them fails
     dtype: str = "float32"
     shard_bytes: int = 2 << 30
+    # The embedding's std where it differs from std: Gemma scales embeddings by sqrt(hidden_size), and a tied table
+    # of std 0.2 would then outweigh every layer (greedy decoding repeats its first token forever).
+    embed_std: float | None = None
     device: str = "cpu"  # "cpu": the CPU's generator everywhere; "auto": the GPU's when one is present
 
     def __post_init__(self) -> None:
@@ -82,36 +85,44 @@ class RandomModelSpec:
                   "corpus": hashlib.sha256(_CORPUS.encode()).hexdigest()}
         if generator != "cpu":  # the CPU's recipe stays what it was before GPU generation existed
             fields["generator"] = generator
+        if self.embed_std is not None:  # likewise for presets without their own embedding std
+            fields["embed_std"] = self.embed_std
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def parameter_shapes(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
-    """(HF name, shape, kind) for every parameter; kind is "embed", "linear", "bias" or "norm"."""
+    """(HF name, shape, kind) for every parameter; kind is "embed", "linear", "bias", "norm" or "offset_norm"
+    (Gemma's norms, which scale by 1 + w)."""
     h, v, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     hd = config.get("head_dim") or h // heads
     bias = config["model_type"] == "qwen2" or config.get("attention_bias", False)
     phi3 = config["model_type"] == "phi3"
+    gemma = config["model_type"] in ("gemma2", "gemma3_text")
+    norm = "offset_norm" if gemma else "norm"
     out = [("model.embed_tokens.weight", (v, h), "embed")]
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        out.append((p + "input_layernorm.weight", (h,), "norm"))
+        out.append((p + "input_layernorm.weight", (h,), norm))
         if phi3:  # Phi-3 checkpoints keep q, k, v in one matrix (and gate, up in another, below)
             out.append((p + "self_attn.qkv_proj.weight", ((heads + 2 * kv) * hd, h), "linear"))
         for proj, rows in () if phi3 else (("q", heads * hd), ("k", kv * hd), ("v", kv * hd)):
             out.append((p + f"self_attn.{proj}_proj.weight", (rows, h), "linear"))
             if bias:
                 out.append((p + f"self_attn.{proj}_proj.bias", (rows,), "bias"))
-        if config["model_type"] == "qwen3":
-            out += [(p + "self_attn.q_norm.weight", (hd,), "norm"), (p + "self_attn.k_norm.weight", (hd,), "norm")]
+        if config["model_type"] in ("qwen3", "gemma3_text"):
+            out += [(p + "self_attn.q_norm.weight", (hd,), norm), (p + "self_attn.k_norm.weight", (hd,), norm)]
         out.append((p + "self_attn.o_proj.weight", (h, heads * hd), "linear"))
-        out.append((p + "post_attention_layernorm.weight", (h,), "norm"))
+        out.append((p + "post_attention_layernorm.weight", (h,), norm))
+        if gemma:  # the sandwich norms around the MLP
+            out += [(p + "pre_feedforward_layernorm.weight", (h,), norm),
+                    (p + "post_feedforward_layernorm.weight", (h,), norm)]
         if phi3:
             out.append((p + "mlp.gate_up_proj.weight", (2 * inter, h), "linear"))
         else:
             out += [(p + f"mlp.{proj}_proj.weight", (inter, h), "linear") for proj in ("gate", "up")]
         out.append((p + "mlp.down_proj.weight", (h, inter), "linear"))
-    out.append(("model.norm.weight", (h,), "norm"))
+    out.append(("model.norm.weight", (h,), norm))
     if not config.get("tie_word_embeddings", False):
         out.append(("lm_head.weight", (v, h), "linear"))
     return out
@@ -124,7 +135,9 @@ def make_tensor(spec: RandomModelSpec, name: str, shape: tuple[int, ...], kind: 
     device = "cpu" if generator == "cpu" else "cuda"
     gen = torch.Generator(device=device).manual_seed(seed)
     t = torch.empty(shape, dtype=getattr(torch, spec.dtype), device=device)
-    mean, std = (1.0, spec.norm_std) if kind == "norm" else (0.0, spec.std)
+    # A norm's scale is 1 + N(0, norm_std) either way: stored so for most families, as the w of 1 + w for Gemma.
+    mean, std = {"norm": (1.0, spec.norm_std), "offset_norm": (0.0, spec.norm_std),
+                 "embed": (0.0, spec.std if spec.embed_std is None else spec.embed_std)}.get(kind, (0.0, spec.std))
     return t.normal_(mean, std, generator=gen).cpu()
 
 

@@ -6,11 +6,13 @@ Order matters, and each step says why it comes where it does:
   fuse_rope_cache_write  kv_cache_write joins the rope before it (after the q/k norm did, which rebuilds rope)
   merge_linears       q/k/v -> qkv, gate/up -> gate_up (weights concatenated)
   fuse_residual       residual adds become the epilogue of the linear before them
+  fuse_norm_residual  adds after a norm (Gemma's post-norms) become that norm's epilogue, before add_rms_norm
+                      could pair them with the norm after them, which must stay free to fold into its linear
   fuse_logits         final norm + gather + lm_head -> logits, before add_rms_norm could take the norm
   fuse_add_rms_norm   adds left over (no linear to take them) fuse with the norm after them
   fold_norms          norms read only by linears fold into them (rms_norm_linear, W' = W diag(g))
-  fuse_swiglu         rms_norm_linear(gate_up) + silu_mul -> one rms_norm_linear with act "silu_mul" (gate/up
-                      rows interleaved); after fold_norms, which makes the rms_norm_linear it needs
+  fuse_swiglu         rms_norm_linear(gate_up) + silu_mul (or gelu_tanh_mul) -> one rms_norm_linear with that act
+                      (gate/up rows interleaved); after fold_norms, which makes the rms_norm_linear it needs
   eliminate_dead      unused nodes and weights go
   cast_weights        fp32 values -> the build dtype (cos_sin stays fp32)
 
@@ -28,6 +30,7 @@ from artifact_format.graph import GRAPH_OPS, Graph
 from compiler.passes.fuse import (
     fuse_add_rms_norm,
     fuse_logits,
+    fuse_norm_residual,
     fuse_qk_norm_rope,
     fuse_residual,
     fuse_rope_cache_write,
@@ -49,6 +52,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("fuse_rope_cache_write", structural(fuse_rope_cache_write)),
     ("merge_linears", merge_linears),
     ("fuse_residual", structural(fuse_residual)),
+    ("fuse_norm_residual", structural(fuse_norm_residual)),
     ("fuse_logits", structural(fuse_logits)),
     ("fuse_add_rms_norm", structural(fuse_add_rms_norm)),
     ("fold_norms", fold_norms),

@@ -87,6 +87,29 @@ def fuse_residual(g: Graph) -> Graph:
     return e.graph()
 
 
+def fuse_norm_residual(g: Graph) -> Graph:
+    """rms_norm + add -> rms_norm with the residual-add epilogue (out = residual + norm(x) * w): Gemma's sandwich
+    norms, where the add after a sublayer follows its post-norm instead of a linear."""
+    e = Edit(g)
+    for node in g.nodes:
+        if node.op != "add":
+            continue
+        for norm_role, res_role in (("a", "b"), ("b", "a")):
+            # Rule: an add one of whose operands is a plain rms_norm's output read by nothing else, of the add's
+            # dtype (the epilogue writes the norm's own dtype).
+            norm = e.producer(node.input(norm_role), "rms_norm", user=node)
+            if norm is None or norm.attr("has_residual"):
+                continue
+            if e.spec(norm.output("out")).dtype != e.spec(node.output("out")).dtype:
+                continue
+            fused = make_node("rms_norm", norm.name, {"x": norm.input("x"), "w": norm.input("w"),
+                                                      "residual": node.input(res_role)},
+                              {"out": node.output("out")}, eps=norm.attr("eps"), has_residual=True)
+            e.replace([norm, node], fused, at=node)
+            break
+    return e.graph()
+
+
 def fuse_logits(g: Graph) -> Graph:
     """rms_norm -> gather(last_idx) -> fp32 linear -> logits: norm and lm_head on the wanted rows only."""
     e = Edit(g)
@@ -98,7 +121,7 @@ def fuse_logits(g: Graph) -> Graph:
         # Rule: an fp32, bias-free linear of gathered rows of an RMSNorm, each step read by the next only.
         rows = e.producer(node.input("x"), "gather", user=node)
         norm = rows and e.producer(rows.input("x"), "rms_norm", user=rows)
-        if not norm:
+        if not norm or norm.attr("has_residual"):
             continue
         fused = make_node("logits", node.name, {"x": norm.input("x"), "norm_w": norm.input("w"),
                                                 "weight": node.input("w"), "last_idx": rows.input("idx")},
@@ -117,7 +140,7 @@ def fuse_add_rms_norm(g: Graph) -> Graph:
     for node in g.nodes:
         # Rule: an rms_norm of an add's output; the add's output may have other readers.
         add = e.producer(node.input("x"), "add") if node.op == "rms_norm" else None
-        if add is None:
+        if add is None or node.attr("has_residual"):
             continue
         fused = make_node("add_rms_norm", node.name, {"x": add.input("a"), "residual": add.input("b"),
                                                       "w": node.input("w")},

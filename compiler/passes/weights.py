@@ -57,7 +57,7 @@ def fold_norms(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, We
     e, out, records = Edit(g), dict(weights), []
     folded: dict[tuple[str, str], str] = {}
     for node in g.nodes:
-        if node.op != "rms_norm" or node.name in e.taken:
+        if node.op != "rms_norm" or node.name in e.taken or node.attr("has_residual"):
             continue
         users = e.consumers.get(node.output("out"), [])
         # Rule: fold only when every reader of the norm output is a plain linear (no residual epilogue);
@@ -99,17 +99,22 @@ def interleave_pairs(w: torch.Tensor) -> torch.Tensor:
     return w.unflatten(0, (2, w.shape[0] // 2)).transpose(0, 1).flatten(0, 1).contiguous()
 
 
+_GLU_SUFFIX = {"silu_mul": "swiglu", "gelu_tanh_mul": "geglu"}
+
+
 def fuse_swiglu(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
     """rms_norm_linear(gate_up) -> silu_mul -> one rms_norm_linear with act "silu_mul" over interleaved rows.
 
     The kernel's epilogue pairs adjacent output columns (gate_j, up_j) within one tile, so the gate_up weight
-    (and bias) rows are interleaved here; the fused node writes silu_mul's [T, I] output directly.
+    (and bias) rows are interleaved here; the fused node writes silu_mul's [T, I] output directly. GeGLU's
+    gelu_tanh_mul fuses the same way, into act "gelu_tanh_mul".
     """
     e, out, records = Edit(g), dict(weights), []
     for node in g.nodes:
-        # Rule: a silu_mul whose x is the output of an rms_norm_linear without act, read by nothing else, of
-        # the same dtype (the epilogue writes the linear's dtype); otherwise the two launches stay.
-        lin = e.producer(node.input("x"), "rms_norm_linear", user=node) if node.op == "silu_mul" else None
+        # Rule: a silu_mul (or gelu_tanh_mul) whose x is the output of an rms_norm_linear without act, read by
+        # nothing else, of the same dtype (the epilogue writes the linear's dtype); otherwise the two launches stay.
+        glu = node.op in _GLU_SUFFIX
+        lin = e.producer(node.input("x"), "rms_norm_linear", user=node) if glu else None
         if lin is None or lin.attr("act") or e.spec(lin.output("out")).dtype != e.spec(node.output("out")).dtype:
             continue
         roles = ["w", "bias"] if lin.attr("has_bias") else ["w"]
@@ -117,13 +122,13 @@ def fuse_swiglu(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, W
         for role in roles:
             src = lin.input(role)
             suffix = {"w": "weight", "bias": "bias"}[role]
-            name = e.fresh(src.removesuffix(f".{suffix}") + f".swiglu.{suffix}")
+            name = e.fresh(src.removesuffix(f".{suffix}") + f".{_GLU_SUFFIX[node.op]}.{suffix}")
             out[name] = interleave_pairs(weights[src])
             e.add_spec(TensorSpec(name, g.tensor(src).dtype, tuple(out[name].shape), "weight"))
             records.append({"op": "interleave_rows", "inputs": [src], "output": name, "groups": 2})
             new[role] = name
         fused = make_node("rms_norm_linear", lin.name, {"x": lin.input("x"), "w": new["w"], "bias": new.get("bias")},
-                          {"out": node.output("out")}, **{**dict(lin.attrs), "act": "silu_mul"})
+                          {"out": node.output("out")}, **{**dict(lin.attrs), "act": node.op})
         e.replace([lin, node], fused, at=node)
     return e.graph(), out, records
 
