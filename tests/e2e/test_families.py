@@ -76,7 +76,7 @@ def test_presets_cover_every_supported_variant():
     configs = {n: json.loads((preset_dir(n) / "config.json").read_text()) for n in TINY_PRESETS}
     archs = {c["architectures"][0] for c in configs.values()}
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-            "Phi3ForCausalLM"} <= archs
+            "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"} <= archs
     rope = [c.get("rope_scaling") or c.get("rope_parameters") or {} for c in configs.values()]
     assert any(r.get("rope_type") == "llama3" for r in rope)
     assert any(r.get("type") == "longrope" and set(r["short_factor"]) != {1.0} for r in rope)
@@ -89,6 +89,13 @@ def test_presets_cover_every_supported_variant():
     assert any(d & (d - 1) for d in head_dims), head_dims  # one that is not a power of two
     windows = [c.get("sliding_window") for c in configs.values() if c.get("sliding_window")]
     assert any(w < min(LOGITS_LEN, GEN_PROMPT_LEN) for w in windows), windows  # a window the prompts outgrow
+    # Gemma: both soft-caps on (Gemma 2), sliding and full layers in one model, local and global rope tables with
+    # scaling on the global one (Gemma 3)
+    gemma2, gemma3 = configs["tiny-gemma2"], configs["tiny-gemma3"]
+    assert gemma2["attn_logit_softcapping"] and gemma2["final_logit_softcapping"]
+    assert gemma2["query_pre_attn_scalar"] != gemma2["head_dim"]
+    assert gemma3["sliding_window_pattern"] <= gemma3["num_hidden_layers"] and gemma3["rope_scaling"]
+    assert gemma3["rope_local_base_freq"] != gemma3["rope_theta"]
     # q/k/v bias (Qwen2), q/k norm (Qwen3) and fused qkv/gate_up (Phi-3) are checked on the artifacts' weights below
 
 
@@ -124,6 +131,9 @@ def test_artifact_has_binaries_for_every_default_target(case):
         assert any(name.endswith("bias") for name in weights), sorted(weights)
     if case.name == "tiny-qwen3":
         assert any("q_norm" in name for name in weights) and any("k_norm" in name for name in weights)
+    if case.name in ("tiny-gemma2", "tiny-gemma3"):  # GeGLU in the gate_up epilogue, both rope tables for Gemma 3
+        assert "model.layers.0.mlp.gate_up_proj.folded.geglu.weight" in weights
+        assert ("rope.local_cos_sin" in weights) == (case.name == "tiny-gemma3")
     if case.name == "tiny-phi3":  # the checkpoint's fused matrices, folded (and interleaved) but never split
         assert "model.layers.0.self_attn.qkv_proj.folded.weight" in weights
         assert "model.layers.0.mlp.gate_up_proj.folded.swiglu.weight" in weights
