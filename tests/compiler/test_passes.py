@@ -193,3 +193,36 @@ def test_leftover_basic_op_is_an_error():
     graph = t.graph({"logits": out}, {"dtype": "fp32"})
     with pytest.raises(ValueError, match="no kernel implements op.s. silu"):
         optimize(graph, dict(t.weights), "fp32")
+
+
+GEMMA_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm", "rms_norm_linear", "linear", "rms_norm"]
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
+def test_each_gemma_layer_is_eight_kernels(name):
+    """Sandwich norms: the adds after the post-norms are those norms' epilogues (no add or add_rms_norm left), the
+    (1 + w) pre-norms fold into qkv and gate_up, GeGLU goes into gate_up's epilogue."""
+    from artifact_format.graph import Limits
+    from compiler.frontends import load_source
+    from compiler.trace import trace
+
+    src = load_source(name)
+    graph, weights = trace(src.config, src.tensors, "fp32", Limits(max_seq_len=64, max_batch=4, max_num_tokens=64))
+    g, w, _ = optimize(graph, weights, "fp32")
+    assert [n.op for n in g.nodes] == ["embedding", *GEMMA_LAYER * 2, "logits"]
+    embed, logits = g.nodes[0], g.nodes[-1]
+    assert embed.attr("scale") == 8.0 and embed.input("weight") == logits.input("weight") == "model.embed_tokens.weight"
+    assert logits.attr("softcap") == (1.0 if name == "tiny-gemma2" else None)
+    # The final norm's weight is 1 + w, in fp32, beside the checkpoint's w.
+    torch.testing.assert_close(w[logits.input("norm_w")], 1 + src.tensors["model.norm.weight"].float())
+    for i in range(2):
+        qkv, rope, attn, o, post_attn, gate_up, down, post_ff = layer(g, i)
+        assert gate_up.attr("act") == "gelu_tanh_mul" and not o.attr("has_residual") and not down.attr("has_residual")
+        assert post_attn.attr("has_residual") and post_attn.input("x") == o.output("out")
+        assert post_ff.attr("has_residual") and post_ff.input("x") == down.output("out")
+        assert gate_up.input("x") == post_attn.output("out") and post_ff.input("residual") == post_attn.output("out")
+        assert attn.attr("window") == (4 if i == 0 else None)
+        assert attn.attr("softcap") == (2.0 if name == "tiny-gemma2" else None)
+        assert rope.attr("use_qk_norm") is (name == "tiny-gemma3")
+        table = "rope.local_cos_sin" if name == "tiny-gemma3" and i == 0 else "rope.cos_sin"
+        assert rope.input("cos_sin") == table
