@@ -43,9 +43,9 @@ def _graph() -> Graph:
 def _norm_launch(key: str = "norm") -> dict:
     return {"binary": key, "grid": [[["T", 1, 1]]],
             "params": [["x_ptr", "*fp32", ["tensor", "x"]], ["w_ptr", "*fp32", ["tensor", "w"]],
-                       ["out_ptr", "*fp32", ["tensor", "out"]], ["T", "i32", ["sym", "T"]],
-                       ["stride_x", "i64", ["int", D]], ["stride_out", "i64", ["int", D]],
-                       ["eps", "fp32", ["float", 1e-5]]]}
+                       ["residual_ptr", "*fp32", ["tensor", "x"]], ["out_ptr", "*fp32", ["tensor", "out"]],
+                       ["T", "i32", ["sym", "T"]], ["stride_x", "i64", ["int", D]], ["stride_res", "i64", ["int", D]],
+                       ["stride_out", "i64", ["int", D]], ["eps", "fp32", ["float", 1e-5]]]}
 
 
 def _act_launch(key: str, block: int) -> dict:
@@ -71,7 +71,7 @@ def _binary(kernel: str, module: str, **constexprs) -> dict:
 
 def _index() -> dict:
     binaries = {
-        "norm": _binary("_rms_norm_kernel", "kernels.rms_norm", D=D, BLOCK_D=64),
+        "norm": _binary("_rms_norm_kernel", "kernels.rms_norm", D=D, BLOCK_D=64, HAS_RESIDUAL=False),
         "act8": _binary("_glu_kernel", "kernels.silu_mul", I=I, BLOCK_I=8, USE_GELU=False),
         "act32": _binary("_glu_kernel", "kernels.silu_mul", I=I, BLOCK_I=32, USE_GELU=False),
         "dec": {**_binary("decode", "none"), "global_scratch_size": 24, "global_scratch_align": 128},
@@ -213,7 +213,7 @@ def test_every_parameter_binds_to_its_buffer():
     assert (by_name["T"].kind, by_name["T"].value) == ("sym", "T")
     assert (by_name["stride_x"].kind, by_name["stride_x"].value) == ("int", D)
     assert by_name["eps"].kind == "float" and by_name["eps"].value == pytest.approx(1e-5)
-    assert norm.args({"T": 3, "S": 1, "R": 1})[3] == 3
+    assert norm.args({"T": 3, "S": 1, "R": 1})[4] == 3
 
     dec, pre = (v.launches[0] for v in p.nodes[2].variants)
     args = {q.name: q.value for q in dec.params}
