@@ -124,8 +124,8 @@ def test_artifact_has_binaries_for_every_default_target(case):
         assert any(name.endswith("bias") for name in weights), sorted(weights)
     if case.name == "tiny-qwen3":
         assert any("q_norm" in name for name in weights) and any("k_norm" in name for name in weights)
-    if case.name == "tiny-phi3":  # the checkpoint's fused matrices, folded (and interleaved) but never split
-        assert "model.layers.0.self_attn.qkv_proj.folded.weight" in weights
+    if case.name == "tiny-phi3":  # the checkpoint's fused matrices, folded (and paired, interleaved) but never split
+        assert "model.layers.0.self_attn.qkv_proj.folded.rope.weight" in weights
         assert "model.layers.0.mlp.gate_up_proj.folded.swiglu.weight" in weights
         assert artifact.manifest["model"]["config"]["partial_rotary_factor"] == 0.75
 
