@@ -177,7 +177,8 @@ class Graph:
         if len(set(node_names)) != len(node_names):
             raise ValueError("two nodes share a name")
         produced = {name for node in self.nodes for _, name in node.outputs}
-        # Cache tensors a node writes (kv_cache_write, rope) get new SSA names of kind cache; they are not sources.
+        # Cache tensors a node writes (kv_cache_write, rope, a matmul with the rope epilogue) get new SSA names of
+        # kind cache; they are not sources.
         defined = {t.name for t in self.tensors if t.kind in ("input", "weight", "cache") and t.name not in produced}
         for node in self.nodes:
             for role, name in node.inputs:
