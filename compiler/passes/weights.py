@@ -143,8 +143,8 @@ def fuse_rope_epilogue(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[G
     for node in g.nodes:
         if node.op != "rope":
             continue
-        # Known non-fusion: Qwen3's q/k norm needs whole heads (a sum over each head's columns, which the tiles cut
-        # across), so its rope keeps the kernel of its own.
+        # Known non-fusions, which keep the rope kernel: Qwen3's q/k norm needs whole heads (a sum over each head's
+        # columns, which the tiles cut across), and an odd head_dim would put a column pair across two heads.
         if node.attr("use_qk_norm") or node.attr("head_dim") % 2:
             continue
         # Rule: a rope whose qkv is the output of a linear or rms_norm_linear without act or residual, read by
