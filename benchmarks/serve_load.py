@@ -8,6 +8,13 @@ streams the answer and records when each chunk came. Bounded: --requests per lev
 --time-limit per level; only loopback addresses are accepted. Output tok/s is the tokens of every request over
 the level's wall time; TTFT is request sent -> first token; TPOT is a request's (last - first token) / (n - 1).
 Compare the 32-client rate with `runtime bench ARTIFACT --batch 32` (the goal: >= 90% of it).
+
+Client-side times are when text arrives. A token whose text is held back (half a character; or, with a random
+preset's small tokenizer, an id it has no text for) sends no chunk, so on random presets those times lag the
+tokens. The server's own view, from its /metrics before and after each level, does not: its mean TTFT and TPOT
+(engine-side, per token), and the decode rate clients / TPOT that the running batch kept while every client was
+decoding, which is what `runtime bench --batch N` measures (it leaves out the prompts' prefill, which the
+output tok/s includes).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,19 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return Result(first - start, (last - first) / (tokens - 1) if tokens > 1 else None, tokens)
 
 
+def server_sums(url: str, headers: dict) -> dict[str, float]:
+    """The server's TTFT and TPOT histograms' sums and counts (seconds, choices)."""
+    text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in ("trilite_time_to_first_token_seconds", "trilite_time_per_output_token_seconds"):
+            key = "ttft" if "first" in family.name else "tpot"
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    out[f"{key}{sample.name[sample.name.rindex('_'):]}"] = sample.value
+    return out
+
+
 async def run_level(url: str, model: str, clients: int, requests: int, prompts: list[list[int]], max_tokens: int,
                     time_limit: float, headers: dict) -> dict:
     """``clients`` workers send ``requests`` requests in all, each worker one at a time; stops at the time limit."""
@@ -105,6 +126,10 @@ async def run_level(url: str, model: str, clients: int, requests: int, prompts: 
     return row
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} ms"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
@@ -128,16 +153,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for clients in args.clients:
         n = args.requests or 2 * clients
+        before = server_sums(args.url, headers)
         rows.append(asyncio.run(run_level(args.url, model, clients, n, prompts, args.max_tokens, args.time_limit,
                                           headers)))
+        after = server_sums(args.url, headers)
         row = rows[-1]
+        for key in ("ttft", "tpot"):
+            count = after[f"{key}_count"] - before[f"{key}_count"]
+            row[f"server_{key}_ms"] = 1000 * (after[f"{key}_sum"] - before[f"{key}_sum"]) / count if count else None
+        row["server_decode_tok_s"] = clients / row["server_tpot_ms"] * 1000 if row["server_tpot_ms"] else None
         if args.json:
             print(json.dumps(row), flush=True)
         else:
             print(f"{clients:3d} clients  {row['requests']:4d} requests  {row['output_tok_s']:9.1f} tok/s  "
                   f"TTFT p50/p90/p99 {row['ttft_ms_p50']:.1f}/{row['ttft_ms_p90']:.1f}/{row['ttft_ms_p99']:.1f} ms  "
-                  f"TPOT p50/p90/p99 {row['tpot_ms_p50']:.2f}/{row['tpot_ms_p90']:.2f}/{row['tpot_ms_p99']:.2f} ms",
-                  flush=True)
+                  f"TPOT p50/p90/p99 {row['tpot_ms_p50']:.2f}/{row['tpot_ms_p90']:.2f}/{row['tpot_ms_p99']:.2f} ms  "
+                  f"server: TTFT {_ms(row['server_ttft_ms'])}, TPOT {_ms(row['server_tpot_ms'])}, decode "
+                  f"{row['server_decode_tok_s'] or 0:.1f} tok/s", flush=True)
     return rows
 
 

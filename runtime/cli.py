@@ -27,9 +27,9 @@ _backend = click.option("--backend", type=click.Choice(NAMES), default="auto", s
 _kv = click.option("--kv-cache-gb", type=float, default=None, help="KV-cache size (default: from free memory)")
 _prefix = click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
                        help="reuse the KV blocks of a prompt prefix an earlier request computed")
-_mixed = click.option("--mixed-steps/--no-mixed-steps", default=False, show_default=True,
-                      help="running sequences keep decoding in the steps that prefill a new prompt (opt-in until "
-                           "its GPU run)")
+_mixed = click.option("--mixed-steps/--no-mixed-steps", default=True, show_default=True,
+                      help="running sequences keep decoding in the steps that prefill a new prompt (chunked "
+                           "prefill); --no-mixed-steps: a step is all prefill or all decode")
 _budget = click.option("--max-num-batched-tokens", type=int, default=None,
                        help="tokens one step may carry, 1 to the artifact's max_num_tokens (default: that)")
 

@@ -14,9 +14,10 @@ Prefix caching (``prefix_cache=True``, the default; runtime/scheduler.py): a pro
 blocks an earlier request computed (a system prompt, the turns of a chat so far) shares those blocks and is
 prefilled from their end; its tokens, texts and finish reasons are those it would get with the cache off.
 
-Mixed steps (``mixed_steps=True``; opt-in until they have run on a GPU; runtime/scheduler.py): a step carries every
+Mixed steps (on by default, ``mixed_steps=False`` to switch off; runtime/scheduler.py): a step carries every
 running sequence's decode token and then prompt chunks up to ``max_num_batched_tokens``, so a long prompt is
-prefilled over several steps while the others keep decoding, with the same tokens as without.
+prefilled over several steps while the others keep decoding, with the same tokens as without in fp32 (in bf16/fp16
+the chunked rows round differently, as any change of batching does).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def step_budget(limits: Limits, max_num_batched_tokens: int | None) -> int:
 
 class Engine:
     def __init__(self, artifact: Artifact, backend: Backend, tokenizer: Tokenizer, async_decode: bool = True,
-                 prefix_cache: bool = True, mixed_steps: bool = False,
+                 prefix_cache: bool = True, mixed_steps: bool = True,
                  max_num_batched_tokens: int | None = None) -> None:
         """async_decode: enqueue each step before reading the previous one's ids (the module docstring);
         False reads every step's ids before the next is scheduled. prefix_cache: reuse the KV blocks of prompt
@@ -187,7 +188,7 @@ class Engine:
 
 
 def load(path: str | Path, backend: str = "auto", kv_cache_gb: float | None = None, rehash: bool = False,
-         async_decode: bool = True, prefix_cache: bool = True, mixed_steps: bool = False,
+         async_decode: bool = True, prefix_cache: bool = True, mixed_steps: bool = True,
          max_num_batched_tokens: int | None = None, **backend_kw) -> Engine:
     """Load and validate the artifact at ``path`` and make an engine on ``backend`` (auto, torch, cuda, ...).
 

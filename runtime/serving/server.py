@@ -22,7 +22,7 @@ def setup_logging() -> None:
 def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           backend: str = "auto", kv_cache_gb: float | None = None, max_queue: int = 256,
           served_model_name: str | None = None, async_decode: bool = True, prefix_cache: bool = True,
-          mixed_steps: bool = False, max_num_batched_tokens: int | None = None) -> None:
+          mixed_steps: bool = True, max_num_batched_tokens: int | None = None) -> None:
     """async_decode: see ``runtime.engine.Engine`` (False reads every step's ids before the next is scheduled);
     prefix_cache: reuse the KV blocks of prompts' cached prefixes; mixed_steps, max_num_batched_tokens: decode
     tokens and prompt chunks in one step, up to that many tokens (all ``runtime.engine.Engine``)."""

@@ -127,8 +127,8 @@ def test_no_prefix_cache_reaches_the_engine(art, monkeypatch):
 
 
 def test_mixed_step_options_reach_the_engine(art, monkeypatch):
-    """--mixed-steps (run, serve) and --max-num-batched-tokens (run, serve, bench); a budget the artifact
-    cannot take is one error line."""
+    """--mixed-steps (the default) / --no-mixed-steps (run, serve) and --max-num-batched-tokens (run, serve,
+    bench); a budget the artifact cannot take is one error line."""
     import runtime.bench
     import runtime.engine
     import runtime.serving.server
@@ -137,7 +137,7 @@ def test_mixed_step_options_reach_the_engine(art, monkeypatch):
     real_load = runtime.engine.load
 
     def load(*args, **kw):
-        seen.append((kw.get("mixed_steps", False), kw["max_num_batched_tokens"]))
+        seen.append((kw.get("mixed_steps", "load's default"), kw["max_num_batched_tokens"]))
         return real_load(*args, **kw)
 
     monkeypatch.setattr(runtime.engine, "load", load)
@@ -147,9 +147,9 @@ def test_mixed_step_options_reach_the_engine(art, monkeypatch):
     run = ("run", art, "--prompt", "Hi", "--max-tokens", 2, "--backend", "torch")
     for args in (run, ("serve", art)):
         assert _invoke(*args).exit_code == 0
-        assert _invoke(*args, "--mixed-steps", "--max-num-batched-tokens", 8).exit_code == 0
+        assert _invoke(*args, "--no-mixed-steps", "--max-num-batched-tokens", 8).exit_code == 0
     assert _invoke("bench", art, "--backend", "torch", "--max-num-batched-tokens", 8).exit_code == 0
-    assert seen == [(False, None), (True, 8)] * 2 + [(False, 8)]
+    assert seen == [(True, None), (False, 8)] * 2 + [("load's default", 8)]
     _one_line_error(_invoke(*run, "--max-num-batched-tokens", 0), "--max-num-batched-tokens", "from 1 to", "128")
 
 
