@@ -10,8 +10,8 @@ Tensor kinds:
   input       filled by the runtime before every step (ids, positions, slot_mapping, ...)
   weight      a value in weights.safetensors (same name)
   cache       persistent per-layer KV cache blocks, owned by the runtime (graph inputs k_cache.{i} /
-              v_cache.{i}, and the SSA names kv_cache_write, or rope with write_cache, gives them after
-              writing: same storage)
+              v_cache.{i}, and the SSA names kv_cache_write, rope with write_cache, or the qkv matmul with
+              its rope epilogue, gives them after writing: same storage)
   activation  produced by one node, placed in the activation arena by the memory plan
   output      what a step returns (logits)
 
@@ -35,10 +35,13 @@ GRAPH_OPS = ("embedding", "rms_norm", "add_rms_norm", "rms_norm_linear", "linear
              "attention", "silu_mul", "gelu_tanh_mul", "logits", "rms_norm_gated")
 
 # Which output role of an in-place op shares storage with which input role.
-# rope's cache roles exist only in its cache-writing form (write_cache), where it does kv_cache_write's job.
+# rope's cache roles exist only in its cache-writing form (write_cache), where it does kv_cache_write's job; the
+# matmuls' only in their rope-epilogue form (act "rope" with write_cache), where they do rope's.
 INPLACE: dict[str, tuple[tuple[str, str], ...]] = {
     "rope": (("qkv", "qkv"), ("k_cache", "k_cache"), ("v_cache", "v_cache")),
     "kv_cache_write": (("k_cache", "k_cache"), ("v_cache", "v_cache")),
+    "linear": (("k_cache", "k_cache"), ("v_cache", "v_cache")),
+    "rms_norm_linear": (("k_cache", "k_cache"), ("v_cache", "v_cache")),
 }
 
 
@@ -174,7 +177,8 @@ class Graph:
         if len(set(node_names)) != len(node_names):
             raise ValueError("two nodes share a name")
         produced = {name for node in self.nodes for _, name in node.outputs}
-        # Cache tensors a node writes (kv_cache_write, rope) get new SSA names of kind cache; they are not sources.
+        # Cache tensors a node writes (kv_cache_write, rope, a matmul with the rope epilogue) get new SSA names of
+        # kind cache; they are not sources.
         defined = {t.name for t in self.tensors if t.kind in ("input", "weight", "cache") and t.name not in produced}
         for node in self.nodes:
             for role, name in node.inputs:

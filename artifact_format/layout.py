@@ -13,7 +13,10 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-FORMAT = 1  # bumped whenever a file of the artifact changes meaning; the runtime refuses other versions
+# Bumped whenever a file of the artifact changes meaning; the runtime refuses other versions. 2: a qkv matmul node
+# may carry the rope and KV-cache write (act "rope", paired q/k weight rows, cache outputs in place), which a format 1
+# runtime cannot bind.
+FORMAT = 2
 REQUIRED_FILES = ("graph.onnx", "weights.safetensors", "tokenizer.json")
 LIMIT_KEYS = ("max_seq_len", "max_batch", "max_num_tokens", "block_size")
 # Bytes: every tensor offset in the arena and in staged inputs is a multiple, because the kernels' divisibility

@@ -3,14 +3,14 @@
     PYTHONPATH=. python benchmarks/gemv.py --out DIR [--rows 1,4,16,32] [--models tinyllama-1.1b,llama3-8b]
         [--space wide|pack] [--jobs 15] [--budget 420]
 
-For every decode matrix of the two presets (qkv and gate_up with the RMSNorm fold, gate_up with the SwiGLU
-epilogue, o and down with the residual epilogue) and every row count, each candidate config is first checked
-against the op's reference on fresh random inputs with its output poisoned (NaN), then timed. Timing replays a
-CUDA graph of back-to-back launches over enough copies of the weights to exceed L2 several times (in a model
-the weights never stay in L2), as the decode graph runs them; the median over replays, per launch. cuBLAS
-(torch.nn.functional.linear, plain product without the epilogue) is timed the same way. GB/s counts the bytes
-the op must move (weight, activations in, output and residual); % is against a device-to-device copy measured
-in the same process (bytes read + written).
+For every decode matrix of the two presets (qkv and gate_up with the RMSNorm fold, qkv with the rope and KV-cache
+write epilogue, gate_up with the SwiGLU epilogue, o and down with the residual epilogue) and every row count, each
+candidate config is first checked against the op's reference on fresh random inputs with its output poisoned
+(NaN), then timed. Timing replays a CUDA graph of back-to-back launches over enough copies of the weights to exceed
+L2 several times (in a model the weights never stay in L2), as the decode graph runs them; the median over
+replays, per launch. cuBLAS (torch.nn.functional.linear, plain product without the epilogue) is timed the same
+way. GB/s counts the bytes the op must move (weight, activations in, output, residual and KV-cache rows); % is
+against a device-to-device copy measured in the same process (bytes read + written).
 
 --space wide sweeps far more configs than the autotuner tries (to find what the pack's space must contain);
 --space pack only the pack's own candidates and heuristic default. Compilation runs first in --jobs processes
@@ -43,6 +43,7 @@ from runtime.bench import copy_bandwidth  # noqa: E402
 EPS = 1e-5
 MODELS = {"tinyllama-1.1b": (2048, 5632, 32, 4, 64), "llama3-8b": (4096, 14336, 32, 8, 128)}  # H, I, Hq, Hk, Dh
 ROTATE_BYTES = 512 << 20  # weights cycled per timed replay: several times the H200's 60 MB of L2
+MAX_POS, BLOCK_SIZE = 4096, 16  # the qkv epilogue's rope table rows and KV-cache block size
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Shape:
     name: str  # qkv, o, gate_up, down
     K: int
     N: int
+    heads: tuple[int, int, int] = (0, 0, 0)  # qkv: Hq, Hk, Dh (its rope epilogue)
 
     @property
     def op(self) -> str:
@@ -64,6 +66,10 @@ class Shape:
         base = {"K": self.K, "N": self.N, "max_T": T, "max_S": T, "T_bucket": bucket}
         if self.op == "linear":
             return {**base, "has_bias": False, "has_residual": True}
+        if self.name == "qkv":  # as the decode graph runs it: the rope and the KV-cache write in the epilogue
+            Hq, Hk, Dh = self.heads
+            return {**base, "eps": EPS, "has_bias": False, "act": "rope", "num_q_heads": Hq, "num_kv_heads": Hk,
+                    "head_dim": Dh, "rotary_dim": Dh, "is_neox": True, "write_cache": True}
         return {**base, "eps": EPS, "has_bias": False, "act": "silu_mul" if self.name == "gate_up" else None}
 
 
@@ -71,14 +77,14 @@ def shapes(models: list[str]) -> list[Shape]:
     out = []
     for m in models:
         H, I, Hq, Hk, Dh = MODELS[m]
-        out += [Shape(m, "qkv", H, (Hq + 2 * Hk) * Dh), Shape(m, "o", H, H), Shape(m, "gate_up", H, 2 * I),
-                Shape(m, "down", I, H)]
+        out += [Shape(m, "qkv", H, (Hq + 2 * Hk) * Dh, (Hq, Hk, Dh)), Shape(m, "o", H, H),
+                Shape(m, "gate_up", H, 2 * I), Shape(m, "down", I, H)]
     return out
 
 
 def wide_space(shape: Shape, T: int) -> list[Config]:
     K, N = shape.K, shape.N
-    min_bn = 2 if shape.name == "gate_up" else 1
+    min_bn = 2 if shape.name in ("gate_up", "qkv") else 1  # the SwiGLU and rope epilogues pair columns
     out = []
     if T <= 4:
         bm = triton.next_power_of_2(T)
@@ -116,17 +122,33 @@ def make_inputs(shape: Shape, T: int, gen: torch.Generator) -> dict[str, torch.T
     t = {"x": x, "w": w, "out": torch.full((T, n_out), float("nan"), device="cuda", dtype=torch.bfloat16)}
     if shape.op == "linear":
         t["residual"] = torch.randn(T, shape.N, generator=gen, device="cuda").bfloat16()
+    if shape.name == "qkv":
+        _, Hk, Dh = shape.heads
+        angles = torch.rand(MAX_POS, Dh // 2, generator=gen, device="cuda") * 6.3
+        t |= {"positions": torch.randint(0, MAX_POS, (T,), generator=gen, device="cuda", dtype=torch.int32),
+              "cos_sin": torch.cat([angles.cos(), angles.sin()], dim=1).contiguous(),
+              "slot_mapping": torch.randperm(T * BLOCK_SIZE, generator=gen, device="cuda")[:T].to(torch.int32),
+              **{c: torch.zeros(T, BLOCK_SIZE, Hk, Dh, device="cuda", dtype=torch.bfloat16)
+                 for c in ("k_cache", "v_cache")}}
     return t
 
 
 def reference(shape: Shape, t: dict) -> torch.Tensor:
     if shape.op == "linear":
         return lin.reference(t["x"], t["w"], None, t["residual"])
+    if shape.name == "qkv":  # qkv only: the caches are the reference's own copies
+        rope = {k: t[k] for k in ("positions", "cos_sin", "slot_mapping")}
+        caches = {c: t[c].clone() for c in ("k_cache", "v_cache")}
+        meta = shape.meta(1)
+        attrs = {k: meta[k] for k in ("num_q_heads", "num_kv_heads", "head_dim", "rotary_dim", "is_neox",
+                                      "write_cache")}
+        return rnl.reference(t["x"], t["w"], None, **rope, **caches, eps=EPS, act="rope", **attrs)[0]
     return rnl.reference(t["x"], t["w"], None, eps=EPS, act="silu_mul" if shape.name == "gate_up" else None)
 
 
 def plan_for(shape: Shape, T: int, config: Config):
-    dtypes = {"x": "bf16", "w": "bf16", "out": "bf16", "residual": "bf16"}
+    dtypes = {"x": "bf16", "w": "bf16", "out": "bf16", "residual": "bf16", "positions": "i32", "cos_sin": "fp32",
+              "slot_mapping": "i32", "k_cache": "bf16", "v_cache": "bf16"}
     spec = rnl.SPEC if shape.op == "rms_norm_linear" else lin.SPEC
     return spec.plan(shape.meta(T), dtypes, config)
 
@@ -134,7 +156,8 @@ def plan_for(shape: Shape, T: int, config: Config):
 def moved_bytes(shape: Shape, T: int) -> int:
     n_out = shape.N // 2 if shape.name == "gate_up" else shape.N
     res = T * shape.N * 2 if shape.op == "linear" else 0
-    return shape.N * shape.K * 2 + T * shape.K * 2 + T * n_out * 2 + res
+    cache = 2 * T * shape.heads[1] * shape.heads[2] * 2  # the rope epilogue's k and v rows (qkv only)
+    return shape.N * shape.K * 2 + T * shape.K * 2 + T * n_out * 2 + res + cache
 
 
 def graph_time(fn, copies: int) -> float:

@@ -39,7 +39,9 @@ def _listed_files(out: Path) -> set[str] | None:
         manifest = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    # An artifact of an earlier format is still provably trilite's: a new compile may replace it.
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or not 1 <= fmt <= FORMAT:
         return None
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and _SHA256.fullmatch(v)

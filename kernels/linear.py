@@ -5,6 +5,10 @@ be the residual buffer itself, which is safe because each element is read and th
 Decode (small T) streams W once in a GEMV layout with optional split-K (reduced inside the same launch);
 prefill uses tl.dot tiles. Both
 layouts live in kernels/matmul_helpers.py (their configs in kernels/matmul_configs.py), shared with rms_norm_linear.
+
+With act "rope" (the compiler's rope fusion, for a qkv projection with no norm to fold) w is the qkv weight with its
+q and k rows paired for rotation, and out is qkv as kernels/rope.py leaves it: rotated by positions, and with
+write_cache the k and v heads stored in the paged KV cache (kernels/rope_epilogue.py). No residual then.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from kernels.matmul_configs import (
     tile_grid,
 )
 from kernels.matmul_helpers import matmul_program
+from kernels.rope_epilogue import RopeEpilogue, rope_inputs, rope_launch_pieces
+from kernels.rope_epilogue import reference as rope_epilogue_reference
 from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
 
 
@@ -35,6 +41,11 @@ def _linear_kernel(
     out_ptr,  # [T, N], may alias residual
     partial_ptr,  # [SPLIT_K, ROWS, N] fp32 scratch; with SPLIT_K == 1 bound to out and never written
     sem_ptr,  # [cdiv(N, BLOCK_N)] i32 scratch, zero between launches; with SPLIT_K == 1 bound to out, never used
+    positions_ptr,  # [T] i32; without ACT_ROPE bound to out and never read
+    cos_sin_ptr,  # [max_pos, ROT_DIM] fp32; without ACT_ROPE bound to out and never read
+    slot_mapping_ptr,  # [T] i32; without WRITE_CACHE bound to out and never read
+    k_cache_ptr,  # [num_blocks, block_size, HK, HEAD_DIM]; without WRITE_CACHE bound to out and never written
+    v_cache_ptr,  # [num_blocks, block_size, HK, HEAD_DIM]; without WRITE_CACHE bound to out and never written
     T,
     stride_x,
     stride_res,
@@ -53,12 +64,21 @@ def _linear_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    ACT_ROPE: tl.constexpr,
+    HQ: tl.constexpr,
+    HK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    matmul_program(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, partial_ptr, sem_ptr, T, stride_x,
-                   stride_res, stride_out, rows_cap, 0.0, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                   BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K,
-                   USE_RMS=False, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=False, USE_PDL=USE_PDL)
+    matmul_program(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, partial_ptr, sem_ptr, positions_ptr,
+                   cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_res, stride_out,
+                   rows_cap, 0.0, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                   SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K, USE_RMS=False,
+                   HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=False, ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK,
+                   HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX, WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -69,7 +89,16 @@ def default(meta: dict) -> Config:
     return matmul_default(meta)
 
 
+def _check_act(meta: dict) -> None:
+    act = meta.get("act")
+    if act not in (None, "rope"):
+        raise ValueError(f"linear: act {act!r} is not None or 'rope'")
+    if act and meta["has_residual"]:
+        raise ValueError("linear: act rope writes qkv, which takes no residual add")
+
+
 def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
+    _check_act(meta)
     N, K = meta["N"], meta["K"]
     has_bias, has_res = bool(meta["has_bias"]), bool(meta["has_residual"])
     split = config["SPLIT_K"] > 1
@@ -78,17 +107,18 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     res = ("residual", dtypes["residual"]) if has_res else ("out", dtypes["out"])
     partial = ("partial", "fp32") if split else ("out", dtypes["out"])
     sem = (SEMAPHORES, "i32") if split else ("out", dtypes["out"])
+    rope_types, rope_args, rope_constexprs = rope_launch_pieces(meta, dtypes, config, unused="out")
     launch = make_launch(
         _linear_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "bias_ptr": ptr(bias[1]),
                "residual_ptr": ptr(res[1]), "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]),
-               "sem_ptr": ptr(sem[1]), "T": "i32", "stride_x": "i64", "stride_res": "i64", "stride_out": "i64",
-               "rows_cap": "i64"},
+               "sem_ptr": ptr(sem[1]), **rope_types, "T": "i32", "stride_x": "i64", "stride_res": "i64",
+               "stride_out": "i64", "rows_cap": "i64"},
         constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res,
-                    "USE_PDL": False},
+                    **rope_constexprs, "USE_PDL": False},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "bias_ptr": ("tensor", bias[0]),
               "residual_ptr": ("tensor", res[0]), "out_ptr": ("tensor", "out"),
-              "partial_ptr": ("tensor", partial[0]), "sem_ptr": ("tensor", sem[0]), "T": ("sym", "T"),
+              "partial_ptr": ("tensor", partial[0]), "sem_ptr": ("tensor", sem[0]), **rope_args, "T": ("sym", "T"),
               "stride_x": ("int", meta.get("stride_x", K)), "stride_res": ("int", meta.get("stride_residual", N)),
               "stride_out": ("int", meta.get("stride_out", N)), "rows_cap": ("int", split_rows(meta))},
         grid=tile_grid(meta, config),
@@ -101,10 +131,17 @@ SPEC = KernelSpec("linear", configs, default, plan, tune_buckets=(1, 16, 64, 256
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+           positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None,
+           slot_mapping: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+           v_cache: torch.Tensor | None = None, *, act: str | None = None, num_q_heads: int = 0, num_kv_heads: int = 0,
+           head_dim: int = 0, rotary_dim: int = 0, is_neox: bool = True, write_cache: bool = False,
+           out: torch.Tensor | None = None, config: Config | None = None
+           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, K], w [N, K], bias [N] or None, residual [T, N] or None -> out [T, N] in x's dtype.
 
     out may be residual itself (the in-place residual add). Runs the kernel: interpreter on CPU tensors.
+    act "rope": as rms_norm_linear's (qkv rotated, with write_cache the caches written and (out, k_cache, v_cache)
+    returned), without a norm.
     """
     T, K = x.shape
     N = w.shape[0]
@@ -114,24 +151,39 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, r
     if out is None:
         out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     assert out.shape == (T, N) and out.stride(1) == 1
-    meta = {"K": K, "N": N, "has_bias": bias is not None, "has_residual": residual is not None,
+    meta = {"K": K, "N": N, "has_bias": bias is not None, "has_residual": residual is not None, "act": act,
             "stride_x": x.stride(0), "stride_out": out.stride(0), "max_T": T, "max_S": 1, "T_bucket": T}
     tensors = {"x": x, "w": w, "out": out}
-    dtypes = {"x": dtype_name(x), "w": dtype_name(w), "out": dtype_name(out)}
     for role, t in (("bias", bias), ("residual", residual)):
         if t is not None:
-            tensors[role], dtypes[role] = t, dtype_name(t)
+            tensors[role] = t
     if residual is not None:
         meta["stride_residual"] = residual.stride(0)
+    rope = None
+    if act == "rope":
+        rope = RopeEpilogue(num_q_heads, num_kv_heads, head_dim, rotary_dim, is_neox, write_cache)
+        meta |= rope.attrs()
+        tensors |= rope_inputs(rope, T, positions, cos_sin, slot_mapping, k_cache, v_cache)
+    dtypes = {role: dtype_name(t) for role, t in tensors.items()}
     run(plan(meta, dtypes, config or default(meta)), tensors, {"T": T, "S": 1})
-    return out
+    return (out, k_cache, v_cache) if rope is not None and rope.write_cache else out
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+              cos_sin: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+              k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *, act: str | None = None,
+              num_q_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0, rotary_dim: int = 0,
+              is_neox: bool = True, write_cache: bool = False
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out = x.float() @ w.float().T
     if bias is not None:
         out = out + bias.float()
     if residual is not None:
         out = out + residual.float()
+    if act == "rope":
+        rope = RopeEpilogue(num_q_heads, num_kv_heads, head_dim, rotary_dim, is_neox, write_cache)
+        return rope_epilogue_reference(out, positions, cos_sin, slot_mapping, k_cache, v_cache, rope, x.dtype)
+    if act is not None:
+        raise ValueError(f"act {act!r} is not None or 'rope'")
     return out.to(x.dtype)

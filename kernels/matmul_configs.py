@@ -58,8 +58,9 @@ def _broadcast_candidates(N: int, K: int, bm: int, min_bn: int) -> list[Config]:
 
 
 def _min_block_n(meta: dict) -> int:
-    """The SwiGLU epilogue pairs adjacent columns, so its column blocks hold at least one (gate, up) pair."""
-    return 2 if meta.get("act") in ("silu_mul", "gelu_tanh_mul") else 1
+    """The SwiGLU/GeGLU and rope epilogues pair adjacent columns, so their column blocks hold at least one pair (and,
+    being powers of two, only whole pairs)."""
+    return 2 if meta.get("act") in ("silu_mul", "gelu_tanh_mul", "rope") else 1
 
 
 def matmul_configs(meta: dict) -> list[Config]:

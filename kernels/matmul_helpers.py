@@ -22,6 +22,10 @@ The SwiGLU fusion (ACT_SILU_MUL): over a gate_up weight whose rows the compiler 
 epilogue pairs adjacent columns and stores silu(gate) * up, [T, N / 2], so no [T, N] activation is written and
 silu_mul needs no launch of its own. Split-K partials stay [T, N]; the program that reduces them applies it.
 
+The rope fusion (ACT_ROPE, qkv only): over a qkv weight whose q and k rows the compiler paired the same way, the
+epilogue rotates each (even, odd) column pair and stores it at its own columns of qkv, and with WRITE_CACHE the k
+and v heads in the paged KV cache too, so rope needs no launch of its own (kernels/rope_epilogue.py).
+
 Which layout and tiles a node gets per token bucket, and the plan pieces both ops share: kernels/matmul_configs.py.
 """
 
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from kernels.rope_epilogue import store_rotated
 
 # USE_PDL: 0 off; PDL_EARLY lets the next kernel be scheduled as soon as this one's wait returns, PDL_LATE once
 # each program has read its weights (the values kernels.spec.PDL_TRIGGER picks from).
@@ -114,6 +120,11 @@ def store_rows(
     bias_ptr,  # [N]
     residual_ptr,  # [T, N]
     out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
+    positions_ptr,  # [T] i32 (ACT_ROPE)
+    cos_sin_ptr,  # [max_pos, ROT_DIM] fp32 (ACT_ROPE)
+    slot_mapping_ptr,  # [T] i32 (ACT_ROPE with WRITE_CACHE)
+    k_cache_ptr,  # [num_blocks, block_size, HK, HEAD_DIM] (ACT_ROPE with WRITE_CACHE)
+    v_cache_ptr,  # [num_blocks, block_size, HK, HEAD_DIM] (ACT_ROPE with WRITE_CACHE)
     stride_res,
     stride_out,
     eps,
@@ -123,13 +134,21 @@ def store_rows(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ACT_SILU_MUL: tl.constexpr,
+    ACT_ROPE: tl.constexpr,
+    HQ: tl.constexpr,
+    HK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
 ):
-    """The epilogue: rstd scale, + bias, + residual, SwiGLU, cast, store. Each element is read from residual
-    and written to out by the same program, so out may alias residual.
+    """The epilogue: rstd scale, + bias, + residual, SwiGLU or rope, cast, store. Each element is read from
+    residual and written to out by the same program, so out may alias residual.
 
     ACT_SILU_MUL: w's rows are interleaved (row 2j gate_j, row 2j + 1 up_j), so each even/odd column pair of
     the tile is one (gate, up) pair; out column j = silu(gate_j) * up_j. BLOCK_N is even and every tile starts
-    at an even column, so no pair straddles two programs."""
+    at an even column, so no pair straddles two programs. ACT_ROPE: the same pairing over the q and k heads'
+    rotation pairs (kernels/rope_epilogue.py), stored back at their own columns of qkv (and the KV caches)."""
     col_mask = cols < N
     mask = (rows < T)[:, None] & col_mask[None, :]
     if USE_RMS:
@@ -139,20 +158,25 @@ def store_rows(
     if HAS_RESIDUAL:
         res = tl.load(residual_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
         acc += res.to(tl.float32)
-    if ACT_SILU_MUL:
-        BM: tl.constexpr = acc.shape[0]
-        BN: tl.constexpr = acc.shape[1]
-        gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
-        if ACT_SILU_MUL == ACT_GELU_TANH:
-            # gelu_tanh(g) = g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3), as kernels/silu_mul.py computes it.
-            u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-            acc = gate / (1.0 + tl.exp(-2.0 * u)) * up
-        else:
-            acc = gate * tl.sigmoid(gate) * up
-        even, _ = tl.split(tl.reshape(cols, (BN // 2, 2)))
-        cols = even // 2
-        mask = (rows < T)[:, None] & (cols < N // 2)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if ACT_ROPE:
+        store_rotated(acc, rows, cols, T, out_ptr, stride_out, positions_ptr, cos_sin_ptr, slot_mapping_ptr,
+                      k_cache_ptr, v_cache_ptr, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
+                      WRITE_CACHE=WRITE_CACHE)
+    else:
+        if ACT_SILU_MUL:
+            BM: tl.constexpr = acc.shape[0]
+            BN: tl.constexpr = acc.shape[1]
+            gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+            if ACT_SILU_MUL == ACT_GELU_TANH:
+                # gelu_tanh(g) = g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3), as kernels/silu_mul.py computes it.
+                u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+                acc = gate / (1.0 + tl.exp(-2.0 * u)) * up
+            else:
+                acc = gate * tl.sigmoid(gate) * up
+            even, _ = tl.split(tl.reshape(cols, (BN // 2, 2)))
+            cols = even // 2
+            mask = (rows < T)[:, None] & (cols < N // 2)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -235,6 +259,11 @@ def matmul_program(
     partial_ptr,  # [SPLIT_K, ROWS, N] fp32
     sumsq_ptr,  # [cdiv(N, BLOCK_N), SPLIT_K, ROWS] fp32 (USE_RMS)
     sem_ptr,  # [cdiv(N, BLOCK_N)] i32, zero between launches
+    positions_ptr,  # [T] i32 (ACT_ROPE)
+    cos_sin_ptr,  # [max_pos, ROT_DIM] fp32 (ACT_ROPE)
+    slot_mapping_ptr,  # [T] i32 (ACT_ROPE with WRITE_CACHE)
+    k_cache_ptr,  # [num_blocks, block_size, HK, HEAD_DIM] (ACT_ROPE with WRITE_CACHE)
+    v_cache_ptr,  # [num_blocks, block_size, HK, HEAD_DIM] (ACT_ROPE with WRITE_CACHE)
     T,
     stride_x,
     stride_res,
@@ -256,6 +285,13 @@ def matmul_program(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ACT_SILU_MUL: tl.constexpr,
+    ACT_ROPE: tl.constexpr,
+    HQ: tl.constexpr,
+    HK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """One program of the launch, either layout (see the module docstring)."""
@@ -277,8 +313,11 @@ def matmul_program(
             acc, sumsq = gemv_tile(x_ptr, w_ptr, rows, cols, T, stride_x, pid_k * K_SPAN, N, K, K_SPAN, BLOCK_M,
                                    BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
             if SPLIT_K == 1:
-                store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out, eps,
-                           N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
+                store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, positions_ptr, cos_sin_ptr,
+                           slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps, N=N, K=K,
+                           USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=ACT_SILU_MUL,
+                           ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
+                           WRITE_CACHE=WRITE_CACHE)
             else:
                 mask = (rows < T)[:, None] & (cols < N)[None, :]
                 tl.store(partial_ptr + pid_k * rows_cap * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
@@ -305,8 +344,11 @@ def matmul_program(
                         if USE_RMS:
                             sumsq += tl.load(sumsq_ptr + (pid_n * SPLIT_K + s) * rows_cap + rows, mask=rows < T,
                                              other=0.0, cache_modifier=".cg")
-                    store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out,
-                               eps, N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
+                    store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, positions_ptr, cos_sin_ptr,
+                               slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps, N=N, K=K,
+                               USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=ACT_SILU_MUL,
+                               ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
+                               WRITE_CACHE=WRITE_CACHE)
                 tl.atomic_xchg(sem_ptr + pid_n, 0)
     else:
         pid_m, pid_n = grouped_tile(tl.program_id(0), T, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -316,5 +358,8 @@ def matmul_program(
                              BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
         if USE_PDL == PDL_LATE:
             tl.extra.cuda.gdc_launch_dependents()
-        store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, stride_res, stride_out, eps,
-                   N, K, USE_RMS, HAS_BIAS, HAS_RESIDUAL, ACT_SILU_MUL)
+        store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, positions_ptr, cos_sin_ptr,
+                   slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps, N=N, K=K,
+                   USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=ACT_SILU_MUL,
+                   ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
+                   WRITE_CACHE=WRITE_CACHE)

@@ -9,6 +9,10 @@ to W and cache-resident), so no [T, K] normed activation is ever written. Layout
 With act "silu_mul" (the compiler's SwiGLU fusion) w is the gate_up weight with its rows interleaved, row 2j =
 gate_j and row 2j + 1 = up_j, and out[T, N / 2] = silu(gate) * up: silu_mul runs in the epilogue. act
 "gelu_tanh_mul" (GeGLU, Gemma) is the same with gelu_tanh(gate).
+
+With act "rope" (the compiler's rope fusion) w is the qkv weight with its q and k rows paired for rotation, and out
+is qkv [T, N] as kernels/rope.py leaves it: rotated by positions, and with write_cache the k and v heads stored in
+the paged KV cache (kernels/rope_epilogue.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from kernels.matmul_configs import (
     tile_grid,
 )
 from kernels.matmul_helpers import ACT_GELU_TANH, matmul_program
+from kernels.rope_epilogue import RopeEpilogue, rope_inputs, rope_launch_pieces
+from kernels.rope_epilogue import reference as rope_epilogue_reference
 from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
 
 
@@ -39,6 +45,11 @@ def _rms_norm_linear_kernel(
     partial_ptr,  # [SPLIT_K, ROWS, N] fp32 scratch; with SPLIT_K == 1 bound to out and never written
     sumsq_ptr,  # [cdiv(N, BLOCK_N), SPLIT_K, ROWS] fp32 scratch; with SPLIT_K == 1 bound to out and never written
     sem_ptr,  # [cdiv(N, BLOCK_N)] i32 scratch, zero between launches; with SPLIT_K == 1 bound to out, never used
+    positions_ptr,  # [T] i32; without ACT_ROPE bound to out and never read
+    cos_sin_ptr,  # [max_pos, ROT_DIM] fp32; without ACT_ROPE bound to out and never read
+    slot_mapping_ptr,  # [T] i32; without WRITE_CACHE bound to out and never read
+    k_cache_ptr,  # [num_blocks, block_size, HK, HEAD_DIM]; without WRITE_CACHE bound to out and never written
+    v_cache_ptr,  # [num_blocks, block_size, HK, HEAD_DIM]; without WRITE_CACHE bound to out and never written
     T,
     stride_x,
     stride_out,
@@ -57,12 +68,21 @@ def _rms_norm_linear_kernel(
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT_SILU_MUL: tl.constexpr,
+    ACT_ROPE: tl.constexpr,
+    HQ: tl.constexpr,
+    HK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    matmul_program(x_ptr, w_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, sem_ptr, T, stride_x,
-                   stride_out, stride_out, rows_cap, eps, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                   BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K,
-                   USE_RMS=True, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=False, ACT_SILU_MUL=ACT_SILU_MUL, USE_PDL=USE_PDL)
+    matmul_program(x_ptr, w_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, sem_ptr, positions_ptr,
+                   cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_out, stride_out,
+                   rows_cap, eps, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                   SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K, USE_RMS=True,
+                   HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=False, ACT_SILU_MUL=ACT_SILU_MUL, ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK,
+                   HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX, WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -73,15 +93,16 @@ def default(meta: dict) -> Config:
     return matmul_default(meta)
 
 
-_ACTS = {None: False, "silu_mul": True, "gelu_tanh_mul": ACT_GELU_TANH.value}
+_ACTS = {None: False, "silu_mul": True, "gelu_tanh_mul": ACT_GELU_TANH.value, "rope": False}
 
 
 def _act(meta: dict) -> bool | int:
-    """ACT_SILU_MUL for attr act: absent or None off (False), "silu_mul" SwiGLU (True), "gelu_tanh_mul" GeGLU."""
+    """ACT_SILU_MUL for attr act: absent or None off (False), "silu_mul" SwiGLU (True), "gelu_tanh_mul" GeGLU; "rope"
+    leaves it off (the rope epilogue has its own ACT_ROPE)."""
     act = meta.get("act")
     if act not in _ACTS:
-        raise ValueError(f"rms_norm_linear: act {act!r} is not None, 'silu_mul' or 'gelu_tanh_mul'")
-    if act and meta["N"] % 2:
+        raise ValueError(f"rms_norm_linear: act {act!r} is not None, 'silu_mul', 'gelu_tanh_mul' or 'rope'")
+    if act in ("silu_mul", "gelu_tanh_mul") and meta["N"] % 2:
         raise ValueError(f"rms_norm_linear: act {act} needs an even N (interleaved gate/up rows), got {meta['N']}")
     return _ACTS[act]
 
@@ -90,20 +111,23 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     N, K = meta["N"], meta["K"]
     has_bias, act = bool(meta["has_bias"]), _act(meta)
     split = config["SPLIT_K"] > 1
-    # An absent optional input binds to a tensor the node always has; its HAS_* flag keeps it unread.
+    # An absent optional input binds to a tensor the node always has; its HAS_* / ACT_* flag keeps it unread.
     bias = ("bias", dtypes["bias"]) if has_bias else ("w", dtypes["w"])
     out = ("out", dtypes["out"])
     partial, sumsq, sem = (("partial", "fp32"), ("sumsq", "fp32"), (SEMAPHORES, "i32")) if split else (out,) * 3
+    rope_types, rope_args, rope_constexprs = rope_launch_pieces(meta, dtypes, config, unused="out")
     launch = make_launch(
         _rms_norm_linear_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "bias_ptr": ptr(bias[1]),
                "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]), "sumsq_ptr": ptr(sumsq[1]),
-               "sem_ptr": ptr(sem[1]), "T": "i32", "stride_x": "i64", "stride_out": "i64", "rows_cap": "i64",
-               "eps": "fp32"},
-        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias, "ACT_SILU_MUL": act, "USE_PDL": False},
+               "sem_ptr": ptr(sem[1]), **rope_types, "T": "i32", "stride_x": "i64", "stride_out": "i64",
+               "rows_cap": "i64", "eps": "fp32"},
+        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias, "ACT_SILU_MUL": act, **rope_constexprs,
+                    "USE_PDL": False},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "bias_ptr": ("tensor", bias[0]),
               "out_ptr": ("tensor", "out"), "partial_ptr": ("tensor", partial[0]), "sumsq_ptr": ("tensor", sumsq[0]),
-              "sem_ptr": ("tensor", sem[0]), "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", K)),
+              "sem_ptr": ("tensor", sem[0]), **rope_args, "T": ("sym", "T"),
+              "stride_x": ("int", meta.get("stride_x", K)),
               "stride_out": ("int", meta.get("stride_out", N // 2 if act else N)),
               "rows_cap": ("int", split_rows(meta)), "eps": ("float", meta["eps"])},
         grid=tile_grid(meta, config),
@@ -115,13 +139,21 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
 SPEC = KernelSpec("rms_norm_linear", configs, default, plan, tune_buckets=(1, 16, 64, 256))
 
 
-def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, eps: float,
-                    act: str | None = None, out: torch.Tensor | None = None, config: Config | None = None
-                    ) -> torch.Tensor:
+def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                    positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None,
+                    slot_mapping: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+                    v_cache: torch.Tensor | None = None, *, eps: float, act: str | None = None, num_q_heads: int = 0,
+                    num_kv_heads: int = 0, head_dim: int = 0, rotary_dim: int = 0, is_neox: bool = True,
+                    write_cache: bool = False, out: torch.Tensor | None = None, config: Config | None = None
+                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, K], w [N, K] (norm weight folded in), bias [N] or None -> out [T, N] in x's dtype, via the kernel.
 
     act "silu_mul": w (and bias) rows interleaved gate/up, out [T, N / 2] = silu(gate) * up; "gelu_tanh_mul" the
     same with gelu_tanh(gate).
+    act "rope": w (and bias) the qkv rows in RopeEpilogue.row_order; out [T, N] = qkv rotated by positions [T] i32
+    over cos_sin [max_pos, rotary_dim] fp32, as kernels/rope.py leaves it; with write_cache also the k and v heads
+    stored to k_cache / v_cache [num_blocks, block_size, Hk, Dh] at slot_mapping [T] i32 (-1: skip), and
+    (out, k_cache, v_cache) returned.
     """
     T, K = x.shape
     N = w.shape[0]
@@ -134,15 +166,24 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     meta = {"K": K, "N": N, "eps": eps, "has_bias": bias is not None, "act": act, "stride_x": x.stride(0),
             "stride_out": out.stride(0), "max_T": T, "max_S": 1, "T_bucket": T}
     tensors = {"x": x, "w": w, "out": out}
-    dtypes = {"x": dtype_name(x), "w": dtype_name(w), "out": dtype_name(out)}
     if bias is not None:
-        tensors["bias"], dtypes["bias"] = bias, dtype_name(bias)
+        tensors["bias"] = bias
+    rope = None
+    if act == "rope":
+        rope = RopeEpilogue(num_q_heads, num_kv_heads, head_dim, rotary_dim, is_neox, write_cache)
+        meta |= rope.attrs()
+        tensors |= rope_inputs(rope, T, positions, cos_sin, slot_mapping, k_cache, v_cache)
+    dtypes = {role: dtype_name(t) for role, t in tensors.items()}
     run(plan(meta, dtypes, config or default(meta)), tensors, {"T": T, "S": 1})
-    return out
+    return (out, k_cache, v_cache) if rope is not None and rope.write_cache else out
 
 
-def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, eps: float,
-              act: str | None = None) -> torch.Tensor:
+def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None,
+              slot_mapping: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+              v_cache: torch.Tensor | None = None, *, eps: float, act: str | None = None, num_q_heads: int = 0,
+              num_kv_heads: int = 0, head_dim: int = 0, rotary_dim: int = 0, is_neox: bool = True,
+              write_cache: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xf = x.float()
     out = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (xf @ w.float().T)
     if bias is not None:
@@ -152,6 +193,9 @@ def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         gated = torch.nn.functional.silu(gate) if act == "silu_mul" else \
             torch.nn.functional.gelu(gate, approximate="tanh")
         out = gated * up
+    elif act == "rope":
+        rope = RopeEpilogue(num_q_heads, num_kv_heads, head_dim, rotary_dim, is_neox, write_cache)
+        return rope_epilogue_reference(out, positions, cos_sin, slot_mapping, k_cache, v_cache, rope, x.dtype)
     elif act is not None:
-        raise ValueError(f"act {act!r} is not None, 'silu_mul' or 'gelu_tanh_mul'")
+        raise ValueError(f"act {act!r} is not None, 'silu_mul', 'gelu_tanh_mul' or 'rope'")
     return out.to(x.dtype)

@@ -18,6 +18,10 @@ With WRITE_CACHE the kernel also does kv_cache_write's job, saving a launch per 
 Hq + 2 Hk heads, and each token with slot_mapping[t] >= 0 gets its rotated k heads and its v heads (copied
 as they are) stored to row slot of k_cache / v_cache. q and k are still rotated in qkv, as in the plain form:
 attention reads q from there, and qkv stays a valid input to kv_cache_write. The v heads of qkv stay as they were.
+
+Where the qkv comes from a matmul read by this op alone and no q/k norm is asked for, the compiler runs both jobs in
+that matmul's epilogue instead (kernels/rope_epilogue.py, the same maths): this kernel is then Qwen3's, or a
+fallback.
 """
 
 from __future__ import annotations

@@ -13,11 +13,15 @@ Order matters, and each step says why it comes where it does:
   fold_norms          norms read only by linears fold into them (rms_norm_linear, W' = W diag(g))
   fuse_swiglu         rms_norm_linear(gate_up) + silu_mul (or gelu_tanh_mul) -> one rms_norm_linear with that act
                       (gate/up rows interleaved); after fold_norms, which makes the rms_norm_linear it needs
+  fuse_rope_epilogue  rms_norm_linear / linear(qkv) + rope -> one matmul with act "rope" (q/k rows paired); after
+                      fuse_rope_cache_write, so the cache write comes along, and after fold_norms and fuse_residual,
+                      which settle which matmul (with a norm or without, no residual) makes the qkv
   eliminate_dead      unused nodes and weights go
   cast_weights        fp32 values -> the build dtype (cos_sin stays fp32)
 
-Per Llama decoder layer the result is rms_norm_linear(qkv), rope (writing the KV cache), attention,
-linear(o, +residual), rms_norm_linear(gate_up with the SwiGLU epilogue), linear(down, +residual): six launches.
+Per Llama decoder layer the result is rms_norm_linear(qkv with the rope and KV-cache write epilogue), attention,
+linear(o, +residual), rms_norm_linear(gate_up with the SwiGLU epilogue), linear(down, +residual): five launches.
+Qwen3 keeps its rope (with the q/k norm and the cache write) between the qkv matmul and attention: six.
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ from compiler.passes.fuse import (
     fuse_rope_cache_write,
     fuse_silu_mul,
 )
-from compiler.passes.weights import cast_weights, eliminate_dead, fold_norms, fuse_swiglu, merge_linears
+from compiler.passes.weights import (
+    cast_weights,
+    eliminate_dead,
+    fold_norms,
+    fuse_rope_epilogue,
+    fuse_swiglu,
+    merge_linears,
+)
 
 Pass = Callable[[Graph, Mapping[str, torch.Tensor]], tuple[Graph, dict[str, torch.Tensor], list[dict]]]
 
@@ -57,6 +68,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("fuse_add_rms_norm", structural(fuse_add_rms_norm)),
     ("fold_norms", fold_norms),
     ("fuse_swiglu", fuse_swiglu),
+    ("fuse_rope_epilogue", fuse_rope_epilogue),
     ("eliminate_dead", eliminate_dead),
     ("cast_weights", cast_weights),
 )

@@ -14,6 +14,7 @@ import torch
 from artifact_format.graph import Graph, TensorSpec
 from compiler.ops import node_label
 from compiler.passes.rewrite import Edit, make_node, merged_name, rebuild
+from kernels.rope_epilogue import RopeEpilogue
 
 Weights = dict[str, torch.Tensor]
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -129,6 +130,51 @@ def fuse_swiglu(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, W
             new[role] = name
         fused = make_node("rms_norm_linear", lin.name, {"x": lin.input("x"), "w": new["w"], "bias": new.get("bias")},
                           {"out": node.output("out")}, **{**dict(lin.attrs), "act": node.op})
+        e.replace([lin, node], fused, at=node)
+    return e.graph(), out, records
+
+
+def fuse_rope_epilogue(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
+    """linear / rms_norm_linear (qkv) -> rope -> one matmul node with act "rope": the rotation, and with write_cache
+    the KV-cache write, run in the matmul's epilogue, a launch fewer per layer.
+
+    The q and k heads' weight (and bias) rows are reordered so that each rotation pair is two adjacent output
+    columns (kernels/rope_epilogue.py, RopeEpilogue.row_order); the epilogue stores every value back at its own
+    column, so the fused node's qkv is the rope's (same name, same layout) and attention reads it unchanged. The
+    node takes over the rope's extra inputs (positions, cos_sin; slot_mapping and the caches with write_cache) and
+    its cache outputs under their names.
+    """
+    e, out, records = Edit(g), dict(weights), []
+    for node in g.nodes:
+        if node.op != "rope":
+            continue
+        # Known non-fusions, which keep the rope kernel: Qwen3's q/k norm needs whole heads (a sum over each head's
+        # columns, which the tiles cut across), and an odd head_dim would put a column pair across two heads.
+        if node.attr("use_qk_norm") or node.attr("head_dim") % 2:
+            continue
+        # Rule: a rope whose qkv is the output of a linear or rms_norm_linear without act or residual, read by
+        # nothing else (attention reads the rope's qkv, which the fused node then writes).
+        lin = next((p for op in ("rms_norm_linear", "linear")
+                    if (p := e.producer(node.input("qkv"), op, user=node)) is not None), None)
+        if lin is None or lin.attr("act") or lin.attr("has_residual"):
+            continue
+        rope = RopeEpilogue.from_attrs(dict(node.attrs))
+        order = rope.row_order()
+        new = {"w": lin.input("w"), "bias": lin.input("bias")}
+        if not torch.equal(order, torch.arange(rope.width)):  # GPT-J pairs are adjacent already: rows as they are
+            for role in [r for r in ("w", "bias") if new[r]]:
+                src = new[role]
+                suffix = {"w": "weight", "bias": "bias"}[role]
+                name = e.fresh(src.removesuffix(f".{suffix}") + f".rope.{suffix}")
+                out[name] = weights[src][order].contiguous()
+                e.add_spec(TensorSpec(name, g.tensor(src).dtype, tuple(out[name].shape), "weight"))
+                records.append({"op": "pair_rotary_rows", "inputs": [src], "output": name,
+                                **{k: v for k, v in rope.attrs().items() if k != "write_cache"}})
+                new[role] = name
+        extra = ("positions", "cos_sin", "slot_mapping", "k_cache", "v_cache")
+        outputs = {"out": node.output("qkv"), **{c: node.output(c) for c in ("k_cache", "v_cache") if node.output(c)}}
+        fused = make_node(lin.op, lin.name, {**dict(lin.inputs), **new, **{r: node.input(r) for r in extra}}, outputs,
+                          **{**dict(lin.attrs), "act": "rope", **rope.attrs()})
         e.replace([lin, node], fused, at=node)
     return e.graph(), out, records
 

@@ -146,8 +146,12 @@ def _rope(i: dict, a: dict) -> torch.Tensor:
     sin = i["cos_sin"][i["positions"].long(), half:][:, None, :]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+        rest = x[..., 2 * half:]
+        if a.get("is_neox", True):  # HF's rotate_half: pairs (j, j + half)
+            x1, x2 = x[..., :half], x[..., half:2 * half]
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+        x1, x2 = x[..., 0:2 * half:2], x[..., 1:2 * half:2]  # GPT-J's rotate_every_two: pairs (2j, 2j + 1)
+        return torch.cat([torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2), rest], dim=-1)
 
     i["qkv"].copy_(torch.cat([rotate(q), rotate(k), v], dim=1).reshape(i["qkv"].shape))
     if a.get("write_cache"):  # the fused form: kv_cache_write of the rotated qkv
@@ -193,7 +197,20 @@ def _linear(i: dict, a: dict) -> torch.Tensor:
         out = out + i["bias"].float()
     if a.get("has_residual"):
         out = out + i["residual"].float()
-    return out
+    return _rope_epilogue(out, i, a) if a.get("act") == "rope" else out
+
+
+def _rope_epilogue(y: torch.Tensor, i: dict, a: dict):
+    """The rope fused into the qkv matmul: with neox pairing its q/k rows are paired, columns 2j, 2j + 1 of a head
+    holding the rotation pair (j, j + Dr/2); put them back, then rope (and the cache write) as the unfused graph
+    does."""
+    hq, hk, d, r = a["num_q_heads"], a["num_kv_heads"], a["head_dim"], a["rotary_dim"]
+    heads = y.float().view(y.shape[0], hq + 2 * hk, d).clone()
+    if a["is_neox"]:  # GPT-J's pairs (2j, 2j + 1) are adjacent already
+        paired = heads[:, :hq + hk, :r].clone()
+        heads[:, :hq + hk, :r] = torch.cat([paired[..., 0::2], paired[..., 1::2]], dim=-1)
+    inputs = {k: i[k] for k in ("positions", "cos_sin", "slot_mapping", "k_cache", "v_cache") if k in i}
+    return _rope({"qkv": heads.flatten(1), **inputs}, {**a, "use_qk_norm": False})
 
 
 def _silu_mul(x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +219,7 @@ def _silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rms_norm_linear(i: dict, a: dict) -> torch.Tensor:
-    out = _linear({**i, "x": _norm(i["x"], torch.ones(i["x"].shape[1]), a["eps"])}, a)
+    out = _linear({**i, "x": _norm(i["x"], torch.ones(i["x"].shape[1]), a["eps"])}, a)  # rope: _linear applies it
     if a.get("act") == "silu_mul":
         # The weight rows alternate gate/up; undo that to the concatenated [gate | up] silu_mul reads.
         out = _silu_mul(torch.cat([out[:, 0::2], out[:, 1::2]], dim=1))

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from artifact_format.kernel_index import KernelIndex
+from artifact_format.layout import FORMAT
 from artifact_format.onnx_io import from_onnx
 from compiler.build import DEFAULT_TARGETS, build
 from compiler.cli import main
@@ -23,7 +24,7 @@ def artifact(tmp_path_factory):
 def test_artifact_layout(artifact):
     out, report = artifact
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == 1
+    assert manifest["format"] == FORMAT == 2
     assert manifest["targets"] == list(DEFAULT_TARGETS)
     assert manifest["model"]["family"] == "qwen2"
     assert manifest["limits"]["block_size"] == 16 and manifest["limits"]["max_batch"] == 4

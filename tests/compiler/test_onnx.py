@@ -65,3 +65,15 @@ def test_foreign_models_are_refused():
     del model.metadata_props[:]
     with pytest.raises(ValueError, match="not a trilite graph"):
         from_onnx(model)
+
+
+def test_rope_epilogue_node_layout():
+    # The qkv matmul that took in rope and the cache write: its extra roles and attrs, as Netron shows them.
+    _, fused = graphs("phi3")
+    node = next(n for n in to_onnx(fused).graph.node if n.op_type == "rms_norm_linear")
+    attrs = {a.name: a for a in node.attribute}
+    assert [s.decode() for s in attrs["input_roles"].strings] == ["x", "w", "positions", "cos_sin", "slot_mapping",
+                                                                 "k_cache", "v_cache"]
+    assert [s.decode() for s in attrs["output_roles"].strings] == ["out", "k_cache", "v_cache"]
+    assert attrs["act"].s == b"rope" and attrs["is_neox"].doc_string == "bool" and attrs["write_cache"].i == 1
+    assert (attrs["head_dim"].i, attrs["rotary_dim"].i) == (12, 6)  # Phi-3's partial rotary

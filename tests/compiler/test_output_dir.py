@@ -26,13 +26,13 @@ def _tree(root: Path) -> dict[str, bytes | None]:
     return out
 
 
-def _fake_artifact(out: Path, extra: dict[str, str] | None = None) -> None:
+def _fake_artifact(out: Path, extra: dict[str, str] | None = None, fmt: int = FORMAT) -> None:
     """A folder shaped like an artifact: a trilite manifest listing exactly the files written next to it."""
     files = {"graph.onnx": "g", "weights.safetensors": "w", "kernels/cuda-90/index.json": "{}"}
     for rel, text in {**files, **(extra or {})}.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(text)
-    manifest = {"format": FORMAT, "model": {"dtype": "fp32"}, "targets": ["cuda:90"], "limits": {},
+    manifest = {"format": fmt, "model": {"dtype": "fp32"}, "targets": ["cuda:90"], "limits": {},
                 "files": {rel: "0" * 64 for rel in files}}
     (out / "manifest.json").write_text(json.dumps(manifest))
 
@@ -129,6 +129,16 @@ def test_replaces_an_artifact_and_cleans_leftover_staging(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["model"]["dtype"] == "fp16"
     assert (tmp_path / "neighbour.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", "neighbour.txt", other.name])
+
+
+def test_replaces_an_artifact_of_an_earlier_format(tmp_path):
+    # An artifact an older trilite wrote (format 1) is still provably one: recompiling over it is how users upgrade.
+    out = tmp_path / "model"
+    out.mkdir()
+    _fake_artifact(out, fmt=1)
+    result = _compile(out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["format"] == FORMAT
 
 
 def test_an_empty_folder_is_filled(tmp_path):

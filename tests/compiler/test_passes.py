@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -9,7 +10,10 @@ from compiler.ops import Tracer
 from compiler.passes import optimize
 from tests.compiler.graph_eval import LIMITS, MODELS, SEQS, evaluate, hf_logits, prefill_feeds, traced
 
-FUSED_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm_linear", "linear"]
+# Per decoder layer: the qkv matmul with the rope and KV-cache write in its epilogue, attention, o (+residual),
+# gate_up (SwiGLU epilogue), down (+residual). Qwen3's q/k norm keeps its rope kernel: a known non-fusion.
+FUSED_LAYER = ["rms_norm_linear", "attention", "linear", "rms_norm_linear", "linear"]
+QWEN3_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm_linear", "linear"]
 
 
 def optimized(name, dtype="fp32"):
@@ -22,30 +26,45 @@ def layer(graph, i):
     return [n for n in graph.nodes if n.name.startswith(f"layers.{i}.")]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "phi3"])
-def test_each_layer_is_six_kernels(name):
-    _, _, g, _, _, _ = optimized(name)
-    assert [n.op for n in g.nodes] == ["embedding", *FUSED_LAYER * 2, "logits"]
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+def test_each_layer_is_five_kernels(name):
+    traced_graph, _, g, _, _, _ = optimized(name)
+    per_layer = QWEN3_LAYER if name == "qwen3" else FUSED_LAYER
+    assert [n.op for n in g.nodes] == ["embedding", *per_layer * 2, "logits"]
     assert all(n.op in GRAPH_OPS for n in g.nodes)
+    assert sum(n.op == "rope" for n in traced_graph.nodes) == 2  # one rope per layer before the passes
     for i in range(2):
-        qkv, rope, attn, o, gate_up, down = layer(g, i)
+        if name == "qwen3":
+            qkv, rope, attn, o, gate_up, down = layer(g, i)
+            writer, qkv_out = rope, rope.output("qkv")
+            assert rope.attr("use_qk_norm") and rope.attr("write_cache") and qkv.attr("act") is None
+            assert (rope.input("q_norm"), rope.input("k_norm")) == (
+                f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight")
+            assert rope.input("qkv") == qkv.output("out")
+        else:
+            qkv, attn, o, gate_up, down = layer(g, i)
+            writer, qkv_out = qkv, qkv.output("out")
+            # rope (with kv_cache_write in it) went into the qkv matmul's epilogue over paired q/k rows.
+            assert qkv.attr("act") == "rope" and qkv.attr("write_cache") is True and qkv.attr("is_neox") is True
+            assert qkv.input("positions") == "positions" and qkv.input("cos_sin") == "rope.cos_sin"
+            assert qkv.input("w").endswith(".rope.weight")
+            assert (qkv.attr("num_q_heads"), qkv.attr("num_kv_heads")) == (g.get_meta("num_q_heads"),
+                                                                            g.get_meta("num_kv_heads"))
+            assert qkv.attr("rotary_dim") == g.get_meta("rotary_dim") < g.get_meta("head_dim") if name == "phi3" \
+                else qkv.attr("rotary_dim") == g.get_meta("head_dim")
         assert qkv.name == f"layers.{i}.self_attn.qkv_proj" and gate_up.name == f"layers.{i}.mlp.gate_up_proj"
         assert qkv.attr("has_bias") is (name == "qwen2") and bool(qkv.input("bias")) is (name == "qwen2")
         assert not gate_up.attr("has_bias") and o.attr("has_residual") and down.attr("has_residual")
         # silu_mul went into gate_up's epilogue: [T, 2I] interleaved rows in, [T, I] out.
-        assert gate_up.attr("act") == "silu_mul" and qkv.attr("act") is None
+        assert gate_up.attr("act") == "silu_mul"
         assert g.tensor(gate_up.output("out")).shape[1] * 2 == g.tensor(gate_up.input("w")).shape[0]
-        assert rope.attr("use_qk_norm") is (name == "qwen3")
-        assert (rope.input("q_norm"), rope.input("k_norm")) == ((
-            f"model.layers.{i}.self_attn.q_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight")
-            if name == "qwen3" else (None, None))
-        # rope took in kv_cache_write: it writes layer i's caches, and attention reads the caches it produces.
-        assert rope.attr("write_cache") is True and rope.input("slot_mapping") == "slot_mapping"
-        assert (rope.input("k_cache"), rope.input("v_cache")) == (f"k_cache.{i}", f"v_cache.{i}")
-        assert (attn.input("k_cache"), attn.input("v_cache")) == (rope.output("k_cache"), rope.output("v_cache"))
-        assert [g.storage(rope.output(c)) for c in ("k_cache", "v_cache")] == [f"k_cache.{i}", f"v_cache.{i}"]
+        # The cache write went along: the writer updates layer i's caches, attention reads the caches it produces.
+        assert writer.input("slot_mapping") == "slot_mapping"
+        assert (writer.input("k_cache"), writer.input("v_cache")) == (f"k_cache.{i}", f"v_cache.{i}")
+        assert (attn.input("k_cache"), attn.input("v_cache")) == (writer.output("k_cache"), writer.output("v_cache"))
+        assert [g.storage(writer.output(c)) for c in ("k_cache", "v_cache")] == [f"k_cache.{i}", f"v_cache.{i}"]
         # The data flows through the fused chain, each node reading the one before.
-        assert rope.input("qkv") == qkv.output("out") and attn.input("qkv") == rope.output("qkv")
+        assert attn.input("qkv") == qkv_out
         assert o.input("x") == attn.output("out") and down.input("x") == gate_up.output("out")
 
 
@@ -79,9 +98,6 @@ def test_weight_transforms():
     p = "model.layers.1."
     g_in, g_post = w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"]
     qkv = torch.cat([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]) * g_in
-    torch.testing.assert_close(fw[p + "self_attn.qkv_proj.folded.weight"], qkv, rtol=0, atol=0)
-    torch.testing.assert_close(fw[p + "self_attn.qkv_proj.bias"],
-                               torch.cat([w[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]), rtol=0, atol=0)
     gate, up = w[p + "mlp.gate_proj.weight"] * g_post, w[p + "mlp.up_proj.weight"] * g_post
     # The SwiGLU epilogue reads gate_j and up_j from adjacent rows 2j and 2j + 1.
     swiglu = fw[p + "mlp.gate_up_proj.folded.swiglu.weight"]
@@ -93,10 +109,26 @@ def test_weight_transforms():
             "output": p + "mlp.gate_up_proj.folded.weight"} in records
     assert {"op": "interleave_rows", "inputs": [p + "mlp.gate_up_proj.folded.weight"],
             "output": p + "mlp.gate_up_proj.folded.swiglu.weight", "groups": 2} in records
+    # The rope epilogue reads rotation pair (j, j + Dr/2) of every q and k head from adjacent rows 2j, 2j + 1; the v
+    # rows stay. The bias moves with its rows.
+    heads = {k: fused.get_meta(k) for k in ("num_q_heads", "num_kv_heads", "head_dim")}
+    Hq, Hk, Dh = heads.values()
+    half = Dh // 2
+    rope_w, rope_b = fw[p + "self_attn.qkv_proj.folded.rope.weight"], fw[p + "self_attn.qkv_proj.rope.bias"]
+    bias = torch.cat([w[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+    for folded, paired in ((qkv, rope_w), (bias, rope_b)):
+        qk, qk_paired = folded[:(Hq + Hk) * Dh].unflatten(0, (Hq + Hk, Dh)), paired[:(Hq + Hk) * Dh]
+        torch.testing.assert_close(qk_paired.unflatten(0, (Hq + Hk, half, 2))[:, :, 0], qk[:, :half], rtol=0, atol=0)
+        torch.testing.assert_close(qk_paired.unflatten(0, (Hq + Hk, half, 2))[:, :, 1], qk[:, half:], rtol=0, atol=0)
+        torch.testing.assert_close(paired[(Hq + Hk) * Dh:], folded[(Hq + Hk) * Dh:], rtol=0, atol=0)
+    assert {"op": "pair_rotary_rows", "inputs": [p + "self_attn.qkv_proj.folded.weight"],
+            "output": p + "self_attn.qkv_proj.folded.rope.weight", **heads, "rotary_dim": Dh,
+            "is_neox": True} in records
     # Dead weights are gone, and every weight the graph names is there.
     assert set(fw) == {t.name for t in fused.by_kind("weight")}
     assert set(fw) == {name for n in fused.nodes for _, name in n.inputs if fused.tensor(name).kind == "weight"}
     assert p + "self_attn.q_proj.weight" not in fw and p + "input_layernorm.weight" not in fw
+    assert p + "self_attn.qkv_proj.folded.weight" not in fw and p + "self_attn.qkv_proj.bias" not in fw
 
 
 def test_cast_to_bf16_after_folding_in_fp32():
@@ -158,25 +190,54 @@ def test_add_without_a_linear_becomes_add_rms_norm():
     torch.testing.assert_close(evaluate(fused, fw, feeds)["logits"], want, rtol=1e-5, atol=1e-5)
 
 
-def _attention_graph(with_rope: bool):
+def _attention_graph(with_rope: bool, is_neox: bool = True):
     """qkv -> [rope ->] kv_cache_write -> attention -> a linear to logits, over one layer's caches."""
     t = Tracer("fp32")
+    g = torch.Generator().manual_seed(3)
     src = lambda name, *shape: t.source(name, "i32", shape, "input")
     heads = {"num_q_heads": 2, "num_kv_heads": 1, "head_dim": 4}
-    qkv = ops.linear(ops.embedding(src("ids", "T"), t.weight("e.weight", torch.randn(9, 8))),
-                     t.weight("qkv.weight", torch.randn(16, 8)))
+    qkv = ops.linear(ops.embedding(src("ids", "T"), t.weight("e.weight", torch.randn(9, 8, generator=g))),
+                     t.weight("qkv.weight", torch.randn(16, 8, generator=g)))
     if with_rope:
-        qkv = ops.rope(qkv, src("positions", "T"), t.weight("cs", torch.randn(32, 4), "fp32"), eps=1e-6, **heads)
+        qkv = ops.rope(qkv, src("positions", "T"), t.weight("cs", torch.randn(32, 4, generator=g), "fp32"), eps=1e-6,
+                       is_neox=is_neox, **heads)
     caches = [t.source(f"{c}_cache.0", "fp32", ("NB", 4, 1, 4), "cache") for c in "kv"]
     k, v = ops.kv_cache_write(qkv, src("slot_mapping", "T"), *caches, **heads)
     o = ops.attention(qkv, k, v, src("cu_seqlens_q", "S+1"), src("seq_lens", "S"), src("block_tables", "S", 8),
                       scale=0.5, **heads)
-    logits = ops.linear(o, t.weight("head.weight", torch.randn(5, 8)), out_dtype="fp32", name="logits")
+    logits = ops.linear(o, t.weight("head.weight", torch.randn(5, 8, generator=g)), out_dtype="fp32", name="logits")
     return t.graph({"logits": logits}, {"dtype": "fp32"}), dict(t.weights)
 
 
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+def test_rope_and_cache_write_go_into_a_plain_linear(is_neox):
+    # A qkv with no norm before it stays a linear; the rope (with the cache write it took in) becomes its epilogue.
+    graph, weights = _attention_graph(with_rope=True, is_neox=is_neox)
+    fused, fw, records = optimize(graph, weights, "fp32")
+    assert [n.op for n in fused.nodes] == ["embedding", "linear", "attention", "linear"]
+    qkv, attn = fused.nodes[1], fused.nodes[2]
+    assert qkv.attr("act") == "rope" and qkv.attr("write_cache") and not qkv.attr("has_residual")
+    assert dict(qkv.aliases) == {"k_cache": "k_cache", "v_cache": "v_cache"}
+    assert (attn.input("k_cache"), attn.input("v_cache")) == (qkv.output("k_cache"), qkv.output("v_cache"))
+    # GPT-J pairs are adjacent columns already: the weight is used as it is, no record.
+    assert (qkv.input("w") == "qkv.weight") is (not is_neox)
+    assert [r["op"] for r in records if r["op"] == "pair_rotary_rows"] == (["pair_rotary_rows"] if is_neox else [])
+    feeds = prefill_feeds(graph, LIMITS, [[1, 2, 3, 4, 5, 6], [7, 8, 0]])
+    for kernel_refs in (True, False):
+        want = evaluate(graph, weights, {k: v.clone() for k, v in feeds.items()}, kernel_refs)["logits"]
+        got = evaluate(fused, fw, {k: v.clone() for k, v in feeds.items()}, kernel_refs)["logits"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_rope_takes_in_the_cache_write_only_after_a_rope():
-    fused, _, _ = optimize(*_attention_graph(with_rope=True), "fp32")
+    # With the qkv read by more than the rope, the rope stays a kernel of its own and takes in the cache write.
+    graph, weights = _attention_graph(with_rope=True)
+    qkv = next(n for n in graph.nodes if n.op == "linear")
+    extra = graph.tensor(qkv.output("out"))
+    kept = dataclasses.replace(graph, outputs=(*graph.outputs, extra.name),
+                               tensors=tuple(dataclasses.replace(t, kind="output") if t is extra else t
+                                             for t in graph.tensors))
+    fused, _, _ = optimize(kept, weights, "fp32")
     assert [n.op for n in fused.nodes] == ["embedding", "linear", "rope", "attention", "linear"]
     rope, attn = fused.nodes[2], fused.nodes[3]
     assert rope.attr("write_cache") and dict(rope.aliases) == {"qkv": "qkv", "k_cache": "k_cache", "v_cache": "v_cache"}
@@ -195,13 +256,15 @@ def test_leftover_basic_op_is_an_error():
         optimize(graph, dict(t.weights), "fp32")
 
 
-GEMMA_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm", "rms_norm_linear", "linear", "rms_norm"]
+# Gemma 3's q/k norms keep the rope kernel (as Qwen3's); Gemma 2's rope goes into the qkv matmul's epilogue.
+GEMMA3_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm", "rms_norm_linear", "linear", "rms_norm"]
+GEMMA2_LAYER = [op for op in GEMMA3_LAYER if op != "rope"]
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3"])
-def test_each_gemma_layer_is_eight_kernels(name):
+def test_each_gemma_layer_is_seven_or_eight_kernels(name):
     """Sandwich norms: the adds after the post-norms are those norms' epilogues (no add or add_rms_norm left), the
-    (1 + w) pre-norms fold into qkv and gate_up, GeGLU goes into gate_up's epilogue."""
+    (1 + w) pre-norms fold into qkv and gate_up, GeGLU goes into gate_up's epilogue, Gemma 2's rope into qkv's."""
     from artifact_format.graph import Limits
     from compiler.frontends import load_source
     from compiler.trace import trace
@@ -209,20 +272,27 @@ def test_each_gemma_layer_is_eight_kernels(name):
     src = load_source(name)
     graph, weights = trace(src.config, src.tensors, "fp32", Limits(max_seq_len=64, max_batch=4, max_num_tokens=64))
     g, w, _ = optimize(graph, weights, "fp32")
-    assert [n.op for n in g.nodes] == ["embedding", *GEMMA_LAYER * 2, "logits"]
+    per_layer = GEMMA2_LAYER if name == "tiny-gemma2" else GEMMA3_LAYER
+    assert [n.op for n in g.nodes] == ["embedding", *per_layer * 2, "logits"]
     embed, logits = g.nodes[0], g.nodes[-1]
     assert embed.attr("scale") == 8.0 and embed.input("weight") == logits.input("weight") == "model.embed_tokens.weight"
     assert logits.attr("softcap") == (1.0 if name == "tiny-gemma2" else None)
     # The final norm's weight is 1 + w, in fp32, beside the checkpoint's w.
     torch.testing.assert_close(w[logits.input("norm_w")], 1 + src.tensors["model.norm.weight"].float())
     for i in range(2):
-        qkv, rope, attn, o, post_attn, gate_up, down, post_ff = layer(g, i)
+        nodes = layer(g, i)
+        if name == "tiny-gemma2":  # the qkv matmul does the rope: its cos_sin and cache outputs are the rope's
+            qkv, attn, o, post_attn, gate_up, down, post_ff = nodes
+            rope = qkv
+            assert qkv.attr("act") == "rope" and qkv.output("k_cache") == attn.input("k_cache")
+        else:
+            qkv, rope, attn, o, post_attn, gate_up, down, post_ff = nodes
+            assert rope.attr("use_qk_norm") is True
         assert gate_up.attr("act") == "gelu_tanh_mul" and not o.attr("has_residual") and not down.attr("has_residual")
         assert post_attn.attr("has_residual") and post_attn.input("x") == o.output("out")
         assert post_ff.attr("has_residual") and post_ff.input("x") == down.output("out")
         assert gate_up.input("x") == post_attn.output("out") and post_ff.input("residual") == post_attn.output("out")
         assert attn.attr("window") == (4 if i == 0 else None)
         assert attn.attr("softcap") == (2.0 if name == "tiny-gemma2" else None)
-        assert rope.attr("use_qk_norm") is (name == "tiny-gemma3")
         table = "rope.local_cos_sin" if name == "tiny-gemma3" and i == 0 else "rope.cos_sin"
         assert rope.input("cos_sin") == table

@@ -134,8 +134,8 @@ def test_artifact_has_binaries_for_every_default_target(case):
     if case.name in ("tiny-gemma2", "tiny-gemma3"):  # GeGLU in the gate_up epilogue, both rope tables for Gemma 3
         assert "model.layers.0.mlp.gate_up_proj.folded.geglu.weight" in weights
         assert ("rope.local_cos_sin" in weights) == (case.name == "tiny-gemma3")
-    if case.name == "tiny-phi3":  # the checkpoint's fused matrices, folded (and interleaved) but never split
-        assert "model.layers.0.self_attn.qkv_proj.folded.weight" in weights
+    if case.name == "tiny-phi3":  # the checkpoint's fused matrices, folded (and paired, interleaved) but never split
+        assert "model.layers.0.self_attn.qkv_proj.folded.rope.weight" in weights
         assert "model.layers.0.mlp.gate_up_proj.folded.swiglu.weight" in weights
         assert artifact.manifest["model"]["config"]["partial_rotary_factor"] == 0.75
 

@@ -106,6 +106,57 @@ def test_rms_norm_linear_swiglu_every_config_gpu(bucket):
                                    msg=lambda m, c=config: f"{c}: {m}")
 
 
+# The qkv matmul with the rope and KV-cache write epilogue: TinyLlama's heads through rms_norm_linear, Qwen2-0.5B's
+# (with a bias) through linear. (op, K, Hq, Hk, Dh, bias)
+ROPE_QKV = {"tinyllama": ("rms_norm_linear", 2048, 32, 4, 64, False), "qwen2": ("linear", 896, 14, 2, 64, True)}
+
+
+def rope_epilogue_case(name: str, T: int, dtype: torch.dtype, config, device: str = "cuda"):
+    """(kernel out, k_cache, v_cache), (reference out, k_cache, v_cache), slots of one run of the fused qkv op in
+    ``config``: the reference in fp32 from the same operands, the caches NaN-poisoned, every third row padding."""
+    op, K, Hq, Hk, Dh, has_bias = ROPE_QKV[name]
+    mod = rnl_op if op == "rms_norm_linear" else linear_op
+    g = torch.Generator(device=device).manual_seed(T)
+    N, blocks, max_pos = (Hq + 2 * Hk) * Dh, T // 4 + 2, 4096
+    x = (torch.randn(T, K, generator=g, device=device) * (1 if op == "rms_norm_linear" else K**-0.5) + 0.1)
+    w = torch.randn(N, K, generator=g, device=device) * (K**-0.5 if op == "rms_norm_linear" else 1)
+    bias = torch.randn(N, generator=g, device=device) if has_bias else None
+    angles = torch.rand(max_pos, Dh // 2, generator=g, device=device) * 6.3
+    rope = {"positions": torch.randint(0, max_pos, (T,), generator=g, device=device, dtype=torch.int32),
+            "cos_sin": torch.cat([angles.cos(), angles.sin()], dim=1).contiguous(),
+            "slot_mapping": torch.randperm(blocks * 16, generator=g, device=device)[:T].to(torch.int32)}
+    rope["slot_mapping"][1::3] = -1
+    attrs = {"act": "rope", "num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": Dh, "rotary_dim": Dh,
+             "is_neox": True, "write_cache": True, **({"eps": 1e-5} if op == "rms_norm_linear" else {})}
+    caches = lambda dt: [torch.full((blocks, 16, Hk, Dh), float("nan"), dtype=dt, device=device) for _ in "kv"]
+    x, w, bias = x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
+    args = (x, w, bias) if op == "rms_norm_linear" else (x, w, bias, None)
+    ref = mod.reference(x.float(), w.float(), None if bias is None else bias.float(), **rope,
+                        **dict(zip(("k_cache", "v_cache"), caches(torch.float32))), **attrs)
+    got = getattr(mod, op)(*args, **rope, **dict(zip(("k_cache", "v_cache"), caches(dtype))), **attrs,
+                           out=torch.full((T, N), float("nan"), dtype=dtype, device=device), config=config)
+    return got, ref, rope["slot_mapping"]
+
+
+@pytest.mark.parametrize("name,bucket", [("tinyllama", 1), ("tinyllama", 16), ("tinyllama", 64),
+                                         ("tinyllama", 1024), ("qwen2", 1), ("qwen2", 1024)])
+def test_rope_epilogue_every_config_gpu(name, bucket):
+    # Every candidate (split-K reduce, tl.dot GEMVs, GEMM tiles) in bf16: qkv rotated as rope leaves it, and the k and
+    # v heads of the rows with a slot in the caches. Rotations keep magnitudes, so TOL of the plain matmul holds.
+    op, K, Hq, Hk, Dh, has_bias = ROPE_QKV[name]
+    T, dtype = max(1, bucket - 3), torch.bfloat16
+    meta = {"K": K, "N": (Hq + 2 * Hk) * Dh, "has_bias": has_bias, "has_residual": False, "eps": 1e-5, "act": "rope",
+            "num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": Dh, "rotary_dim": Dh, "is_neox": True,
+            "write_cache": True, "max_T": T, "max_S": 1, "T_bucket": bucket}
+    spec = (rnl_op if op == "rms_norm_linear" else linear_op).SPEC
+    for config in dict.fromkeys([*spec.configs(meta), spec.default(meta)]):
+        got, ref, slots = rope_epilogue_case(name, T, dtype, config)
+        for a, b in zip(got, ref):  # NaN where no row was written: the padding rows' and unused slots
+            torch.testing.assert_close(a.float(), b.float(), atol=TOL[dtype], rtol=TOL[dtype], equal_nan=True,
+                                       msg=lambda m, c=config: f"{c}: {m}")
+        assert (~got[1].isnan()).sum().item() == (slots >= 0).sum().item() * Hk * Dh
+
+
 def _logits_inputs(T, D, V, R, dtype, seed):
     x = _rand(T, D, dtype=dtype, seed=seed) * 2
     norm_w = 1 + _rand(D, dtype=dtype, scale=0.1, seed=seed + 1)

@@ -25,17 +25,23 @@ def _ptx(launch, target: Target) -> str:
 
 
 def _cases():
+    # TinyLlama's qkv heads for the rope epilogue, which loads positions and the rope table after the matmul.
+    rope = {"act": "rope", "num_q_heads": 32, "num_kv_heads": 4, "head_dim": 64, "rotary_dim": 64, "is_neox": True,
+            "write_cache": True}
     for op, extra in ((linear, {"has_bias": True, "has_residual": True}),
-                      (rms_norm_linear, {"has_bias": False, "eps": 1e-5, "act": "silu_mul"})):
+                      (rms_norm_linear, {"has_bias": False, "eps": 1e-5, "act": "silu_mul"}),
+                      (rms_norm_linear, {"has_bias": False, "eps": 1e-5, **rope})):
         for bucket in (1, 4, 16, 2048):
             meta = {"K": 2048, "N": 2560, "max_T": 2048, "max_S": 32, "T_bucket": bucket, **extra}
             for config in dict.fromkeys([*op.SPEC.configs(meta), op.SPEC.default(meta)]):
-                yield pytest.param(op, meta, config, id=f"{op.SPEC.name}-T{bucket}-{len(config.constexprs)}")
+                name = f"{op.SPEC.name}-{extra.get('act')}-T{bucket}-{len(config.constexprs)}"
+                yield pytest.param(op, meta, config, id=name)
 
 
 @pytest.mark.parametrize("op,meta,config", list(_cases()))
 def test_no_load_before_gdc_wait(op, meta, config):
-    dtypes = {"x": "bf16", "w": "bf16", "bias": "bf16", "residual": "bf16", "out": "bf16"}
+    dtypes = {"x": "bf16", "w": "bf16", "bias": "bf16", "residual": "bf16", "out": "bf16", "positions": "i32",
+              "cos_sin": "fp32", "slot_mapping": "i32", "k_cache": "bf16", "v_cache": "bf16"}
     (launch,) = op.SPEC.plan(meta, dtypes, config).launches
     assert dict(launch.constexprs)[USE_PDL] is False, "plans build without PDL; the compiler turns it on per target"
     built = for_target(launch, SM90)
