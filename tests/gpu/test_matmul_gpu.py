@@ -85,22 +85,25 @@ def test_every_candidate_config_gpu(op, bucket):
                                    msg=lambda m, c=config: f"{c}: {m}")
 
 
+@pytest.mark.parametrize("act", ["silu_mul", "gelu_tanh_mul"])
 @pytest.mark.parametrize("bucket", [1, 16, 64, 1024])
-def test_rms_norm_linear_swiglu_every_config_gpu(bucket):
-    # The fused gate_up + SwiGLU epilogue in bf16, every candidate (split-K reduce included): out [T, I] against
-    # silu_mul of the unfused reference over the plain [gate; up] weight. silu(g) * u of O(1) values stays O(1)
-    # and the kernel rounds only the final output, so TOL holds; the reference runs in fp32 throughout.
+def test_rms_norm_linear_swiglu_every_config_gpu(bucket, act):
+    # The fused gate_up + SwiGLU (GeGLU) epilogue in bf16, every candidate (split-K reduce included): out [T, I]
+    # against silu (gelu_tanh) times up of the unfused reference over the plain [gate; up] weight. act(g) * u of
+    # O(1) values stays O(1) and the kernel rounds only the final output, so TOL holds; the reference runs in fp32.
     K, I, dtype = 2048, 5632, torch.bfloat16
     T = max(1, bucket - 3)
     x = _rand(T, K, dtype=dtype, seed=11) + 0.1
     w = _rand(2 * I, K, dtype=dtype, scale=K**-0.5, seed=12)
     w_inter = torch.stack(w.chunk(2, dim=0), dim=1).flatten(0, 1).contiguous()  # row 2j gate_j, 2j + 1 up_j
     gate_up = rnl_op.reference(x.float(), w.float(), eps=1e-5)
-    ref = torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:]
-    meta = {"K": K, "N": 2 * I, "has_bias": False, "eps": 1e-5, "act": "silu_mul", "max_T": T, "max_S": 1,
+    gate = gate_up[:, :I]
+    gated = torch.nn.functional.silu(gate) if act == "silu_mul" else torch.nn.functional.gelu(gate, approximate="tanh")
+    ref = gated * gate_up[:, I:]
+    meta = {"K": K, "N": 2 * I, "has_bias": False, "eps": 1e-5, "act": act, "max_T": T, "max_S": 1,
             "T_bucket": bucket}
     for config in dict.fromkeys([*rnl_op.SPEC.configs(meta), rnl_op.SPEC.default(meta)]):
-        out = rnl_op.rms_norm_linear(x, w_inter, eps=1e-5, act="silu_mul", out=_poisoned(T, I, dtype=dtype),
+        out = rnl_op.rms_norm_linear(x, w_inter, eps=1e-5, act=act, out=_poisoned(T, I, dtype=dtype),
                                      config=config)
         torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype],
                                    msg=lambda m, c=config: f"{c}: {m}")
