@@ -157,7 +157,7 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     """
     T, K = x.shape
     N = w.shape[0]
-    N_out = N // 2 if act else N
+    N_out = N // 2 if act in ("silu_mul", "gelu_tanh_mul") else N
     assert x.stride(1) == 1 and w.shape == (N, K) and w.is_contiguous(), "x [T, K] unit column stride, w [N, K]"
     assert bias is None or bias.shape == (N,)
     if out is None:

@@ -67,10 +67,11 @@ class ModelConfig:
         family = family_of(config)
         gemma = family in ("gemma2", "gemma3")
         # Gemma configs name the activation hidden_activation (older ones hidden_act too); both mean GeGLU.
-        act = config.get("hidden_activation") or config.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+        key = "hidden_activation" if config.get("hidden_activation") else "hidden_act"
+        act = config.get(key) or ("gelu_pytorch_tanh" if gemma else "silu")
         wanted = "gelu_pytorch_tanh" if gemma else "silu"
         if act != wanted:
-            raise ValueError(f"config: hidden activation {act!r} is not supported for {family} (only {wanted})")
+            raise ValueError(f"config: {key} {act!r} is not supported for {family} (only {wanted})")
         heads = config["num_attention_heads"]
         # HF's Qwen3Config defaults head_dim to 128 (Gemma's to 256) where the others derive it from hidden_size.
         head_dim = config.get("head_dim") or {"qwen3": 128, "gemma2": 256, "gemma3": 256}.get(

@@ -112,11 +112,15 @@ def test_tiny_preset_shapes_and_weights(name):
         assert src.tensors["model.layers.0.self_attn.k_proj.weight"].shape == (c["num_key_value_heads"] * hd, h)
     assert ("lm_head.weight" in src.tensors) != c["tie_word_embeddings"]
     assert ("model.layers.0.self_attn.q_proj.bias" in src.tensors) == (name == "tiny-qwen2")
-    assert ("model.layers.0.self_attn.k_norm.weight" in src.tensors) == (name == "tiny-qwen3")
+    assert ("model.layers.0.self_attn.k_norm.weight" in src.tensors) == (name in ("tiny-qwen3", "tiny-gemma3"))
+    gemma = name.startswith("tiny-gemma")
     for key, t in src.tensors.items():
         assert t.dtype == torch.float32 and torch.isfinite(t).all(), key
         if key.endswith("norm.weight"):  # ~1 but not all ones, so an ignored norm weight is caught
-            assert 0.9 < t.mean() < 1.1 and t.std() > 0.05, key
+            # Gemma's norms scale by 1 + w, so its w lie around 0.
+            assert abs(t.mean() - (0 if gemma else 1)) < 0.1 and t.std() > 0.05, key
+        elif gemma and key == "model.embed_tokens.weight":  # scaled by sqrt(hidden) = 8 in the model
+            assert abs(t.mean()) < 0.01 and 0.03 < t.std() < 0.07, key
         else:
             assert abs(t.mean()) < 0.05 and 0.1 < t.std() < 0.3, key
     assert json.loads(src.tokenizer_json)["model"]["type"] == "BPE" and src.tokenizer_config["chat_template"]

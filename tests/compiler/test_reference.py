@@ -24,8 +24,9 @@ def test_reference_logits_shape_finite_deterministic_causal(name):
     other = reference_logits(src, PROMPT[:-1] + [7])
     torch.testing.assert_close(other[:-1], logits[:-1], atol=1e-5, rtol=1e-5)
     assert (other[-1] - logits[-1]).abs().max() > 1e-3
-    # Not degenerate: logits spread over the vocabulary without one token taking all the mass.
-    assert 0.5 < logits.std(dim=-1).mean() < 5
+    # Not degenerate: logits spread over the vocabulary without one token taking all the mass (Gemma's soft-capped
+    # and embedding-tied logits spread less: tiny-gemma2 caps them at +-1).
+    assert (0.25 if name.startswith("tiny-gemma") else 0.5) < logits.std(dim=-1).mean() < 5
     assert logits.softmax(-1).max(dim=-1).values.mean() < 0.9
 
 
