@@ -107,8 +107,8 @@ def mm_tile(
             k_mask = ks < K
             x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        if W_INT8:
-            w = w.to(x.dtype)  # exact: |q| <= 127
+        if W_INT8 and USE_DOT:
+            w = w.to(x.dtype)  # exact: |q| <= 127; the broadcast product below widens it to fp32 itself
         if USE_DOT:
             if x.dtype == tl.float32:
                 # fp32 models expect fp32 results; the default tf32 would round operands to 10 mantissa bits.
@@ -240,8 +240,8 @@ def gemv_tile(
             w_mask = col_mask[:, None] & (ks < K)[None, :]
         w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
         x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0, eviction_policy="evict_last")
-        if W_INT8:
-            w = w.to(x.dtype)  # exact: |q| <= 127; the broadcast product widens it to fp32 below
+        if W_INT8 and USE_DOT:
+            w = w.to(x.dtype)  # exact: |q| <= 127; the broadcast product below widens it to fp32 itself
         if USE_RMS:
             if USE_DOT:
                 # A load of its own: the tl.dot operand also reduced in registers miscompiled on sm_90 once
