@@ -154,7 +154,9 @@ def inspect(artifact: Path) -> None:
     console.print(f"graph   {g['nodes']} nodes, {g['layers']} layers, vocab {g['vocab_size']}: "
                   + ", ".join(f"{op} ×{n}" for op, n in g["ops"].items()))
     w = d["weights"]
-    console.print(f"weights {w['tensors']} tensors, {w['parameters'] / 1e6:.2f} M parameters, {_size(w['bytes'])}")
+    console.print(f"weights {w['tensors']} tensors, {w['parameters'] / 1e6:.2f} M parameters, {_size(w['bytes'])}; "
+                  f"quant {w['quant']} (matmuls: " + ", ".join(f"{s} ×{n}" for s, n in w["schemes"].items())
+                  + f"); {_size(w['decode_bytes'])} of weights read per decode step")
     table = Table("target", "binaries", "launch sites", "size")
     for target, k in d["kernels"].items():
         table.add_row(target, str(k["binaries"]), str(k["launch sites"]), _size(k["bytes"]))
