@@ -144,7 +144,7 @@ def inspect(artifact: Path) -> None:
     from runtime.artifact import describe, load_artifact
 
     d = describe(load_artifact(artifact, check_hashes=False))
-    console = Console()
+    console = Console(soft_wrap=True)  # one fact per line, however narrow the terminal: tests and greps read them
     m = d["model"]
     console.print(f"[bold]{d['name']}[/]  format {d['format']}  {m['architecture']} ({m['family']}), {m['dtype']}, "
                   f"source {m['source']}")
