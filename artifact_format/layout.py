@@ -15,8 +15,9 @@ from pathlib import Path
 
 # Bumped whenever a file of the artifact changes meaning; the runtime refuses other versions. 2: a qkv matmul node
 # may carry the rope and KV-cache write (act "rope", paired q/k weight rows, cache outputs in place), which a format 1
-# runtime cannot bind.
-FORMAT = 2
+# runtime cannot bind. 3: int8 weights (dtype i8) with a per-channel `scale` input on quantized matmul nodes (attr
+# quant "int8"), and the matmul kernels take a scale pointer: a format 2 index binds the old parameter list.
+FORMAT = 3
 REQUIRED_FILES = ("graph.onnx", "weights.safetensors", "tokenizer.json")
 LIMIT_KEYS = ("max_seq_len", "max_batch", "max_num_tokens", "block_size")
 # Bytes: every tensor offset in the arena and in staged inputs is a multiple, because the kernels' divisibility

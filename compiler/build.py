@@ -183,11 +183,16 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
 
 def build(source: str, out: Path | str, targets: list[str] | None = None, dtype: str | None = None,
           max_seq_len: int = 2048, max_batch: int = 32, max_num_tokens: int | None = None,
-          autotune: bool | None = None, reference: bool = True, progress: bool = False) -> BuildReport:
-    """Compile ``source`` (preset name, HF directory or .gguf file) into an artifact directory at ``out``."""
+          autotune: bool | None = None, reference: bool = True, progress: bool = False,
+          quant: str = "none") -> BuildReport:
+    """Compile ``source`` (preset name, HF directory or .gguf file) into an artifact directory at ``out``.
+
+    quant "int8": weight-only int8 for every linear / rms_norm_linear weight (embedding and lm_head stay in ``dtype``);
+    the reference logits then come from transformers on the dequantized weights the artifact holds."""
+    from compiler.dequant import dequantized_checkpoint, fold_inputs
     from compiler.frontends import family_of, load_source
     from compiler.memory import memory_plan
-    from compiler.passes import optimize
+    from compiler.passes import optimize, passes_for
     from compiler.trace import trace
 
     t0 = time.perf_counter()
@@ -198,6 +203,7 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
                                                                [Target.parse(t) for t in DEFAULT_TARGETS])
     dtype = dtype or ("bf16" if local else "fp32")
     check_dtype(dtype, tgts)
+    passes_for(quant)  # an unknown scheme is one line before any work
     autotune = bool(local) if autotune is None else autotune
     if autotune and not local:
         raise ValueError("--autotune needs a GPU on this machine: drop it to use the tuning database or heuristics")
@@ -225,7 +231,11 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
         bar.advance(task)
         seconds["trace"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        graph, weights, transforms = optimize(graph, weights, dtype)
+        traced = weights
+        graph, weights, transforms = optimize(graph, traced, dtype, quant)
+        if quant != "none" and reference:  # the reference model runs the dequantized weights: unwind them later
+            gains, row_counts = fold_inputs(transforms, traced), {n: t.shape[0] for n, t in traced.items() if t.dim()}
+        del traced
         mem = memory_plan(graph, limits)
         bar.advance(task)
         seconds["passes"] = time.perf_counter() - t1
@@ -244,13 +254,16 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
             seconds["compile"] = time.perf_counter() - t3
             t3 = time.perf_counter()
             known = write_files(stage, src, graph, weights, tuning)
+            overrides = None
+            if quant != "none" and reference:
+                overrides = dequantized_checkpoint(transforms, weights, gains, row_counts)
             del weights  # the reference model may need the memory
             seconds["write"] = time.perf_counter() - t3
-            manifest = manifest_fields(source, src, family, dtype, tgts, limits, mem, transforms)
+            manifest = manifest_fields(source, src, family, dtype, tgts, limits, mem, transforms, quant)
             if reference:
                 t4 = time.perf_counter()
                 task = bar.add("reference logits (HF)", 1)
-                manifest["reference"] = write_reference(stage, src)
+                manifest["reference"] = write_reference(stage, src, overrides)
                 bar.advance(task)
                 seconds["reference"] = time.perf_counter() - t4
             t4 = time.perf_counter()

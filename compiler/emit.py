@@ -30,7 +30,7 @@ def write_files(stage: Path, src, graph: Graph, weights: dict, tuning: dict) -> 
 
 
 def manifest_fields(source: str, src, family: str, dtype: str, targets: list[Target], limits: Limits, mem: dict,
-                    transforms: list[dict]) -> dict:
+                    transforms: list[dict], quant: str = "none") -> dict:
     import importlib.metadata as md
 
     def version(pkg: str) -> str:
@@ -43,7 +43,7 @@ def manifest_fields(source: str, src, family: str, dtype: str, targets: list[Tar
     return {
         "name": src.name,
         "model": {"architecture": src.config.get("architectures", ["?"])[0], "family": family, "config": src.config,
-                  "dtype": dtype, "source": source if not Path(source).exists() else Path(source).name,
+                  "dtype": dtype, "quant": quant, "source": source if not Path(source).exists() else Path(source).name,
                   "source_sha256": src.sha256, "transforms": transforms},
         "build": {"trilite": version("trilite"), "triton": triton.__version__,
                   "torch": torch.__version__.split("+")[0]},
@@ -55,13 +55,16 @@ def manifest_fields(source: str, src, family: str, dtype: str, targets: list[Tar
     }
 
 
-def write_reference(stage: Path, src) -> dict:
+def write_reference(stage: Path, src, overrides: dict | None = None) -> dict:
+    """reference.safetensors from transformers on the source; with ``overrides`` (a quantized build: source tensor
+    name -> the dequantized weight the artifact computes with) on those weights instead of the source's."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
     from compiler.reference import reference_logits
 
     ids = Tokenizer.from_str(src.tokenizer_json.decode()).encode(REFERENCE_TEXT).ids
-    logits = reference_logits(src, ids).float().contiguous()
+    logits = reference_logits(src, ids, overrides).float().contiguous()
     save_file({"logits": logits}, str(stage / "reference.safetensors"))
-    return {"prompt_ids": ids, "text": REFERENCE_TEXT, "dtype": "fp32", "source": "transformers"}
+    return {"prompt_ids": ids, "text": REFERENCE_TEXT, "dtype": "fp32",
+            "source": "transformers" if overrides is None else "transformers on the dequantized weights"}

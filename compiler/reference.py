@@ -57,9 +57,21 @@ def load_reference_model(source: ModelSource, device: str | torch.device = "cpu"
     return (model if kwargs["dtype"] == torch.float32 else model.float()).eval()
 
 
+def override_weights(model, overrides: dict[str, torch.Tensor], name: str) -> None:
+    """Replace some of ``model``'s parameters by name (a quantized artifact's dequantized weights), shapes checked."""
+    params = dict(model.named_parameters())
+    for key, value in overrides.items():
+        if key not in params or params[key].shape != value.shape:
+            raise ValueError(f"{name}: transformers' model has no parameter {key} of shape {tuple(value.shape)} for "
+                             f"the dequantized reference: compile with --no-reference")
+        params[key].data.copy_(value)
+
+
 @torch.no_grad()
-def reference_logits(source: ModelSource, prompt_ids: list[int]) -> torch.Tensor:
-    """fp32 logits [len(prompt_ids), vocab] for every prompt position, on the CPU.
+def reference_logits(source: ModelSource, prompt_ids: list[int], overrides: dict[str, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+    """fp32 logits [len(prompt_ids), vocab] for every prompt position, on the CPU; with ``overrides`` (parameter
+    name -> value) those parameters replaced first.
 
     Runs on a CUDA/HIP GPU when one is present (fp32 matmuls without TF32), else on the CPU.
     """
@@ -67,6 +79,8 @@ def reference_logits(source: ModelSource, prompt_ids: list[int]) -> torch.Tensor
         raise ValueError("reference_logits needs at least one prompt token")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_reference_model(source, device)
+    if overrides:
+        override_weights(model, overrides, source.name)
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False

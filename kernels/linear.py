@@ -25,17 +25,20 @@ from kernels.matmul_configs import (
     split_scratch,
     tile_constexprs,
     tile_grid,
+    weight_launch_pieces,
 )
 from kernels.matmul_helpers import matmul_program
 from kernels.rope_epilogue import RopeEpilogue, rope_inputs, rope_launch_pieces
 from kernels.rope_epilogue import reference as rope_epilogue_reference
 from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
+from kernels.weight_quant import dequantize
 
 
 @triton.jit
 def _linear_kernel(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K]
+    w_ptr,  # [N, K]; int8 with W_INT8
+    scale_ptr,  # [N] fp32, w's scale per row (W_INT8); without it bound to w and never read
     bias_ptr,  # [N]; without HAS_BIAS bound to w and never read
     residual_ptr,  # [T, N]; without HAS_RESIDUAL bound to out and never read
     out_ptr,  # [T, N], may alias residual
@@ -62,6 +65,7 @@ def _linear_kernel(
     LOOP_M: tl.constexpr,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    W_INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ACT_ROPE: tl.constexpr,
@@ -73,12 +77,13 @@ def _linear_kernel(
     WRITE_CACHE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    matmul_program(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, partial_ptr, sem_ptr, positions_ptr,
-                   cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_res, stride_out,
-                   rows_cap, 0.0, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                   SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K, USE_RMS=False,
-                   HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=False, ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK,
-                   HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX, WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL)
+    matmul_program(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, partial_ptr, sem_ptr,
+                   positions_ptr, cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_res,
+                   stride_out, rows_cap, 0.0, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                   BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K,
+                   W_INT8=W_INT8, USE_RMS=False, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=False,
+                   ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
+                   WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -108,15 +113,16 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     partial = ("partial", "fp32") if split else ("out", dtypes["out"])
     sem = (SEMAPHORES, "i32") if split else ("out", dtypes["out"])
     rope_types, rope_args, rope_constexprs = rope_launch_pieces(meta, dtypes, config, unused="out")
+    w_types, w_args, w_constexprs = weight_launch_pieces(meta, dtypes)
     launch = make_launch(
         _linear_kernel,
-        types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "bias_ptr": ptr(bias[1]),
+        types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), **w_types, "bias_ptr": ptr(bias[1]),
                "residual_ptr": ptr(res[1]), "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]),
                "sem_ptr": ptr(sem[1]), **rope_types, "T": "i32", "stride_x": "i64", "stride_res": "i64",
                "stride_out": "i64", "rows_cap": "i64"},
-        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res,
+        constexprs={**tile_constexprs(meta, config), **w_constexprs, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res,
                     **rope_constexprs, "USE_PDL": False},
-        args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "bias_ptr": ("tensor", bias[0]),
+        args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), **w_args, "bias_ptr": ("tensor", bias[0]),
               "residual_ptr": ("tensor", res[0]), "out_ptr": ("tensor", "out"),
               "partial_ptr": ("tensor", partial[0]), "sem_ptr": ("tensor", sem[0]), **rope_args, "T": ("sym", "T"),
               "stride_x": ("int", meta.get("stride_x", K)), "stride_res": ("int", meta.get("stride_residual", N)),
@@ -133,9 +139,9 @@ SPEC = KernelSpec("linear", configs, default, plan, tune_buckets=(1, 16, 64, 256
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None,
            slot_mapping: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
-           v_cache: torch.Tensor | None = None, *, act: str | None = None, num_q_heads: int = 0, num_kv_heads: int = 0,
-           head_dim: int = 0, rotary_dim: int = 0, is_neox: bool = True, write_cache: bool = False,
-           out: torch.Tensor | None = None, config: Config | None = None
+           v_cache: torch.Tensor | None = None, scale: torch.Tensor | None = None, *, act: str | None = None,
+           num_q_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0, rotary_dim: int = 0, is_neox: bool = True,
+           write_cache: bool = False, out: torch.Tensor | None = None, config: Config | None = None
            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, K], w [N, K], bias [N] or None, residual [T, N] or None -> out [T, N] in x's dtype.
 
@@ -154,6 +160,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, r
     meta = {"K": K, "N": N, "has_bias": bias is not None, "has_residual": residual is not None, "act": act,
             "stride_x": x.stride(0), "stride_out": out.stride(0), "max_T": T, "max_S": 1, "T_bucket": T}
     tensors = {"x": x, "w": w, "out": out}
+    if scale is not None:
+        assert w.dtype == torch.int8 and scale.shape == (N,) and scale.dtype == torch.float32, "int8 w, fp32 scale [N]"
+        meta["quant"], tensors["scale"] = "int8", scale
     for role, t in (("bias", bias), ("residual", residual)):
         if t is not None:
             tensors[role] = t
@@ -172,11 +181,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, r
 def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
               residual: torch.Tensor | None = None, positions: torch.Tensor | None = None,
               cos_sin: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
-              k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *, act: str | None = None,
-              num_q_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0, rotary_dim: int = 0,
-              is_neox: bool = True, write_cache: bool = False
+              k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+              scale: torch.Tensor | None = None, *, act: str | None = None, num_q_heads: int = 0,
+              num_kv_heads: int = 0, head_dim: int = 0, rotary_dim: int = 0, is_neox: bool = True,
+              write_cache: bool = False
               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = x.float() @ w.float().T
+    out = x.float() @ dequantize(w, scale).T
     if bias is not None:
         out = out + bias.float()
     if residual is not None:

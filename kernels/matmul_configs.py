@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import triton
 
-from kernels.spec import SEMAPHORES, Config, GridDim, grid_dim
+from kernels.spec import SEMAPHORES, Arg, Config, GridDim, grid_dim, ptr
+from kernels.weight_quant import QUANT_SCHEMES
 
 # Notional number of SMs/CUs used to size split-K when no GPU is at hand (H100/H200: 132, MI300X: 304): enough
 # programs that every SM holds a few and the memory system sees enough loads in flight.
@@ -63,8 +64,49 @@ def _min_block_n(meta: dict) -> int:
     return 2 if meta.get("act") in ("silu_mul", "gelu_tanh_mul", "rope") else 1
 
 
+# K-chunks of int8 rows at least this long: 16 bytes, one vector load per thread.
+INT8_MIN_BLOCK_K = 16
+
+
+def w_int8(meta: dict, dtypes: dict) -> bool:
+    """Whether the node's weight is int8 (attr quant "int8": kernels/weight_quant.py; absent or "none": w in the
+    activation dtype), checked against the dtypes of w and scale."""
+    quant = meta.get("quant") or "none"
+    if quant not in QUANT_SCHEMES:
+        raise ValueError(f"quant {quant!r} is not one of {', '.join(QUANT_SCHEMES)}")
+    int8 = quant == "int8"
+    if int8 != (dtypes["w"] == "i8") or int8 != ("scale" in dtypes):
+        raise ValueError(f"quant {quant}: w is {dtypes['w']} and scale {dtypes.get('scale', 'absent')}; int8 needs "
+                         f"an i8 w and an fp32 scale, none neither")
+    if int8 and dtypes["scale"] != "fp32":
+        raise ValueError(f"quant int8: scale is {dtypes['scale']}, not fp32")
+    return int8
+
+
+def weight_launch_pieces(meta: dict, dtypes: dict) -> tuple[dict[str, str], dict[str, Arg], dict]:
+    """The scale pointer's type and binding and the W_INT8 constexpr; without int8 the pointer is bound to w, unread."""
+    int8 = w_int8(meta, dtypes)
+    role = "scale" if int8 else "w"
+    return {"scale_ptr": ptr(dtypes[role])}, {"scale_ptr": ("tensor", role)}, {"W_INT8": int8}
+
+
+def _fits_scheme(meta: dict, configs: list[Config]) -> list[Config]:
+    """int8 rows are loaded in chunks of at least INT8_MIN_BLOCK_K (where K allows): shorter ones lose the 16-byte
+    loads. The candidates keep their element counts: the broadcast product's accumulator is fp32 per element
+    whatever the weight dtype, so registers, not bytes, bound its tile; an int8 tile reads half the bytes of a
+    16-bit one."""
+    if (meta.get("quant") or "none") != "int8":
+        return configs
+    least = min(INT8_MIN_BLOCK_K, triton.next_power_of_2(meta["K"]))
+    return [c for c in configs if c["BLOCK_K"] >= least]
+
+
 def matmul_configs(meta: dict) -> list[Config]:
     """Candidates for one token bucket: GEMV layouts for decode-sized T, GEMM tiles for prefill."""
+    return _fits_scheme(meta, _candidates(meta))
+
+
+def _candidates(meta: dict) -> list[Config]:
     N, K, T = meta["N"], meta["K"], t_bucket(meta)
     if T <= 4:
         return _broadcast_candidates(N, K, triton.next_power_of_2(T), _min_block_n(meta))

@@ -26,6 +26,12 @@ The rope fusion (ACT_ROPE, qkv only): over a qkv weight whose q and k rows the c
 epilogue rotates each (even, odd) column pair and stores it at its own columns of qkv, and with WRITE_CACHE the k
 and v heads in the paged KV cache too, so rope needs no launch of its own (kernels/rope_epilogue.py).
 
+Weight-only int8 (W_INT8): w is int8, symmetric per output channel (the compiler's quantize_weights), and
+scale[N] fp32 holds each row's step. A per-column scale commutes with the sum over K, so the tiles load int8, widen it
+(to the activation dtype for tl.dot, to fp32 for the broadcast product; every int8 value is exact in fp16 and bf16)
+and the epilogue multiplies each column of the accumulator by its scale, before rstd, bias, residual and activation.
+Split-K partials stay unscaled; the program that reduces them scales them.
+
 Which layout and tiles a node gets per token bucket, and the plan pieces both ops share: kernels/matmul_configs.py.
 """
 
@@ -74,8 +80,10 @@ def mm_tile(
     EVEN_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     USE_RMS: tl.constexpr,
+    W_INT8: tl.constexpr,
 ):
-    """acc[BLOCK_M, BLOCK_N] = x[rows, k_lo:k_lo+K_SPAN] @ w[cols, same]^T and sumsq[BLOCK_M] = sum of x^2 there."""
+    """acc[BLOCK_M, BLOCK_N] = x[rows, k_lo:k_lo+K_SPAN] @ w[cols, same]^T and sumsq[BLOCK_M] = sum of x^2 there
+    (with W_INT8 the product of the int8 values, unscaled)."""
     row_mask = rows < T
     col_mask = cols < N
     x_rows = x_ptr + rows[:, None] * stride_x
@@ -99,6 +107,8 @@ def mm_tile(
             k_mask = ks < K
             x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if W_INT8 and USE_DOT:
+            w = w.to(x.dtype)  # exact: |q| <= 127; the broadcast product below widens it to fp32 itself
         if USE_DOT:
             if x.dtype == tl.float32:
                 # fp32 models expect fp32 results; the default tf32 would round operands to 10 mantissa bits.
@@ -117,6 +127,7 @@ def store_rows(
     rows,  # [BLOCK_M] int64
     cols,  # [BLOCK_N] int64
     T,
+    scale_ptr,  # [N] fp32 (W_INT8)
     bias_ptr,  # [N]
     residual_ptr,  # [T, N]
     out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
@@ -130,6 +141,7 @@ def store_rows(
     eps,
     N: tl.constexpr,
     K: tl.constexpr,
+    W_INT8: tl.constexpr,
     USE_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -142,8 +154,8 @@ def store_rows(
     IS_NEOX: tl.constexpr,
     WRITE_CACHE: tl.constexpr,
 ):
-    """The epilogue: rstd scale, + bias, + residual, SwiGLU or rope, cast, store. Each element is read from
-    residual and written to out by the same program, so out may alias residual.
+    """The epilogue: int8 weight scale, rstd scale, + bias, + residual, SwiGLU or rope, cast, store. Each element is
+    read from residual and written to out by the same program, so out may alias residual.
 
     ACT_SILU_MUL: w's rows are interleaved (row 2j gate_j, row 2j + 1 up_j), so each even/odd column pair of
     the tile is one (gate, up) pair; out column j = silu(gate_j) * up_j. BLOCK_N is even and every tile starts
@@ -151,6 +163,8 @@ def store_rows(
     rotation pairs (kernels/rope_epilogue.py), stored back at their own columns of qkv (and the KV caches)."""
     col_mask = cols < N
     mask = (rows < T)[:, None] & col_mask[None, :]
+    if W_INT8:
+        acc = acc * tl.load(scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
     if USE_RMS:
         acc = acc * (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
     if HAS_BIAS:
@@ -197,6 +211,7 @@ def gemv_tile(
     EVEN_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     USE_RMS: tl.constexpr,
+    W_INT8: tl.constexpr,
 ):
     """acc[BLOCK_M, BLOCK_N] = x[rows, k_lo:k_lo+K_SPAN] @ w[cols, same]^T, and the rows' sum of x^2 over that
     K range, for the weight-streaming layout. W is read once and never again, so its loads are evict-first; x is
@@ -225,6 +240,8 @@ def gemv_tile(
             w_mask = col_mask[:, None] & (ks < K)[None, :]
         w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
         x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0, eviction_policy="evict_last")
+        if W_INT8 and USE_DOT:
+            w = w.to(x.dtype)  # exact: |q| <= 127; the broadcast product below widens it to fp32 itself
         if USE_RMS:
             if USE_DOT:
                 # A load of its own: the tl.dot operand also reduced in registers miscompiled on sm_90 once
@@ -252,7 +269,8 @@ def gemv_tile(
 @triton.jit
 def matmul_program(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K]
+    w_ptr,  # [N, K]; int8 with W_INT8
+    scale_ptr,  # [N] fp32 (W_INT8)
     bias_ptr,  # [N]
     residual_ptr,  # [T, N]
     out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
@@ -281,6 +299,7 @@ def matmul_program(
     LOOP_M: tl.constexpr,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    W_INT8: tl.constexpr,
     USE_RMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -311,13 +330,13 @@ def matmul_program(
         for m0 in range(0, T, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             acc, sumsq = gemv_tile(x_ptr, w_ptr, rows, cols, T, stride_x, pid_k * K_SPAN, N, K, K_SPAN, BLOCK_M,
-                                   BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
+                                   BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS, W_INT8)
             if SPLIT_K == 1:
-                store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, positions_ptr, cos_sin_ptr,
-                           slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps, N=N, K=K,
-                           USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=ACT_SILU_MUL,
-                           ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
-                           WRITE_CACHE=WRITE_CACHE)
+                store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,
+                           cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps,
+                           N=N, K=K, W_INT8=W_INT8, USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
+                           ACT_SILU_MUL=ACT_SILU_MUL, ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM,
+                           ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX, WRITE_CACHE=WRITE_CACHE)
             else:
                 mask = (rows < T)[:, None] & (cols < N)[None, :]
                 tl.store(partial_ptr + pid_k * rows_cap * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
@@ -344,22 +363,22 @@ def matmul_program(
                         if USE_RMS:
                             sumsq += tl.load(sumsq_ptr + (pid_n * SPLIT_K + s) * rows_cap + rows, mask=rows < T,
                                              other=0.0, cache_modifier=".cg")
-                    store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, positions_ptr, cos_sin_ptr,
-                               slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps, N=N, K=K,
-                               USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=ACT_SILU_MUL,
-                               ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
-                               WRITE_CACHE=WRITE_CACHE)
+                    store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,
+                               cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps,
+                               N=N, K=K, W_INT8=W_INT8, USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
+                               ACT_SILU_MUL=ACT_SILU_MUL, ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM,
+                               ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX, WRITE_CACHE=WRITE_CACHE)
                 tl.atomic_xchg(sem_ptr + pid_n, 0)
     else:
         pid_m, pid_n = grouped_tile(tl.program_id(0), T, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc, sumsq = mm_tile(x_ptr, w_ptr, rows, cols, T, stride_x, 0, N, K, K_SPAN,
-                             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS)
+                             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS, W_INT8)
         if USE_PDL == PDL_LATE:
             tl.extra.cuda.gdc_launch_dependents()
-        store_rows(acc, sumsq, rows, cols, T, bias_ptr, residual_ptr, out_ptr, positions_ptr, cos_sin_ptr,
-                   slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps, N=N, K=K,
-                   USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=ACT_SILU_MUL,
-                   ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
-                   WRITE_CACHE=WRITE_CACHE)
+        store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,
+                   cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps,
+                   N=N, K=K, W_INT8=W_INT8, USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
+                   ACT_SILU_MUL=ACT_SILU_MUL, ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM,
+                   ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX, WRITE_CACHE=WRITE_CACHE)

@@ -29,17 +29,20 @@ from kernels.matmul_configs import (
     split_scratch,
     tile_constexprs,
     tile_grid,
+    weight_launch_pieces,
 )
 from kernels.matmul_helpers import ACT_GELU_TANH, matmul_program
 from kernels.rope_epilogue import RopeEpilogue, rope_inputs, rope_launch_pieces
 from kernels.rope_epilogue import reference as rope_epilogue_reference
 from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
+from kernels.weight_quant import dequantize
 
 
 @triton.jit
 def _rms_norm_linear_kernel(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K], norm weight folded in
+    w_ptr,  # [N, K], norm weight folded in; int8 with W_INT8
+    scale_ptr,  # [N] fp32, w's scale per row (W_INT8); without it bound to w and never read
     bias_ptr,  # [N]; without HAS_BIAS bound to w and never read
     out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
     partial_ptr,  # [SPLIT_K, ROWS, N] fp32 scratch; with SPLIT_K == 1 bound to out and never written
@@ -66,6 +69,7 @@ def _rms_norm_linear_kernel(
     LOOP_M: tl.constexpr,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    W_INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT_SILU_MUL: tl.constexpr,
     ACT_ROPE: tl.constexpr,
@@ -77,12 +81,13 @@ def _rms_norm_linear_kernel(
     WRITE_CACHE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    matmul_program(x_ptr, w_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, sem_ptr, positions_ptr,
-                   cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_out, stride_out,
-                   rows_cap, eps, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                   SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K, USE_RMS=True,
-                   HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=False, ACT_SILU_MUL=ACT_SILU_MUL, ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK,
-                   HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX, WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL)
+    matmul_program(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, sem_ptr,
+                   positions_ptr, cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_out,
+                   stride_out, rows_cap, eps, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                   BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K,
+                   W_INT8=W_INT8, USE_RMS=True, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=False, ACT_SILU_MUL=ACT_SILU_MUL,
+                   ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
+                   WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -116,15 +121,16 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     out = ("out", dtypes["out"])
     partial, sumsq, sem = (("partial", "fp32"), ("sumsq", "fp32"), (SEMAPHORES, "i32")) if split else (out,) * 3
     rope_types, rope_args, rope_constexprs = rope_launch_pieces(meta, dtypes, config, unused="out")
+    w_types, w_args, w_constexprs = weight_launch_pieces(meta, dtypes)
     launch = make_launch(
         _rms_norm_linear_kernel,
-        types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "bias_ptr": ptr(bias[1]),
+        types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), **w_types, "bias_ptr": ptr(bias[1]),
                "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]), "sumsq_ptr": ptr(sumsq[1]),
                "sem_ptr": ptr(sem[1]), **rope_types, "T": "i32", "stride_x": "i64", "stride_out": "i64",
                "rows_cap": "i64", "eps": "fp32"},
-        constexprs={**tile_constexprs(meta, config), "HAS_BIAS": has_bias, "ACT_SILU_MUL": act, **rope_constexprs,
-                    "USE_PDL": False},
-        args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "bias_ptr": ("tensor", bias[0]),
+        constexprs={**tile_constexprs(meta, config), **w_constexprs, "HAS_BIAS": has_bias, "ACT_SILU_MUL": act,
+                    **rope_constexprs, "USE_PDL": False},
+        args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), **w_args, "bias_ptr": ("tensor", bias[0]),
               "out_ptr": ("tensor", "out"), "partial_ptr": ("tensor", partial[0]), "sumsq_ptr": ("tensor", sumsq[0]),
               "sem_ptr": ("tensor", sem[0]), **rope_args, "T": ("sym", "T"),
               "stride_x": ("int", meta.get("stride_x", K)),
@@ -142,9 +148,10 @@ SPEC = KernelSpec("rms_norm_linear", configs, default, plan, tune_buckets=(1, 16
 def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                     positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None,
                     slot_mapping: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
-                    v_cache: torch.Tensor | None = None, *, eps: float, act: str | None = None, num_q_heads: int = 0,
-                    num_kv_heads: int = 0, head_dim: int = 0, rotary_dim: int = 0, is_neox: bool = True,
-                    write_cache: bool = False, out: torch.Tensor | None = None, config: Config | None = None
+                    v_cache: torch.Tensor | None = None, scale: torch.Tensor | None = None, *, eps: float,
+                    act: str | None = None, num_q_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0,
+                    rotary_dim: int = 0, is_neox: bool = True, write_cache: bool = False,
+                    out: torch.Tensor | None = None, config: Config | None = None
                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, K], w [N, K] (norm weight folded in), bias [N] or None -> out [T, N] in x's dtype, via the kernel.
 
@@ -157,7 +164,7 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     """
     T, K = x.shape
     N = w.shape[0]
-    N_out = N // 2 if act in ("silu_mul", "gelu_tanh_mul") else N
+    N_out = N // 2 if act in ("silu_mul", "gelu_tanh_mul") else N  # rope writes qkv at its own width
     assert x.stride(1) == 1 and w.shape == (N, K) and w.is_contiguous(), "x [T, K] unit column stride, w [N, K]"
     assert bias is None or bias.shape == (N,)
     if out is None:
@@ -166,6 +173,9 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     meta = {"K": K, "N": N, "eps": eps, "has_bias": bias is not None, "act": act, "stride_x": x.stride(0),
             "stride_out": out.stride(0), "max_T": T, "max_S": 1, "T_bucket": T}
     tensors = {"x": x, "w": w, "out": out}
+    if scale is not None:
+        assert w.dtype == torch.int8 and scale.shape == (N,) and scale.dtype == torch.float32, "int8 w, fp32 scale [N]"
+        meta["quant"], tensors["scale"] = "int8", scale
     if bias is not None:
         tensors["bias"] = bias
     rope = None
@@ -181,11 +191,12 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
 def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
               positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None,
               slot_mapping: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
-              v_cache: torch.Tensor | None = None, *, eps: float, act: str | None = None, num_q_heads: int = 0,
-              num_kv_heads: int = 0, head_dim: int = 0, rotary_dim: int = 0, is_neox: bool = True,
-              write_cache: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              v_cache: torch.Tensor | None = None, scale: torch.Tensor | None = None, *, eps: float,
+              act: str | None = None, num_q_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0,
+              rotary_dim: int = 0, is_neox: bool = True, write_cache: bool = False
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xf = x.float()
-    out = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (xf @ w.float().T)
+    out = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (xf @ dequantize(w, scale).T)
     if bias is not None:
         out = out + bias.float()
     if act in ("silu_mul", "gelu_tanh_mul"):

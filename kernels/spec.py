@@ -44,9 +44,10 @@ TORCH_TO_TRITON = {
     torch.int32: "i32",
     torch.int64: "i64",
     torch.uint8: "u8",
+    torch.int8: "i8",
 }
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,
-               "i64": torch.int64, "u8": torch.uint8}
+               "i64": torch.int64, "u8": torch.uint8, "i8": torch.int8}
 
 
 def dtype_name(t: torch.Tensor) -> str:

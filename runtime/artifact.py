@@ -265,8 +265,11 @@ def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = Fa
 
 
 def describe(artifact: Artifact) -> dict:
-    """What ``runtime inspect`` shows: manifest facts, graph ops, kernels per target, weight sizes."""
+    """What ``runtime inspect`` shows: manifest facts, graph ops, kernels per target, weight sizes, the weight scheme
+    of the matmul nodes (attr quant) and the weight bytes one decode step reads (int8 at one byte, scales included)."""
     from collections import Counter
+
+    from runtime.bench import decode_weight_bytes
 
     m = artifact.manifest
     graph = artifact.graph
@@ -290,5 +293,9 @@ def describe(artifact: Artifact) -> dict:
                   "layers": graph.get_meta("num_layers"), "vocab_size": graph.get_meta("vocab_size")},
         "kernels": kernels,
         "weights": {"tensors": len(header), "parameters": numel,
-                    "bytes": (artifact.path / "weights.safetensors").stat().st_size},
+                    "bytes": (artifact.path / "weights.safetensors").stat().st_size,
+                    "quant": m["model"].get("quant", "none"),
+                    "schemes": dict(Counter(n.attr("quant") or "none" for n in graph.nodes
+                                            if n.op in ("linear", "rms_norm_linear"))),
+                    "decode_bytes": decode_weight_bytes(graph)},
     }

@@ -144,7 +144,7 @@ def inspect(artifact: Path) -> None:
     from runtime.artifact import describe, load_artifact
 
     d = describe(load_artifact(artifact, check_hashes=False))
-    console = Console()
+    console = Console(soft_wrap=True)  # one fact per line, however narrow the terminal: tests and greps read them
     m = d["model"]
     console.print(f"[bold]{d['name']}[/]  format {d['format']}  {m['architecture']} ({m['family']}), {m['dtype']}, "
                   f"source {m['source']}")
@@ -154,7 +154,9 @@ def inspect(artifact: Path) -> None:
     console.print(f"graph   {g['nodes']} nodes, {g['layers']} layers, vocab {g['vocab_size']}: "
                   + ", ".join(f"{op} ×{n}" for op, n in g["ops"].items()))
     w = d["weights"]
-    console.print(f"weights {w['tensors']} tensors, {w['parameters'] / 1e6:.2f} M parameters, {_size(w['bytes'])}")
+    console.print(f"weights {w['tensors']} tensors, {w['parameters'] / 1e6:.2f} M parameters, {_size(w['bytes'])}; "
+                  f"quant {w['quant']} (matmuls: " + ", ".join(f"{s} ×{n}" for s, n in w["schemes"].items())
+                  + f"); {_size(w['decode_bytes'])} of weights read per decode step")
     table = Table("target", "binaries", "launch sites", "size")
     for target, k in d["kernels"].items():
         table.add_row(target, str(k["binaries"]), str(k["launch sites"]), _size(k["bytes"]))

@@ -24,7 +24,7 @@ def artifact(tmp_path_factory):
 def test_artifact_layout(artifact):
     out, report = artifact
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == FORMAT == 2
+    assert manifest["format"] == FORMAT == 3
     assert manifest["targets"] == list(DEFAULT_TARGETS)
     assert manifest["model"]["family"] == "qwen2"
     assert manifest["limits"]["block_size"] == 16 and manifest["limits"]["max_batch"] == 4

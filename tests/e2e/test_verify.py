@@ -115,5 +115,5 @@ def test_unknown_format_is_one_clear_line(built, tmp_path):
     manifest["format"] = 1  # what an artifact of an older trilite says
     (copy / "manifest.json").write_text(json.dumps(manifest))
     line = _one_line_error(_verify(copy))
-    assert line == ("error: artifact format 1 is not supported by this runtime (format 2): recompile it with "
+    assert line == ("error: artifact format 1 is not supported by this runtime (format 3): recompile it with "
                     "this version's compiler"), line

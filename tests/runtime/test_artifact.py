@@ -67,7 +67,7 @@ def test_unknown_format_is_refused(copy):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError) as e:
         load_artifact(copy)
-    assert _one_sentence(e) == ("artifact format 7 is not supported by this runtime (format 2): recompile it with "
+    assert _one_sentence(e) == ("artifact format 7 is not supported by this runtime (format 3): recompile it with "
                                 "this version's compiler")
 
 
