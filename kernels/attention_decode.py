@@ -4,11 +4,12 @@ Decode attention is a pure stream over the KV cache, so each K/V tile is read ex
 owns (sequence, kv head, split) and computes all GROUP q heads that share the kv head, as the rows of a
 tl.dot padded to BLOCK_G >= 16 rows (tensor cores need 16; the padding rows cost no memory traffic).
 A sequence's key tiles are cut into NUM_SPLITS contiguous ranges so that short batches still fill the
-GPU; each split writes its normalised partial output and log-sum-exp (base 2) to fp32 scratch, and the last
-split of a (sequence, kv head) to finish (a semaphore counts them, as in split-K matmuls) combines them:
-out = sum_j 2^(lse_j - M) o_j / sum_j 2^(lse_j - M), M = max_j lse_j, in split order. So there is one launch
-however many splits there are: at batch 1 a second (combine) launch per layer cost ~1.3 µs plus its launch gap
-on an H200. With NUM_SPLITS == 1 the program writes the output itself.
+GPU; each split writes its normalised partial output and log-sum-exp (base 2) to fp32 scratch and a
+second launch combines them: out = sum_j 2^(lse_j - M) o_j / sum_j 2^(lse_j - M), M = max_j lse_j.
+With NUM_SPLITS == 1 the first launch writes the output itself and there is no second launch.
+(A one-launch form, the last split to finish combining through a semaphore as split-K matmuls do, ran slower on
+an H200: 184 µs of attention per TinyLlama batch-1 step against 65 + 29 µs for these two launches, its combine a
+serial loop of NUM_SPLITS round trips to L2; benchmarks/results/decode.md, 2026-12-02.)
 A padding row (seq_len 0) reads no key, its splits report lse = -inf, and its output is zeros.
 
 Sliding window (USE_WINDOW): the query at position seq_len - 1 sees the last WINDOW keys only, so the splits
@@ -24,9 +25,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_helpers import LOG2E, mma, online_softmax_step, paged_kv_offsets, soft_cap, softcap_constexprs
+from kernels.attention_helpers import (
+    LOG2E,
+    max_along,
+    mma,
+    online_softmax_step,
+    paged_kv_offsets,
+    soft_cap,
+    softcap_constexprs,
+)
 from kernels.attention_prefill import paged_attention, window_constexprs
-from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
+from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
 @triton.jit
@@ -39,7 +48,6 @@ def _attention_decode_kernel(
     out_ptr,  # [S, Hq * Dh]; written only when NUM_SPLITS == 1
     part_out_ptr,  # [max_S, Hq, NUM_SPLITS, Dh] fp32; unused when NUM_SPLITS == 1
     part_lse_ptr,  # [max_S, Hq, NUM_SPLITS] fp32; unused when NUM_SPLITS == 1
-    sem_ptr,  # [max_S, Hk] i32, zero between launches; unused when NUM_SPLITS == 1
     stride_qkv,
     stride_bt,
     stride_out,
@@ -95,38 +103,44 @@ def _attention_decode_kernel(
         m_i, l_i, acc = online_softmax_step(scores, m_i, l_i, acc, v)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    out = out_ptr + seq * stride_out + head[:, None] * HEAD_DIM + dims[None, :]
     if NUM_SPLITS == 1:
+        out = out_ptr + seq * stride_out + head[:, None] * HEAD_DIM + dims[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
-        rows = (seq * NUM_Q_HEADS + head) * NUM_SPLITS  # [BLOCK_G] first scratch row of each q head
-        tl.store(part_out_ptr + (rows + split)[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
+        part = (seq * NUM_Q_HEADS + head) * NUM_SPLITS + split  # [BLOCK_G] row of the scratch
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + rows + split, lse, mask=g < GROUP)
-        # The barrier orders every thread's partial stores before the one acq_rel increment; the last of the
-        # NUM_SPLITS programs to arrive reads the others' partials from L2 (.cg) and re-arms the semaphore.
-        tl.debug_barrier()
-        sem = sem_ptr + seq * NUM_KV_HEADS + kv_head
-        arrived = tl.atomic_add(sem, 1, sem="acq_rel")
-        if arrived == NUM_SPLITS - 1:
-            m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            total = tl.full([BLOCK_G], 0.0, tl.float32)
-            res = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
-            for j in range(NUM_SPLITS):
-                lse_j = tl.load(part_lse_ptr + rows + j, mask=g < GROUP, other=float("-inf"), cache_modifier=".cg")
-                o_j = tl.load(part_out_ptr + (rows + j)[:, None] * HEAD_DIM + dims[None, :], mask=q_mask,
-                              other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m, lse_j)
-                # Empty splits (and every split of a padding row) have lse = -inf and weigh exactly 0.
-                base = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - base)
-                w = tl.exp2(lse_j - base)
-                res = res * alpha[:, None] + w[:, None] * o_j
-                total = total * alpha + w
-                m = m_new
-            res = res / tl.where(total > 0.0, total, 1.0)[:, None]
-            tl.store(out, res.to(out_ptr.dtype.element_ty), mask=q_mask)
-            tl.atomic_xchg(sem, 0)
+        tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _attention_decode_reduce_kernel(
+    part_out_ptr,  # [max_S, Hq, NUM_SPLITS, Dh] fp32
+    part_lse_ptr,  # [max_S, Hq, NUM_SPLITS] fp32
+    out_ptr,  # [S, Hq * Dh]
+    stride_out,
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    j = tl.arange(0, BLOCK_SPLITS)
+    j_ok = j < NUM_SPLITS
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    part = (seq * NUM_Q_HEADS + head) * NUM_SPLITS + j
+    lse = tl.load(part_lse_ptr + part, mask=j_ok, other=float("-inf"))
+    o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=j_ok[:, None] & dim_ok[None, :],
+                other=0.0)
+    m = max_along(lse, 0)
+    # Empty splits (and every split of a padding row) have lse = -inf and weight exactly 0.
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    total = tl.sum(w, 0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_out + head * HEAD_DIM + dims, res.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
 def _group(meta: dict) -> int:
@@ -138,7 +152,7 @@ def _group(meta: dict) -> int:
 def _splits(meta: dict) -> int:
     """Enough (sequence, kv head, split) programs to fill a big GPU several times over (~1024: 132 SMs
     on an H100, 304 CUs on an MI300X), but no split shorter than 256 tokens of context, where the
-    partial writes and their combine would cost more than the parallelism gains."""
+    second launch and the partial writes would cost more than the parallelism gains."""
     batch = meta.get("T_bucket", meta["max_S"])
     by_occupancy = triton.next_power_of_2(-(-1024 // (batch * meta["num_kv_heads"])))
     context = meta["max_blocks"] * meta["block_size"]
@@ -169,19 +183,18 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     splits = config["NUM_SPLITS"]
     block_d = triton.next_power_of_2(dh)
     stride_out = hq * dh
-    # With one split the partial buffers and the semaphores are dead code; binding them to `out` keeps every
-    # parameter bound without allocating scratch.
-    split = splits > 1
-    part_dtype, sem_dtype = ("fp32", "i32") if split else (dtypes["out"],) * 2
-    part_out, part_lse, sem = (("tensor", "partial_out"), ("tensor", "partial_lse"), ("tensor", SEMAPHORES)) \
-        if split else (("tensor", "out"),) * 3
+    # With one split the partial buffers are dead code; binding them to `out` keeps every parameter bound
+    # without allocating scratch.
+    part_dtype = "fp32" if splits > 1 else dtypes["out"]
+    part_out, part_lse = (("tensor", "partial_out"), ("tensor", "partial_lse")) if splits > 1 \
+        else (("tensor", "out"), ("tensor", "out"))
     main = make_launch(
         _attention_decode_kernel,
         types={"qkv_ptr": ptr(dtypes["qkv"]), "k_cache_ptr": ptr(dtypes["k_cache"]),
                "v_cache_ptr": ptr(dtypes["v_cache"]), "seq_lens_ptr": ptr(dtypes["seq_lens"]),
                "block_tables_ptr": ptr(dtypes["block_tables"]), "out_ptr": ptr(dtypes["out"]),
-               "part_out_ptr": ptr(part_dtype), "part_lse_ptr": ptr(part_dtype), "sem_ptr": ptr(sem_dtype),
-               "stride_qkv": "i64", "stride_bt": "i64", "stride_out": "i64", "qk_scale": "fp32"},
+               "part_out_ptr": ptr(part_dtype), "part_lse_ptr": ptr(part_dtype), "stride_qkv": "i64",
+               "stride_bt": "i64", "stride_out": "i64", "qk_scale": "fp32"},
         constexprs={"NUM_Q_HEADS": hq, "NUM_KV_HEADS": hk, "HEAD_DIM": dh, "GROUP": group,
                     "BLOCK_SIZE": meta["block_size"], "BLOCK_G": max(16, triton.next_power_of_2(group)),
                     "BLOCK_N": config["BLOCK_N"], "BLOCK_D": block_d, "NUM_SPLITS": splits,
@@ -189,17 +202,27 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         args={"qkv_ptr": ("tensor", "qkv"), "k_cache_ptr": ("tensor", "k_cache"),
               "v_cache_ptr": ("tensor", "v_cache"), "seq_lens_ptr": ("tensor", "seq_lens"),
               "block_tables_ptr": ("tensor", "block_tables"), "out_ptr": ("tensor", "out"),
-              "part_out_ptr": part_out, "part_lse_ptr": part_lse, "sem_ptr": sem,
-              "stride_qkv": ("int", (hq + 2 * hk) * dh), "stride_bt": ("int", meta["max_blocks"]),
-              "stride_out": ("int", stride_out), "qk_scale": ("float", meta["scale"] * LOG2E)},
+              "part_out_ptr": part_out, "part_lse_ptr": part_lse, "stride_qkv": ("int", (hq + 2 * hk) * dh),
+              "stride_bt": ("int", meta["max_blocks"]), "stride_out": ("int", stride_out),
+              "qk_scale": ("float", meta["scale"] * LOG2E)},
         grid=[grid_dim(("S", 1, 1)), grid_dim(hk), grid_dim(splits)],
         config=config,
     )
-    if not split:
+    if splits == 1:
         return Plan((main,))
+    reduce = make_launch(
+        _attention_decode_reduce_kernel,
+        types={"part_out_ptr": ptr("fp32"), "part_lse_ptr": ptr("fp32"), "out_ptr": ptr(dtypes["out"]),
+               "stride_out": "i64"},
+        constexprs={"NUM_Q_HEADS": hq, "HEAD_DIM": dh, "NUM_SPLITS": splits,
+                    "BLOCK_SPLITS": triton.next_power_of_2(splits), "BLOCK_D": block_d},
+        args={"part_out_ptr": ("tensor", "partial_out"), "part_lse_ptr": ("tensor", "partial_lse"),
+              "out_ptr": ("tensor", "out"), "stride_out": ("int", stride_out)},
+        grid=[grid_dim(("S", 1, 1)), grid_dim(hq)],
+        config=Config.make(num_warps=1 if block_d <= 128 else 2, num_stages=1),
+    )
     rows = meta["max_S"] * hq * splits
-    return Plan((main,), scratch=(("partial_out", (rows * dh, "fp32")), ("partial_lse", (rows, "fp32")),
-                                  (SEMAPHORES, (meta["max_S"] * hk, "i32"))))
+    return Plan((main, reduce), scratch=(("partial_out", (rows * dh, "fp32")), ("partial_lse", (rows, "fp32"))))
 
 
 # Decode steps carry one token per sequence (T == S), so the best split count depends on T.

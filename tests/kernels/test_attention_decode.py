@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels.attention_decode import SPEC, attention_decode, configs, default, reference
-from kernels.spec import SEMAPHORES, Config
+from kernels.spec import Config
 from tests.kernels.test_attention_prefill import BLOCK_SIZE, attrs, paged_kv, qkv_rows
 
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
@@ -27,7 +27,7 @@ def run_decode(case: dict, hq: int, hk: int, dh: int, config: Config | None = No
 @pytest.mark.parametrize("hq,hk,dh", HEADS)
 def test_decode_matches_reference(hq, hk, dh, dtype, atol, rtol):
     case = decode_case(LENS, hq, hk, dh, dtype, seed=hq * 100 + hk * 10 + dh)
-    # Several splits, one of them with nothing to do for the short rows: the last to finish combines them.
+    # Several splits, one of them with nothing to do for the short rows, so both launches run.
     out = run_decode(case, hq, hk, dh, Config.make(BLOCK_N=16, NUM_SPLITS=3))
     torch.testing.assert_close(out, reference(**case, **attrs(hq, hk, dh)), atol=atol, rtol=rtol)
     assert (out[LENS.index(0)] == 0).all(), "a padding row must give zeros"
@@ -86,9 +86,7 @@ def test_scratch_is_sized_for_max_S():
     meta = _meta(32, 8, 128, 1)
     config = Config.make(BLOCK_N=64, NUM_SPLITS=4)
     scratch = dict(SPEC.plan(meta, _dtypes("bf16"), config).scratch)
-    assert scratch == {"partial_out": (32 * 32 * 4 * 128, "fp32"), "partial_lse": (32 * 32 * 4, "fp32"),
-                       SEMAPHORES: (32 * 8, "i32")}
-    assert len(SPEC.plan(meta, _dtypes("bf16"), config).launches) == 1  # the combine is in-kernel
+    assert scratch == {"partial_out": (32 * 32 * 4 * 128, "fp32"), "partial_lse": (32 * 32 * 4, "fp32")}
     assert SPEC.plan(meta, _dtypes("bf16"), Config.make(BLOCK_N=64, NUM_SPLITS=1)).scratch == ()
 
 
@@ -112,28 +110,7 @@ def test_other_head_dims_cross_compile(heads):
 
     meta = _meta(*heads, bucket=1)
     plan = SPEC.plan(meta, _dtypes("bf16"), default(meta))
-    assert default(meta)["NUM_SPLITS"] > 1 and len(plan.launches) == 1, \
-        "bucket 1 at a 4096-token context should split, combining in the same launch"
+    assert len(plan.launches) == 2, "bucket 1 at a 4096-token context should split"
     for launch in plan.launches:
         for target in TARGETS:
             assert len(compile_launch(launch, target)[0]) > 1000
-
-
-def test_the_semaphores_are_left_zero_for_the_next_launch():
-    # The runtime shares one zeroed semaphore buffer between launches and steps: each launch must re-arm it, so
-    # a second launch over new inputs through the same buffers combines its own splits only.
-    from kernels.spec import run
-
-    hq, hk, dh = 8, 2, 64
-    cases = [decode_case(LENS, hq, hk, dh, torch.float32, seed=seed) for seed in (1, 2)]
-    meta = {**attrs(hq, hk, dh), "block_size": BLOCK_SIZE, "max_blocks": cases[0]["block_tables"].shape[1],
-            "max_T": len(LENS), "max_S": len(LENS)}
-    config = Config.make(BLOCK_N=16, NUM_SPLITS=4)
-    plan = SPEC.plan(meta, _dtypes("fp32"), config)
-    scratch = {role: (torch.zeros if role == SEMAPHORES else torch.empty)(n, dtype=getattr(torch, {
-        "fp32": "float32", "i32": "int32"}[dt])) for role, (n, dt) in plan.scratch}
-    for case in cases:
-        out = torch.full((len(LENS), hq * dh), float("nan"))
-        run(plan, {**case, "out": out, **scratch}, {"T": len(LENS), "S": len(LENS)})
-        torch.testing.assert_close(out, reference(**case, **attrs(hq, hk, dh)), atol=1e-5, rtol=1e-5)
-        assert (scratch[SEMAPHORES] == 0).all()
