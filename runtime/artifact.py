@@ -264,9 +264,16 @@ def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = Fa
     return Artifact(path, manifest)
 
 
+def _scheme(node) -> str:
+    """A matmul node's weight scheme as inspect shows it: none, int8, or int4 with its group size (int4/g128)."""
+    quant = node.attr("quant") or "none"
+    return f"{quant}/g{node.attr('group_size')}" if quant == "int4" else quant
+
+
 def describe(artifact: Artifact) -> dict:
     """What ``runtime inspect`` shows: manifest facts, graph ops, kernels per target, weight sizes, the weight scheme
-    of the matmul nodes (attr quant) and the weight bytes one decode step reads (int8 at one byte, scales included)."""
+    of the matmul nodes (attr quant) and the weight bytes one decode step reads (int8 at one byte, int4 at half a byte,
+    scales and mins included)."""
     from collections import Counter
 
     from runtime.bench import decode_weight_bytes
@@ -295,7 +302,6 @@ def describe(artifact: Artifact) -> dict:
         "weights": {"tensors": len(header), "parameters": numel,
                     "bytes": (artifact.path / "weights.safetensors").stat().st_size,
                     "quant": m["model"].get("quant", "none"),
-                    "schemes": dict(Counter(n.attr("quant") or "none" for n in graph.nodes
-                                            if n.op in ("linear", "rms_norm_linear"))),
+                    "schemes": dict(Counter(_scheme(n) for n in graph.nodes if n.op in ("linear", "rms_norm_linear"))),
                     "decode_bytes": decode_weight_bytes(graph)},
     }
