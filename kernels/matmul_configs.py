@@ -122,7 +122,7 @@ def _fits_scheme(meta: dict, configs: list[Config]) -> list[Config]:
     at least 32). The candidates keep their element counts: the broadcast product's accumulator is fp32 per element
     whatever the weight dtype, so registers, not bytes, bound its tile; an int8 tile reads half the bytes of a
     16-bit one, an int4 tile a quarter (plus one (scale, min) pair per row and group). A chunk longer than the
-    group is allowed: it gathers each k's pair (kernels/matmul_helpers.py, load_int4)."""
+    group is allowed: it holds whole groups and loads one pair per group (kernels/matmul_helpers.py, load_int4)."""
     quant = meta.get("quant") or "none"
     if quant == "none":
         return configs

@@ -38,7 +38,8 @@ odd k), asymmetric per group of GROUP_SIZE k of a row, and scale [N, K / GROUP_S
 epilogue: each K chunk loads BLOCK_K / 2 contiguous bytes per row, splits the nibbles back to their K positions and
 dequantizes in fp32 (load_int4) before the same product. A chunk starts at a multiple of BLOCK_K, so when
 BLOCK_K <= GROUP_SIZE (both powers of two) it lies inside one group and takes one (scale, min) per row; a longer
-chunk spans several groups and gathers them per element. The epilogue then has no weight scale to apply.
+chunk holds BLOCK_K / GROUP_SIZE whole groups and takes that many pairs per row, each broadcast over its group. The
+epilogue then has no weight scale to apply.
 
 Which layout and tiles a node gets per token bucket, and the plan pieces both ops share: kernels/matmul_configs.py.
 """
@@ -104,15 +105,21 @@ def load_int4(
         # One group per row: k is a multiple of BLOCK_K, which divides GROUP_SIZE. A split's chunk may start past K.
         group_ptrs = scale_ptr + (cols * NUM_GROUPS + k // GROUP_SIZE) * 2
         g_mask = col_mask & (k < K)
-        scale = tl.load(group_ptrs, mask=g_mask, other=0.0)[:, None]
-        low = tl.load(group_ptrs + 1, mask=g_mask, other=0.0)[:, None]
-    else:
-        ks = k + tl.arange(0, BLOCK_K)
-        group_ptrs = scale_ptr + (cols[:, None] * NUM_GROUPS + (ks // GROUP_SIZE)[None, :]) * 2
-        g_mask = col_mask[:, None] & (ks < K)[None, :]
         scale = tl.load(group_ptrs, mask=g_mask, other=0.0)
         low = tl.load(group_ptrs + 1, mask=g_mask, other=0.0)
-    return q * scale + low
+        return q * scale[:, None] + low[:, None]
+    else:
+        # BLOCK_K / GROUP_SIZE whole groups per row (both powers of two, k a multiple of BLOCK_K): one (scale, min)
+        # per group, broadcast over its GROUP_SIZE k, rather than a per-k gather (BLOCK_K pairs of fp32 per row,
+        # which pipelining would also stage in shared memory).
+        PER: tl.constexpr = BLOCK_K // GROUP_SIZE
+        groups = k // GROUP_SIZE + tl.arange(0, PER)
+        group_ptrs = scale_ptr + (cols[:, None] * NUM_GROUPS + groups[None, :]) * 2
+        g_mask = col_mask[:, None] & (groups < NUM_GROUPS)[None, :]
+        scale = tl.load(group_ptrs, mask=g_mask, other=0.0)
+        low = tl.load(group_ptrs + 1, mask=g_mask, other=0.0)
+        grouped = tl.reshape(q, (BLOCK_N, PER, GROUP_SIZE)) * scale[:, :, None] + low[:, :, None]
+        return tl.reshape(grouped, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
