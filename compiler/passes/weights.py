@@ -210,12 +210,13 @@ def quantize_weights(g: Graph, weights: Mapping[str, torch.Tensor], scheme: str 
     """
     if scheme == "int4":
         group_size = group_size or INT4_DEFAULT_GROUP_SIZE
-        for node in g.nodes:
-            K = g.tensor(node.input("w")).shape[1] if node.op in QUANTIZED_OPS else 0
-            if K % group_size:
-                raise ValueError(f"--quant int4 --group-size {group_size}: {node.input('w')} has K = {K}, not a "
-                                 f"multiple of {group_size}: use a --group-size among {INT4_GROUP_SIZES} that "
-                                 f"divides it, or --quant int8")
+        ks = {n.name: (n.input("w"), g.tensor(n.input("w")).shape[1]) for n in g.nodes if n.op in QUANTIZED_OPS}
+        bad = next(((name, w, K) for name, (w, K) in ks.items() if K % group_size), None)
+        if bad:
+            fits = [s for s in INT4_GROUP_SIZES if all(K % s == 0 for _, K in ks.values())]
+            advice = f"--group-size {' or '.join(map(str, fits))}" if fits else "no int4 group size fits"
+            raise ValueError(f"--quant int4 --group-size {group_size}: {bad[1]} (node {bad[0]}) has K = {bad[2]}, "
+                             f"not a multiple of {group_size}: use {advice}, or --quant int8")
     e, out, records = Edit(g), dict(weights), []
     done: dict[str, tuple[str, str]] = {}
     attrs = {"quant": scheme, **({"group_size": group_size} if scheme == "int4" else {})}

@@ -166,8 +166,8 @@ def test_int4_dequantized_checkpoint_is_the_source_up_to_rounding(int4_both):
 
 def test_int4_group_size_not_dividing_k_is_one_line(int4_both):
     graph, weights, *_ = int4_both
-    with pytest.raises(ValueError, match=r"--quant int4 --group-size 64: .*down.* has K = 96, not a multiple of 64: "
-                                         r"use a --group-size .* or --quant int8"):
+    with pytest.raises(ValueError, match=r"--quant int4 --group-size 64: \S*down\S* \(node \S*down\S*\) has K = 96, "
+                                         r"not a multiple of 64: use --group-size 32, or --quant int8"):
         optimize(graph, weights, "fp32", "int4", 64)
 
 
@@ -179,3 +179,25 @@ def test_int4_group_size_not_dividing_k_is_one_line(int4_both):
 def test_group_size_errors_are_one_line(quant, group, message):
     with pytest.raises(ValueError, match=message):
         passes_for(quant, group)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--group-size", "32"], "error: --group-size 32 only applies to --quant int4 (got --quant none): drop it or add "
+                             "--quant int4"),
+    (["--quant", "int4", "--group-size", "16"], "error: --group-size 16 is not supported: use one of 32, 64, 128"),
+    (["--quant", "int4", "--group-size", "128", "--no-reference"],
+     "error: --quant int4 --group-size 128: model.layers.0.self_attn.qkv_proj.folded.rope.weight (node "
+     "layers.0.self_attn.qkv_proj) has K = 64, not a multiple of 128: use --group-size 32 or 64, or --quant int8"),
+])
+def test_cli_refuses_bad_group_sizes_in_one_line(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+
+    result = CliRunner().invoke(main, ["compile", "tiny-llama", "--out", str(tmp_path / "a"), "--dtype", "fp32",
+                                       "--target", "cuda:90", "--no-autotune", *args])
+    assert result.exit_code != 0
+    # One error line (above it at most the progress bar, which a terminal redraws in place).
+    errors = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert errors == [message], result.output
+    assert not (tmp_path / "a").exists()
