@@ -288,7 +288,12 @@ def describe(artifact: Artifact) -> dict:
         launches = sum(len(v.launches) for n in index.nodes for v in n.variants)
         kernels[target] = {"binaries": len(files), "bytes": size, "launch sites": launches}
     header = artifact.safetensors_header("weights.safetensors")
-    numel = sum(math.prod(t["shape"]) for t in header.values())
+    # Parameters of the model, not stored elements: a packed int4 byte holds two, scales and mins are none.
+    matmuls = [n for n in graph.nodes if n.op in ("linear", "rms_norm_linear")]
+    scales = {n.input("scale") for n in matmuls if n.input("scale")}
+    packed = {n.input("w") for n in matmuls if n.attr("quant") == "int4"}
+    numel = sum(math.prod(t["shape"]) * (2 if name in packed else 1) for name, t in header.items()
+                if name not in scales)
     return {
         "name": artifact.name,
         "format": m["format"],

@@ -97,6 +97,12 @@ def test_artifact_holds_packed_int4_linears(quantized):
                                for n in artifact.graph.nodes)
     assert not embedding_is_lm_head  # tiny-llama is untied: the embedding table is not read per step
     assert weights["decode_bytes"] == packed_bytes + others
+    # Parameters count two per packed byte and none for the (scale, min) pairs: the model's own count, less the two
+    # norm weights per layer folded into the matmuls, plus the rope's cos_sin table the artifact stores.
+    cos_sin = sum(torch.Size(t["shape"]).numel() for name, t in header.items() if "cos_sin" in name)
+    hf = {name: p.numel() for name, p in quantized[1].named_parameters()}
+    folded = sum(n for name, n in hf.items() if "input_layernorm" in name or "post_attention_layernorm" in name)
+    assert weights["parameters"] - cos_sin == sum(hf.values()) - folded
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
