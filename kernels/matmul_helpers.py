@@ -99,7 +99,8 @@ def load_int4(
         packed = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
     else:
         packed = tl.load(ptrs, mask=mask, other=0)
-    # byte j = k 2j (low nibble) and 2j + 1 (high): joined on a new last axis, a row-major reshape interleaves them.
+    # Byte j holds k = 2j (low nibble) and 2j + 1 (high): joined on a new last axis, a row-major reshape puts each
+    # nibble at its own k.
     q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
     if BLOCK_K <= GROUP_SIZE:
         # One group per row: k is a multiple of BLOCK_K, which divides GROUP_SIZE. A split's chunk may start past K.
@@ -175,7 +176,8 @@ def mm_tile(
         else:
             w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
         if (W_INT8 or W_INT4) and USE_DOT:
-            w = w.to(x.dtype)  # exact: |q| <= 127; the broadcast product below widens it to fp32 itself
+            # int8: exact (|q| <= 127); int4: the fp32 dequantized value rounded once to the activation dtype
+            w = w.to(x.dtype)
         if USE_DOT:
             if x.dtype == tl.float32:
                 # fp32 models expect fp32 results; the default tf32 would round operands to 10 mantissa bits.
