@@ -27,7 +27,7 @@ from typing import Any
 Dim = int | str
 STEP_INPUTS = ("ids", "positions", "slot_mapping", "cu_seqlens_q", "seq_lens", "block_tables", "last_idx")
 KINDS = ("input", "weight", "cache", "activation", "output")
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "i32": 4, "i64": 8, "i8": 1}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "i32": 4, "i64": 8, "i8": 1, "u8": 1}
 
 # Ops a compiled graph may hold: the kernel ops of docs/ops.md, with `attention` standing for
 # attention_prefill / attention_decode (the runtime picks per step).
@@ -74,7 +74,7 @@ class Limits:
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # "fp32" | "fp16" | "bf16" | "i32" | "i64" | "i8" (int8-quantized weights)
+    dtype: str  # "fp32" | "fp16" | "bf16" | "i32" | "i64" | "i8" (int8-quantized weights) | "u8" (packed int4 weights)
     shape: tuple[Dim, ...]
     kind: str
 

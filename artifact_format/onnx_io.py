@@ -27,7 +27,8 @@ IR_VERSION = 10
 META_KEY = "trilite.meta"
 ROLE_ATTRS = ("input_roles", "output_roles")
 _ELEM = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16,
-         "i32": TensorProto.INT32, "i64": TensorProto.INT64, "i8": TensorProto.INT8}
+         "i32": TensorProto.INT32, "i64": TensorProto.INT64, "i8": TensorProto.INT8,
+         "u8": TensorProto.UINT8}
 _DTYPE = {v: k for k, v in _ELEM.items()}
 
 

@@ -184,16 +184,18 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
 def build(source: str, out: Path | str, targets: list[str] | None = None, dtype: str | None = None,
           max_seq_len: int = 2048, max_batch: int = 32, max_num_tokens: int | None = None,
           autotune: bool | None = None, reference: bool = True, progress: bool = False,
-          quant: str = "none") -> BuildReport:
+          quant: str = "none", group_size: int | None = None) -> BuildReport:
     """Compile ``source`` (preset name, HF directory or .gguf file) into an artifact directory at ``out``.
 
     quant "int8": weight-only int8 for every linear / rms_norm_linear weight (embedding and lm_head stay in ``dtype``);
-    the reference logits then come from transformers on the dequantized weights the artifact holds."""
+    "int4": weight-only int4 per group of ``group_size`` (32, 64 or 128; default 128) along K, the same weights. The
+    reference logits then come from transformers on the dequantized weights the artifact holds."""
     from compiler.dequant import dequantized_checkpoint, fold_inputs
     from compiler.frontends import family_of, load_source
     from compiler.memory import memory_plan
     from compiler.passes import optimize, passes_for
     from compiler.trace import trace
+    from kernels.weight_quant import INT4_DEFAULT_GROUP_SIZE
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -203,7 +205,9 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
                                                                [Target.parse(t) for t in DEFAULT_TARGETS])
     dtype = dtype or ("bf16" if local else "fp32")
     check_dtype(dtype, tgts)
-    passes_for(quant)  # an unknown scheme is one line before any work
+    passes_for(quant, group_size)  # an unknown scheme or a stray --group-size is one line before any work
+    if quant == "int4":
+        group_size = group_size or INT4_DEFAULT_GROUP_SIZE
     autotune = bool(local) if autotune is None else autotune
     if autotune and not local:
         raise ValueError("--autotune needs a GPU on this machine: drop it to use the tuning database or heuristics")
@@ -232,7 +236,7 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
         seconds["trace"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         traced = weights
-        graph, weights, transforms = optimize(graph, traced, dtype, quant)
+        graph, weights, transforms = optimize(graph, traced, dtype, quant, group_size)
         if quant != "none" and reference:  # the reference model runs the dequantized weights: unwind them later
             gains, row_counts = fold_inputs(transforms, traced), {n: t.shape[0] for n, t in traced.items() if t.dim()}
         del traced
@@ -259,7 +263,8 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
                 overrides = dequantized_checkpoint(transforms, weights, gains, row_counts)
             del weights  # the reference model may need the memory
             seconds["write"] = time.perf_counter() - t3
-            manifest = manifest_fields(source, src, family, dtype, tgts, limits, mem, transforms, quant)
+            manifest = manifest_fields(source, src, family, dtype, tgts, limits, mem, transforms, quant,
+                                       group_size)
             if reference:
                 t4 = time.perf_counter()
                 task = bar.add("reference logits (HF)", 1)

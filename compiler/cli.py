@@ -37,17 +37,21 @@ def main(debug: bool) -> None:
               help="Time candidate configs on this GPU (default: on with a GPU).")
 @click.option("--reference/--no-reference", default=True, help="Store HF transformers reference logits.")
 @click.option("--quant", default="none", show_default=True,
-              help="Weight quantization: none, or int8 (weight-only, symmetric per output channel) for every linear "
-                   "(qkv, o, gate_up, down); the embedding and lm_head stay in --dtype for now. A GGUF source is "
-                   "dequantized, then quantized to int8.")
+              help="Weight quantization: none, int8 (weight-only, symmetric per output channel) or int4 (weight-only, "
+                   "asymmetric per group along K, see --group-size; CPU-tested, not yet run on a GPU) for every "
+                   "linear (qkv, o, gate_up, down); the embedding and lm_head stay in --dtype for now. A GGUF source "
+                   "is dequantized, then quantized.")
+@click.option("--group-size", type=int, default=None,
+              help="--quant int4 only: values per (scale, min) group along K, 32, 64 or 128 (default 128).")
 def compile(source: str, out: Path | None, targets: tuple[str, ...], dtype: str | None, max_seq_len: int,
-            max_batch: int, max_num_tokens: int | None, autotune: bool | None, reference: bool, quant: str) -> None:
+            max_batch: int, max_num_tokens: int | None, autotune: bool | None, reference: bool, quant: str,
+            group_size: int | None) -> None:
     """Compile SOURCE (a preset name, an HF model directory or a .gguf file) into an artifact."""
     from compiler.build import build
 
     out = out or Path("artifacts") / Path(source).stem
     report = build(source, out, list(targets) or None, dtype, max_seq_len, max_batch, max_num_tokens, autotune,
-                   reference, progress=True, quant=quant)
+                   reference, progress=True, quant=quant, group_size=group_size)
     console = Console()
     if report.autotune_rows:
         table = Table(title="autotune (median µs per config, CUDA graphs)")
@@ -85,8 +89,9 @@ def models() -> None:
     console.print("architectures: " + ", ".join(f"{a} ({f})" for a, f in SUPPORTED_ARCHITECTURES.items()))
     console.print("sources: a preset name, an HF model directory (config.json, *.safetensors, tokenizer.json) "
                   "or a .gguf file")
-    console.print("--quant: none, or int8 (weight-only, per output channel) for the linears; the embedding and "
-                  "lm_head stay in the build dtype for now")
+    console.print("--quant: none, int8 (weight-only, per output channel) or int4 (weight-only, per group of "
+                  "--group-size 32/64/128 along K) for the linears; the embedding and lm_head stay in the build dtype "
+                  "for now")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The checkpoint a quantized artifact computes with: its int8 weights dequantized and mapped back to the source's
-tensor names, so HF transformers can run exactly the model the artifact runs (the reference of `runtime verify`).
+"""The checkpoint a quantized artifact computes with: its int8 / int4 weights dequantized and mapped back to the
+source's tensor names, so HF transformers can run exactly the model the artifact runs (the reference of
+`runtime verify`).
 
 Each quantized weight is walked back through the transform records that made it (docs/artifact.md, manifest
 `model.transforms`), newest first: the rope row pairing and the GLU interleave are permutations (inverted), a merge
@@ -17,6 +18,8 @@ import torch
 from kernels.rope_epilogue import RopeEpilogue
 from kernels.weight_quant import dequantize
 
+QUANTIZE_OPS = ("quantize_int8", "quantize_int4")
+
 
 def fold_inputs(transforms: list[dict], traced: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What unwinding needs of the traced weights, taken before they are freed: every folded norm weight (fp32)."""
@@ -29,10 +32,10 @@ def dequantized_checkpoint(transforms: list[dict], weights: Mapping[str, torch.T
 
     weights: the artifact's weights; gains: fold_inputs(); rows: source tensor name -> its number of rows (to split
     merges)."""
-    made = {r["output"]: r for r in transforms if r["op"] not in ("cast", "quantize_int8")}
+    made = {r["output"]: r for r in transforms if r["op"] not in ("cast", *QUANTIZE_OPS)}
     out: dict[str, torch.Tensor] = {}
     for r in transforms:
-        if r["op"] == "quantize_int8":
+        if r["op"] in QUANTIZE_OPS:  # kernels/weight_quant.py tells int4 (u8 w, [N, K / G, 2] scale) from int8
             value = dequantize(weights[r["output"]], weights[r["scale"]])
             out.update(_unwind(r["inputs"][0], value, made, gains, rows))
     return out

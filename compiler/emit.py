@@ -30,7 +30,7 @@ def write_files(stage: Path, src, graph: Graph, weights: dict, tuning: dict) -> 
 
 
 def manifest_fields(source: str, src, family: str, dtype: str, targets: list[Target], limits: Limits, mem: dict,
-                    transforms: list[dict], quant: str = "none") -> dict:
+                    transforms: list[dict], quant: str = "none", group_size: int | None = None) -> dict:
     import importlib.metadata as md
 
     def version(pkg: str) -> str:
@@ -43,7 +43,9 @@ def manifest_fields(source: str, src, family: str, dtype: str, targets: list[Tar
     return {
         "name": src.name,
         "model": {"architecture": src.config.get("architectures", ["?"])[0], "family": family, "config": src.config,
-                  "dtype": dtype, "quant": quant, "source": source if not Path(source).exists() else Path(source).name,
+                  "dtype": dtype, "quant": quant,
+                  **({"quant_group_size": group_size} if quant == "int4" else {}),
+                  "source": source if not Path(source).exists() else Path(source).name,
                   "source_sha256": src.sha256, "transforms": transforms},
         "build": {"trilite": version("trilite"), "triton": triton.__version__,
                   "torch": torch.__version__.split("+")[0]},

@@ -30,8 +30,9 @@ _SIZES: dict[str, Callable[[Graph, Node], dict]] = {
     "rms_norm": lambda g, n: {"D": _shape(g, n, "w")[0]},
     "add_rms_norm": lambda g, n: {"D": _shape(g, n, "w")[0]},
     "rms_norm_gated": lambda g, n: {"D": _shape(g, n, "w")[0]},
-    "rms_norm_linear": lambda g, n: dict(zip(("N", "K"), _shape(g, n, "w"))),
-    "linear": lambda g, n: dict(zip(("N", "K"), _shape(g, n, "w"))),
+    # K from x: an int4 w is packed two values per byte, [N, K / 2].
+    "rms_norm_linear": lambda g, n: {"N": _shape(g, n, "w")[0], "K": _shape(g, n, "x")[1]},
+    "linear": lambda g, n: {"N": _shape(g, n, "w")[0], "K": _shape(g, n, "x")[1]},
     "rope": lambda g, n: {"max_pos": _shape(g, n, "cos_sin")[0]},
     "kv_cache_write": lambda g, n: {},
     "attention_prefill": lambda g, n: {"max_blocks": _shape(g, n, "block_tables")[1]},

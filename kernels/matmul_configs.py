@@ -5,10 +5,11 @@ tuned, the constexprs and grid of a launch, and the split-K scratch (partials, s
 
 from __future__ import annotations
 
+import torch
 import triton
 
 from kernels.spec import SEMAPHORES, Arg, Config, GridDim, grid_dim, ptr
-from kernels.weight_quant import QUANT_SCHEMES
+from kernels.weight_quant import INT4_GROUP_SIZES, QUANT_SCHEMES, is_int4
 
 # Notional number of SMs/CUs used to size split-K when no GPU is at hand (H100/H200: 132, MI300X: 304): enough
 # programs that every SM holds a few and the memory system sees enough loads in flight.
@@ -66,38 +67,67 @@ def _min_block_n(meta: dict) -> int:
 
 # K-chunks of int8 rows at least this long: 16 bytes, one vector load per thread.
 INT8_MIN_BLOCK_K = 16
+# int4 rows: 32 values are 16 packed bytes; a chunk is also split into whole bytes (an even BLOCK_K).
+INT4_MIN_BLOCK_K = 32
 
 
-def w_int8(meta: dict, dtypes: dict) -> bool:
-    """Whether the node's weight is int8 (attr quant "int8": kernels/weight_quant.py; absent or "none": w in the
-    activation dtype), checked against the dtypes of w and scale."""
+def quant_meta(w: torch.Tensor, scale: torch.Tensor, K: int) -> dict:
+    """The node attrs (quant, group_size) of a launcher's quantized w and scale, shapes and dtypes checked."""
+    N = w.shape[0]
+    if is_int4(w, scale):
+        groups = scale.shape[1]
+        assert groups and K % groups == 0 and scale.shape == (N, groups, 2) and scale.dtype == torch.float32, \
+            "int4: u8 w [N, K / 2], fp32 scale [N, K / group_size, 2]"
+        return {"quant": "int4", "group_size": K // groups}
+    assert w.dtype == torch.int8 and scale.shape == (N,) and scale.dtype == torch.float32, "int8 w, fp32 scale [N]"
+    return {"quant": "int8"}
+
+
+def weight_scheme(meta: dict, dtypes: dict) -> str:
+    """The node's weight scheme (attr quant: kernels/weight_quant.py; absent or "none": w in the activation dtype),
+    checked against the dtypes of w and scale and, for int4, the group size against K."""
     quant = meta.get("quant") or "none"
     if quant not in QUANT_SCHEMES:
         raise ValueError(f"quant {quant!r} is not one of {', '.join(QUANT_SCHEMES)}")
-    int8 = quant == "int8"
-    if int8 != (dtypes["w"] == "i8") or int8 != ("scale" in dtypes):
-        raise ValueError(f"quant {quant}: w is {dtypes['w']} and scale {dtypes.get('scale', 'absent')}; int8 needs "
-                         f"an i8 w and an fp32 scale, none neither")
-    if int8 and dtypes["scale"] != "fp32":
-        raise ValueError(f"quant int8: scale is {dtypes['scale']}, not fp32")
-    return int8
+    want = {"none": None, "int8": "i8", "int4": "u8"}[quant]
+    if quant == "none":
+        if "scale" in dtypes or dtypes["w"] in ("i8", "u8"):
+            raise ValueError(f"quant none: w is {dtypes['w']} and scale {dtypes.get('scale', 'absent')}; a quantized "
+                             f"w needs attr quant int8 or int4")
+        return quant
+    if dtypes["w"] != want or dtypes.get("scale") != "fp32":
+        raise ValueError(f"quant {quant}: w is {dtypes['w']} and scale {dtypes.get('scale', 'absent')}; {quant} needs "
+                         f"a {want} w and an fp32 scale")
+    if quant == "int4":
+        group = meta.get("group_size")
+        if group not in INT4_GROUP_SIZES or meta["K"] % group:
+            raise ValueError(f"quant int4: group_size {group} must be one of {INT4_GROUP_SIZES} and divide K = "
+                             f"{meta['K']}")
+    return quant
 
 
 def weight_launch_pieces(meta: dict, dtypes: dict) -> tuple[dict[str, str], dict[str, Arg], dict]:
-    """The scale pointer's type and binding and the W_INT8 constexpr; without int8 the pointer is bound to w, unread."""
-    int8 = w_int8(meta, dtypes)
-    role = "scale" if int8 else "w"
-    return {"scale_ptr": ptr(dtypes[role])}, {"scale_ptr": ("tensor", role)}, {"W_INT8": int8}
+    """The scale pointer's type and binding and the W_INT8 / W_INT4 / GROUP_SIZE constexprs; without a scheme the
+    pointer is bound to w, unread."""
+    quant = weight_scheme(meta, dtypes)
+    role = "w" if quant == "none" else "scale"
+    int4 = quant == "int4"
+    return ({"scale_ptr": ptr(dtypes[role])}, {"scale_ptr": ("tensor", role)},
+            {"W_INT8": quant == "int8", "W_INT4": int4, "GROUP_SIZE": meta["group_size"] if int4 else 0})
 
 
 def _fits_scheme(meta: dict, configs: list[Config]) -> list[Config]:
     """int8 rows are loaded in chunks of at least INT8_MIN_BLOCK_K (where K allows): shorter ones lose the 16-byte
-    loads. The candidates keep their element counts: the broadcast product's accumulator is fp32 per element
+    loads; int4 rows in chunks of at least INT4_MIN_BLOCK_K (16 packed bytes; K, a multiple of the group size, is
+    at least 32). The candidates keep their element counts: the broadcast product's accumulator is fp32 per element
     whatever the weight dtype, so registers, not bytes, bound its tile; an int8 tile reads half the bytes of a
-    16-bit one."""
-    if (meta.get("quant") or "none") != "int8":
+    16-bit one, an int4 tile a quarter (plus one (scale, min) pair per row and group). A chunk longer than the
+    group is allowed: it holds whole groups and loads one pair per group (kernels/matmul_helpers.py, load_int4)."""
+    quant = meta.get("quant") or "none"
+    if quant == "none":
         return configs
-    least = min(INT8_MIN_BLOCK_K, triton.next_power_of_2(meta["K"]))
+    least = {"int8": INT8_MIN_BLOCK_K, "int4": INT4_MIN_BLOCK_K}[quant]
+    least = min(least, triton.next_power_of_2(meta["K"]))
     return [c for c in configs if c["BLOCK_K"] >= least]
 
 

@@ -32,6 +32,15 @@ scale[N] fp32 holds each row's step. A per-column scale commutes with the sum ov
 and the epilogue multiplies each column of the accumulator by its scale, before rstd, bias, residual and activation.
 Split-K partials stay unscaled; the program that reduces them scales them.
 
+Weight-only int4 (W_INT4, GROUP_SIZE): w is [N, K / 2] uint8, two 4-bit q per byte (low nibble even k, high nibble
+odd k), asymmetric per group of GROUP_SIZE k of a row, and scale [N, K / GROUP_SIZE, 2] fp32 holds each group's
+(scale, min): W = q * scale + min (kernels/weight_quant.py). The scale varies along K, so it cannot wait for the
+epilogue: each K chunk loads BLOCK_K / 2 contiguous bytes per row, splits the nibbles back to their K positions and
+dequantizes in fp32 (load_int4) before the same product. A chunk starts at a multiple of BLOCK_K, so when
+BLOCK_K <= GROUP_SIZE (both powers of two) it lies inside one group and takes one (scale, min) per row; a longer
+chunk holds BLOCK_K / GROUP_SIZE whole groups and takes that many pairs per row, each broadcast over its group. The
+epilogue then has no weight scale to apply.
+
 Which layout and tiles a node gets per token bucket, and the plan pieces both ops share: kernels/matmul_configs.py.
 """
 
@@ -63,9 +72,62 @@ def grouped_tile(pid, T, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def load_int4(
+    w_ptr,  # [N, K / 2] u8, two q per byte
+    scale_ptr,  # [N, K / GROUP_SIZE, 2] fp32 (scale, min)
+    cols,  # [BLOCK_N] int64
+    k,  # first k of the chunk, a multiple of BLOCK_K
+    N: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+):
+    """w[cols, k:k + BLOCK_K] dequantized to fp32, [BLOCK_N, BLOCK_K]; 0 outside [N] x [K]."""
+    KH: tl.constexpr = K // 2
+    NUM_GROUPS: tl.constexpr = K // GROUP_SIZE
+    col_mask = cols < N
+    half = k // 2 + tl.arange(0, BLOCK_K // 2)
+    if EVEN_K:
+        mask = col_mask[:, None]
+    else:
+        mask = col_mask[:, None] & (half < KH)[None, :]
+    ptrs = w_ptr + cols[:, None] * KH + half[None, :]
+    if EVICT_FIRST:
+        packed = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+    else:
+        packed = tl.load(ptrs, mask=mask, other=0)
+    # Byte j holds k = 2j (low nibble) and 2j + 1 (high): joined on a new last axis, a row-major reshape puts each
+    # nibble at its own k.
+    q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+    if BLOCK_K <= GROUP_SIZE:
+        # One group per row: k is a multiple of BLOCK_K, which divides GROUP_SIZE. A split's chunk may start past K.
+        group_ptrs = scale_ptr + (cols * NUM_GROUPS + k // GROUP_SIZE) * 2
+        g_mask = col_mask & (k < K)
+        scale = tl.load(group_ptrs, mask=g_mask, other=0.0)
+        low = tl.load(group_ptrs + 1, mask=g_mask, other=0.0)
+        return q * scale[:, None] + low[:, None]
+    else:
+        # BLOCK_K / GROUP_SIZE whole groups per row (both powers of two, k a multiple of BLOCK_K): one (scale, min)
+        # per group, broadcast over its GROUP_SIZE k, rather than a per-k gather (BLOCK_K pairs of fp32 per row,
+        # which pipelining would also stage in shared memory).
+        PER: tl.constexpr = BLOCK_K // GROUP_SIZE
+        groups = k // GROUP_SIZE + tl.arange(0, PER)
+        group_ptrs = scale_ptr + (cols[:, None] * NUM_GROUPS + groups[None, :]) * 2
+        g_mask = col_mask[:, None] & (groups < NUM_GROUPS)[None, :]
+        scale = tl.load(group_ptrs, mask=g_mask, other=0.0)
+        low = tl.load(group_ptrs + 1, mask=g_mask, other=0.0)
+        grouped = tl.reshape(q, (BLOCK_N, PER, GROUP_SIZE)) * scale[:, :, None] + low[:, :, None]
+        return tl.reshape(grouped, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def mm_tile(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K]
+    w_ptr,  # [N, K]; [N, K / 2] u8 with W_INT4
+    scale_ptr,  # [N, K / GROUP_SIZE, 2] fp32 (W_INT4)
     rows,  # [BLOCK_M] int64
     cols,  # [BLOCK_N] int64
     T,
@@ -81,13 +143,14 @@ def mm_tile(
     USE_DOT: tl.constexpr,
     USE_RMS: tl.constexpr,
     W_INT8: tl.constexpr,
+    W_INT4: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
 ):
     """acc[BLOCK_M, BLOCK_N] = x[rows, k_lo:k_lo+K_SPAN] @ w[cols, same]^T and sumsq[BLOCK_M] = sum of x^2 there
     (with W_INT8 the product of the int8 values, unscaled)."""
     row_mask = rows < T
     col_mask = cols < N
     x_rows = x_ptr + rows[:, None] * stride_x
-    w_rows = w_ptr + cols[:, None] * K
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     sumsq = tl.full((BLOCK_M,), 0.0, tl.float32)
     if USE_RMS:
@@ -102,13 +165,19 @@ def mm_tile(
         ks = k + tl.arange(0, BLOCK_K)
         if EVEN_K:
             x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None], other=0.0)
+            w_mask = col_mask[:, None]
         else:
             k_mask = ks < K
             x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        if W_INT8 and USE_DOT:
-            w = w.to(x.dtype)  # exact: |q| <= 127; the broadcast product below widens it to fp32 itself
+            w_mask = col_mask[:, None] & k_mask[None, :]
+        if W_INT4:
+            w = load_int4(w_ptr, scale_ptr, cols, k, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
+                          GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=False)
+        else:
+            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+        if (W_INT8 or W_INT4) and USE_DOT:
+            # int8: exact (|q| <= 127); int4: the fp32 dequantized value rounded once to the activation dtype
+            w = w.to(x.dtype)
         if USE_DOT:
             if x.dtype == tl.float32:
                 # fp32 models expect fp32 results; the default tf32 would round operands to 10 mantissa bits.
@@ -196,7 +265,8 @@ def store_rows(
 @triton.jit
 def gemv_tile(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K]
+    w_ptr,  # [N, K]; [N, K / 2] u8 with W_INT4
+    scale_ptr,  # [N, K / GROUP_SIZE, 2] fp32 (W_INT4)
     rows,  # [BLOCK_M] int64
     cols,  # [BLOCK_N] int64
     T,
@@ -212,6 +282,8 @@ def gemv_tile(
     USE_DOT: tl.constexpr,
     USE_RMS: tl.constexpr,
     W_INT8: tl.constexpr,
+    W_INT4: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
 ):
     """acc[BLOCK_M, BLOCK_N] = x[rows, k_lo:k_lo+K_SPAN] @ w[cols, same]^T, and the rows' sum of x^2 over that
     K range, for the weight-streaming layout. W is read once and never again, so its loads are evict-first; x is
@@ -224,7 +296,6 @@ def gemv_tile(
     row_mask = rows < T
     col_mask = cols < N
     x_rows = x_ptr + rows[:, None] * stride_x
-    w_rows = w_ptr + cols[:, None] * K
     if USE_DOT:
         acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
     else:
@@ -238,9 +309,15 @@ def gemv_tile(
         else:
             x_mask = row_mask[:, None] & (ks < K)[None, :]
             w_mask = col_mask[:, None] & (ks < K)[None, :]
-        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0, eviction_policy="evict_first")
+        if W_INT4:
+            w = load_int4(w_ptr, scale_ptr, cols, k, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
+                          GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=True)
+        else:
+            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0,
+                        eviction_policy="evict_first")
         x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0, eviction_policy="evict_last")
-        if W_INT8 and USE_DOT:
+        if (W_INT8 or W_INT4) and USE_DOT:
+            # int8: exact (|q| <= 127); int4: the fp32 dequantized value rounded once to the activation dtype
             w = w.to(x.dtype)  # exact: |q| <= 127; the broadcast product below widens it to fp32 itself
         if USE_RMS:
             if USE_DOT:
@@ -269,8 +346,8 @@ def gemv_tile(
 @triton.jit
 def matmul_program(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K]; int8 with W_INT8
-    scale_ptr,  # [N] fp32 (W_INT8)
+    w_ptr,  # [N, K]; int8 with W_INT8; [N, K / 2] u8 with W_INT4
+    scale_ptr,  # [N] fp32 (W_INT8); [N, K / GROUP_SIZE, 2] fp32 (W_INT4)
     bias_ptr,  # [N]
     residual_ptr,  # [T, N]
     out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
@@ -312,6 +389,8 @@ def matmul_program(
     IS_NEOX: tl.constexpr,
     WRITE_CACHE: tl.constexpr,
     USE_PDL: tl.constexpr,
+    W_INT4: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
 ):
     """One program of the launch, either layout (see the module docstring)."""
     if USE_PDL:
@@ -329,8 +408,10 @@ def matmul_program(
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         for m0 in range(0, T, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-            acc, sumsq = gemv_tile(x_ptr, w_ptr, rows, cols, T, stride_x, pid_k * K_SPAN, N, K, K_SPAN, BLOCK_M,
-                                   BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS, W_INT8)
+            acc, sumsq = gemv_tile(x_ptr, w_ptr, scale_ptr, rows, cols, T, stride_x, pid_k * K_SPAN, N=N, K=K,
+                                   K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
+                                   USE_DOT=USE_DOT, USE_RMS=USE_RMS, W_INT8=W_INT8, W_INT4=W_INT4,
+                                   GROUP_SIZE=GROUP_SIZE)
             if SPLIT_K == 1:
                 store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,
                            cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps,
@@ -373,8 +454,9 @@ def matmul_program(
         pid_m, pid_n = grouped_tile(tl.program_id(0), T, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc, sumsq = mm_tile(x_ptr, w_ptr, rows, cols, T, stride_x, 0, N, K, K_SPAN,
-                             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, USE_RMS, W_INT8)
+        acc, sumsq = mm_tile(x_ptr, w_ptr, scale_ptr, rows, cols, T, stride_x, 0, N=N, K=K, K_SPAN=K_SPAN,
+                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K, USE_DOT=USE_DOT,
+                             USE_RMS=USE_RMS, W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE)
         if USE_PDL == PDL_LATE:
             tl.extra.cuda.gdc_launch_dependents()
         store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,

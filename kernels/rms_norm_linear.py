@@ -25,6 +25,7 @@ from kernels.matmul_configs import (
     launch_config,
     matmul_configs,
     matmul_default,
+    quant_meta,
     split_rows,
     split_scratch,
     tile_constexprs,
@@ -35,14 +36,15 @@ from kernels.matmul_helpers import ACT_GELU_TANH, matmul_program
 from kernels.rope_epilogue import RopeEpilogue, rope_inputs, rope_launch_pieces
 from kernels.rope_epilogue import reference as rope_epilogue_reference
 from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
-from kernels.weight_quant import dequantize
+from kernels.weight_quant import dequantize, is_int4
 
 
 @triton.jit
 def _rms_norm_linear_kernel(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K], norm weight folded in; int8 with W_INT8
-    scale_ptr,  # [N] fp32, w's scale per row (W_INT8); without it bound to w and never read
+    w_ptr,  # [N, K], norm weight folded in; int8 with W_INT8; [N, K / 2] u8, two int4 per byte, with W_INT4
+    scale_ptr,  # [N] fp32, w's scale per row (W_INT8); [N, K / GROUP_SIZE, 2] fp32 (scale, min) per group (W_INT4);
+    # without either bound to w and never read
     bias_ptr,  # [N]; without HAS_BIAS bound to w and never read
     out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
     partial_ptr,  # [SPLIT_K, ROWS, N] fp32 scratch; with SPLIT_K == 1 bound to out and never written
@@ -80,6 +82,9 @@ def _rms_norm_linear_kernel(
     IS_NEOX: tl.constexpr,
     WRITE_CACHE: tl.constexpr,
     USE_PDL: tl.constexpr,
+    # Last and with defaults, so the format 3 indexes written before int4 (no such constexprs) still run interpreted.
+    W_INT4: tl.constexpr = False,
+    GROUP_SIZE: tl.constexpr = 0,
 ):
     matmul_program(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, sem_ptr,
                    positions_ptr, cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_out,
@@ -87,7 +92,8 @@ def _rms_norm_linear_kernel(
                    BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K,
                    W_INT8=W_INT8, USE_RMS=True, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=False, ACT_SILU_MUL=ACT_SILU_MUL,
                    ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
-                   WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL)
+                   WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL, W_INT4=W_INT4,
+                   GROUP_SIZE=GROUP_SIZE)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -164,8 +170,10 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     """
     T, K = x.shape
     N = w.shape[0]
+    w_cols = K // 2 if is_int4(w, scale) else K
     N_out = N // 2 if act in ("silu_mul", "gelu_tanh_mul") else N  # rope writes qkv at its own width
-    assert x.stride(1) == 1 and w.shape == (N, K) and w.is_contiguous(), "x [T, K] unit column stride, w [N, K]"
+    assert x.stride(1) == 1 and w.shape == (N, w_cols) and w.is_contiguous(), \
+        "x [T, K] unit column stride, w [N, K] (int4: [N, K / 2])"
     assert bias is None or bias.shape == (N,)
     if out is None:
         out = torch.empty(T, N_out, dtype=x.dtype, device=x.device)
@@ -174,8 +182,8 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
             "stride_out": out.stride(0), "max_T": T, "max_S": 1, "T_bucket": T}
     tensors = {"x": x, "w": w, "out": out}
     if scale is not None:
-        assert w.dtype == torch.int8 and scale.shape == (N,) and scale.dtype == torch.float32, "int8 w, fp32 scale [N]"
-        meta["quant"], tensors["scale"] = "int8", scale
+        meta |= quant_meta(w, scale, K)
+        tensors["scale"] = scale
     if bias is not None:
         tensors["bias"] = bias
     rope = None

@@ -5,14 +5,26 @@ q[n, k] = round(W[n, k] / scale[n]) clamped to [-127, 127], stored int8; W ~= q 
 gets scale 1 (and q 0), so no division by zero and the row dequantizes to zeros. Because each row has its own
 scale, permuting or concatenating rows commutes with quantizing them: the compiler quantizes the rows the kernel
 reads, after every pass that folds, merges or reorders them.
+
+int4: asymmetric per group of G (32, 64 or 128; node attr `group_size`) consecutive k of one row. Group g of row n,
+W[n, gG:(g+1)G], gets min = its smallest value and scale = (max - min) / 15 (both fp32; a constant group gets scale
+1), q = round((W - min) / scale) clamped to [0, 15], and W ~= q * scale + min (the min is stored, not an integer
+zero point, so both ends of every group are exact up to fp32 rounding). Two q per byte: byte j of row n holds
+k = 2j in its low nibble and k = 2j + 1 in its high nibble, w [N, K / 2] uint8, so a tile's K range is a
+contiguous run of bytes (16-byte loads along K). scale [N, K / G, 2] fp32 holds (scale, min) of each group side by
+side: one tensor, one kernel pointer, both read by one load. Per-row groups commute with row permutations and
+merges just as int8's scales do.
 """
 
 from __future__ import annotations
 
 import torch
 
-QUANT_SCHEMES = ("none", "int8")
+QUANT_SCHEMES = ("none", "int8", "int4")
 INT8_MAX = 127
+INT4_MAX = 15
+INT4_GROUP_SIZES = (32, 64, 128)
+INT4_DEFAULT_GROUP_SIZE = 128
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,6 +36,38 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] (any float dtype, K a multiple of group_size) -> (packed [N, K / 2] uint8, scale [N, K / G, 2] fp32
+    of (scale, min) pairs), computed in fp32."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4: K = {K} is not a multiple of the group size {group_size}")
+    wg = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = wg.amin(dim=2), wg.amax(dim=2)
+    scale = torch.where(hi > lo, (hi - lo) / INT4_MAX, torch.ones_like(lo))
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp_(0, INT4_MAX).to(torch.uint8).reshape(N, K)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed.contiguous(), torch.stack([scale, lo], dim=2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """packed [N, K / 2] uint8 -> q [N, K] uint8 in [0, 15] (low nibble: even k, high nibble: odd k)."""
+    return torch.stack([packed & 15, packed >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+def is_int4(w: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    return scale is not None and w.dtype == torch.uint8 and scale.dim() == 3
+
+
 def dequantize(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """The fp32 weight a matmul computes with: w itself, or with a scale (int8 w) q * scale[:, None]."""
-    return w.float() if scale is None else w.float() * scale.float()[:, None]
+    """The fp32 weight a matmul computes with: w itself; with a scale [N] (int8 w) q * scale[:, None]; with a
+    scale [N, K / G, 2] (packed int4 w) q * scale + min per group."""
+    if scale is None:
+        return w.float()
+    if is_int4(w, scale):
+        q = unpack_int4(w).float()
+        N, K = q.shape
+        s = scale.float()
+        group = K // s.shape[1]
+        return (q.reshape(N, -1, group) * s[..., 0:1] + s[..., 1:2]).reshape(N, K)
+    return w.float() * scale.float()[:, None]

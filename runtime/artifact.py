@@ -264,9 +264,16 @@ def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = Fa
     return Artifact(path, manifest)
 
 
+def _scheme(node) -> str:
+    """A matmul node's weight scheme as inspect shows it: none, int8, or int4 with its group size (int4/g128)."""
+    quant = node.attr("quant") or "none"
+    return f"{quant}/g{node.attr('group_size')}" if quant == "int4" else quant
+
+
 def describe(artifact: Artifact) -> dict:
     """What ``runtime inspect`` shows: manifest facts, graph ops, kernels per target, weight sizes, the weight scheme
-    of the matmul nodes (attr quant) and the weight bytes one decode step reads (int8 at one byte, scales included)."""
+    of the matmul nodes (attr quant) and the weight bytes one decode step reads (int8 at one byte, int4 at half a byte,
+    scales and mins included)."""
     from collections import Counter
 
     from runtime.bench import decode_weight_bytes
@@ -281,7 +288,12 @@ def describe(artifact: Artifact) -> dict:
         launches = sum(len(v.launches) for n in index.nodes for v in n.variants)
         kernels[target] = {"binaries": len(files), "bytes": size, "launch sites": launches}
     header = artifact.safetensors_header("weights.safetensors")
-    numel = sum(math.prod(t["shape"]) for t in header.values())
+    # Parameters of the model, not stored elements: a packed int4 byte holds two, scales and mins are none.
+    matmuls = [n for n in graph.nodes if n.op in ("linear", "rms_norm_linear")]
+    scales = {n.input("scale") for n in matmuls if n.input("scale")}
+    packed = {n.input("w") for n in matmuls if n.attr("quant") == "int4"}
+    numel = sum(math.prod(t["shape"]) * (2 if name in packed else 1) for name, t in header.items()
+                if name not in scales)
     return {
         "name": artifact.name,
         "format": m["format"],
@@ -295,7 +307,6 @@ def describe(artifact: Artifact) -> dict:
         "weights": {"tensors": len(header), "parameters": numel,
                     "bytes": (artifact.path / "weights.safetensors").stat().st_size,
                     "quant": m["model"].get("quant", "none"),
-                    "schemes": dict(Counter(n.attr("quant") or "none" for n in graph.nodes
-                                            if n.op in ("linear", "rms_norm_linear"))),
+                    "schemes": dict(Counter(_scheme(n) for n in graph.nodes if n.op in ("linear", "rms_norm_linear"))),
                     "decode_bytes": decode_weight_bytes(graph)},
     }

@@ -17,10 +17,11 @@ Order matters, and each step says why it comes where it does:
                       fuse_rope_cache_write, so the cache write comes along, and after fold_norms and fuse_residual,
                       which settle which matmul (with a norm or without, no residual) makes the qkv
   eliminate_dead      unused nodes and weights go
-  quantize_weights    only with --quant int8: every linear / rms_norm_linear weight -> int8 + an fp32 scale per output
-                      channel; after every pass that folds, merges or reorders weight rows, so the fold is exact (fp32)
-                      and the rows quantized are the rows the kernel reads
-  cast_weights        fp32 values -> the build dtype (cos_sin and int8 scales stay fp32)
+  quantize_weights    only with --quant int8 (every linear / rms_norm_linear weight -> int8 + an fp32 scale per output
+                      channel) or --quant int4 (packed nibbles + fp32 scale and min per group along K); after every
+                      pass that folds, merges or reorders weight rows, so the fold is exact (fp32) and the rows
+                      quantized are the rows the kernel reads
+  cast_weights        fp32 values -> the build dtype (cos_sin and quantization scales stay fp32)
 
 Per Llama decoder layer the result is rms_norm_linear(qkv with the rope and KV-cache write epilogue), attention,
 linear(o, +residual), rms_norm_linear(gate_up with the SwiGLU epilogue), linear(down, +residual): five launches.
@@ -29,6 +30,7 @@ Qwen3 keeps its rope (with the q/k norm and the cache write) between the qkv mat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import torch
@@ -52,6 +54,7 @@ from compiler.passes.weights import (
     merge_linears,
     quantize_weights,
 )
+from kernels.weight_quant import INT4_GROUP_SIZES
 
 Pass = Callable[[Graph, Mapping[str, torch.Tensor]], tuple[Graph, dict[str, torch.Tensor], list[dict]]]
 
@@ -76,31 +79,40 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("eliminate_dead", eliminate_dead),
     ("cast_weights", cast_weights),
 )
-# Weight schemes (kernels/weight_quant.py) -> the pass that applies one, run just before cast_weights.
-QUANT_PASSES: dict[str, Pass] = {"int8": quantize_weights}
+# Weight schemes (kernels/weight_quant.py) quantize_weights applies, run just before cast_weights.
+QUANT_SCHEMES_BUILT = ("int8", "int4")
 
 
-def passes_for(quant: str = "none") -> tuple[tuple[str, Pass], ...]:
-    """PASSES, with the scheme's quantization pass before cast_weights unless ``quant`` is "none"."""
+def passes_for(quant: str = "none", group_size: int | None = None) -> tuple[tuple[str, Pass], ...]:
+    """PASSES, with the scheme's quantization pass before cast_weights unless ``quant`` is "none". ``group_size``
+    (int4 only; default 128) is checked here, so a bad option is one line before any work."""
+    if quant != "none" and quant not in QUANT_SCHEMES_BUILT:
+        raise ValueError(f"--quant {quant} is not a weight scheme: use --quant none, int8 or int4")
+    if group_size is not None and quant != "int4":
+        raise ValueError(f"--group-size {group_size} only applies to --quant int4 (got --quant {quant}): drop it or "
+                         f"add --quant int4")
+    if group_size is not None and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"--group-size {group_size} is not supported: use one of "
+                         f"{', '.join(map(str, INT4_GROUP_SIZES))}")
     if quant == "none":
         return PASSES
-    if quant not in QUANT_PASSES:
-        raise ValueError(f"--quant {quant} is not supported yet: use --quant {' or '.join(['none', *QUANT_PASSES])}")
-    return (*PASSES[:-1], ("quantize_weights", QUANT_PASSES[quant]), PASSES[-1])
+    run = functools.partial(quantize_weights, scheme=quant, group_size=group_size)
+    return (*PASSES[:-1], ("quantize_weights", run), PASSES[-1])
 
 
-def optimize(graph: Graph, weights: Mapping[str, torch.Tensor], dtype: str, quant: str = "none"
-             ) -> tuple[Graph, dict[str, torch.Tensor], list[dict]]:
+def optimize(graph: Graph, weights: Mapping[str, torch.Tensor], dtype: str, quant: str = "none",
+             group_size: int | None = None) -> tuple[Graph, dict[str, torch.Tensor], list[dict]]:
     """Traced graph + fp32 weights -> (graph of kernel ops, weights in ``dtype`` (cos_sin fp32), transform records).
 
-    quant "int8": the matmul weights int8 with fp32 scales (quantize_weights); "none": every weight in ``dtype``.
+    quant "int8": the matmul weights int8 with fp32 scales (quantize_weights); "int4": packed int4 with fp32 scales
+    and mins per group of ``group_size`` (default 128) along K; "none": every weight in ``dtype``.
 
     The inputs are not modified. ValueError if an op is left that no kernel implements.
     """
     if graph.get_meta("dtype", dtype) != dtype:
         raise ValueError(f"the graph was traced for {graph.get_meta('dtype')}, not {dtype}: trace again")
     g, w, records = graph, dict(weights), []
-    for _, run in passes_for(quant):
+    for _, run in passes_for(quant, group_size):
         g, w, new = run(g, w)
         records += new
     left = sorted({n.op for n in g.nodes} - set(GRAPH_OPS))

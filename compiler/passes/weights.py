@@ -15,10 +15,13 @@ from artifact_format.graph import Graph, TensorSpec
 from compiler.ops import node_label
 from compiler.passes.rewrite import Edit, make_node, merged_name, rebuild
 from kernels.rope_epilogue import RopeEpilogue
-from kernels.weight_quant import quantize_int8
+from kernels.weight_quant import INT4_DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, quantize_int4, quantize_int8
 
 Weights = dict[str, torch.Tensor]
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i8": torch.int8}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i8": torch.int8,
+                "u8": torch.uint8}
+# The graph dtype of each scheme's quantized weight: int8 values, or two int4 values per byte.
+QUANT_DTYPES = {"int8": "i8", "int4": "u8"}
 # The matmul ops whose weight quantize_weights replaces; the embedding table and the lm_head (logits) stay in the
 # build dtype in this first slice of weight quantization.
 QUANTIZED_OPS = ("linear", "rms_norm_linear")
@@ -194,39 +197,58 @@ def eliminate_dead(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph
     return dead, {t.name: weights[t.name] for t in dead.by_kind("weight")}, []
 
 
-def quantize_weights(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
-    """Every linear / rms_norm_linear weight -> int8 rows with an fp32 scale per output channel
-    (kernels/weight_quant.py); the node gains the input `scale` and the attr quant "int8".
+def quantize_weights(g: Graph, weights: Mapping[str, torch.Tensor], scheme: str = "int8",
+                     group_size: int | None = None) -> tuple[Graph, Weights, list[dict]]:
+    """Every linear / rms_norm_linear weight -> its ``scheme``'s storage (kernels/weight_quant.py): "int8", int8 rows
+    with an fp32 scale per output channel; "int4", packed u8 [N, K / 2] with fp32 (scale, min) per group of
+    ``group_size`` along K, [N, K / G, 2]. The node gains the input `scale` and the attr quant (and group_size).
 
     Runs after every pass that rewrites weights (norm folds, merges, the GLU interleave, the rope row pairing), so the
     rows quantized are exactly the rows the kernel reads and each fold was done in fp32 first; the values quantized are
     those fp32 (or checkpoint-dtype) values, never a build-dtype rounding of them. Biases stay in the build dtype.
+    ValueError (one line, naming the tensor) when a weight's K is not a multiple of the int4 group size.
     """
+    if scheme == "int4":
+        group_size = group_size or INT4_DEFAULT_GROUP_SIZE
+        ks = {n.name: (n.input("w"), g.tensor(n.input("w")).shape[1]) for n in g.nodes if n.op in QUANTIZED_OPS}
+        bad = next(((name, w, K) for name, (w, K) in ks.items() if K % group_size), None)
+        if bad:
+            fits = [s for s in INT4_GROUP_SIZES if all(K % s == 0 for _, K in ks.values())]
+            advice = f"--group-size {' or '.join(map(str, fits))}" if fits else "no int4 group size fits"
+            raise ValueError(f"--quant int4 --group-size {group_size}: {bad[1]} (node {bad[0]}) has K = {bad[2]}, "
+                             f"not a multiple of {group_size}: use {advice}, or --quant int8")
     e, out, records = Edit(g), dict(weights), []
     done: dict[str, tuple[str, str]] = {}
+    attrs = {"quant": scheme, **({"group_size": group_size} if scheme == "int4" else {})}
     for node in g.nodes:
         if node.op not in QUANTIZED_OPS or node.attr("quant"):
             continue
         src = node.input("w")
         if src not in done:
             base = src.removesuffix(".weight")
-            q_name, s_name = e.fresh(base + ".int8.weight"), e.fresh(base + ".int8.scale")
-            out[q_name], out[s_name] = quantize_int8(weights[src])
-            e.add_spec(TensorSpec(q_name, "i8", tuple(out[q_name].shape), "weight"))
+            q_name, s_name = e.fresh(f"{base}.{scheme}.weight"), e.fresh(f"{base}.{scheme}.scale")
+            if scheme == "int4":
+                out[q_name], out[s_name] = quantize_int4(weights[src], group_size)
+                record = {"group_size": group_size, "per": f"group of {group_size} along K", "scale_layout":
+                          "[N, K / group_size, 2] (scale, min)", "packing": "low nibble even k, high nibble odd k"}
+            else:
+                out[q_name], out[s_name] = quantize_int8(weights[src])
+                record = {"per": "output channel"}
+            e.add_spec(TensorSpec(q_name, QUANT_DTYPES[scheme], tuple(out[q_name].shape), "weight"))
             e.add_spec(TensorSpec(s_name, "fp32", tuple(out[s_name].shape), "weight"))
-            records.append({"op": "quantize_int8", "inputs": [src], "output": q_name, "scale": s_name,
-                            "per": "output channel"})
+            records.append({"op": f"quantize_{scheme}", "inputs": [src], "output": q_name, "scale": s_name, **record})
             done[src] = (q_name, s_name)
         q_name, s_name = done[src]
         inputs = {**dict(node.inputs), "w": q_name, "scale": s_name}
-        e.replace([node], make_node(node.op, node.name, inputs, dict(node.outputs), **{**dict(node.attrs),
-                                                                                         "quant": "int8"}), at=node)
+        e.replace([node], make_node(node.op, node.name, inputs, dict(node.outputs), **{**dict(node.attrs), **attrs}),
+                  at=node)
     g2 = e.graph()
     return g2, {t.name: out[t.name] for t in g2.by_kind("weight")}, records
 
 
 def cast_weights(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
-    """Every weight to its TensorSpec dtype (the build dtype; cos_sin and int8 scales stay fp32, int8 weights int8)."""
+    """Every weight to its TensorSpec dtype (the build dtype; cos_sin and int8 / int4 scales stay fp32, quantized
+    weights i8 / u8)."""
     out, records = {}, []
     for t in g.by_kind("weight"):
         value = weights[t.name]

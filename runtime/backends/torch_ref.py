@@ -21,7 +21,7 @@ from runtime.errors import needs_compile_extra
 from runtime.step import StepInput
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,
-          "i64": torch.int64, "i8": torch.int8}
+          "i64": torch.int64, "i8": torch.int8, "u8": torch.uint8}
 # Share of the machine's RAM the default KV cache may take on the CPU.
 CPU_KV_SHARE = 0.25
 

@@ -189,3 +189,27 @@ def test_int8_cross_compiles(op, bucket):
               **({"residual": "bf16"} if op == "linear" else {})}
     assert assert_cross_compiles(module.SPEC, meta, dtypes) >= 3
     assert_fits_shared_memory(module.SPEC, meta, dtypes)
+
+
+@pytest.mark.parametrize("op", ["linear", "rms_norm_linear"])
+def test_int8_launch_of_an_index_written_before_int4(op):
+    # A format 3 index written before int4 lists no W_INT4 / GROUP_SIZE constexprs; the interpret backend passes the
+    # index's constexprs as they are, so the kernels' defaults for the two must keep such an artifact running.
+    import dataclasses
+
+    from kernels.spec import dtype_name, run
+
+    module = globals()[op]
+    x, q, scale, bias, residual = _inputs(3, 64, 40, torch.float32, seed=9)
+    out = _nan(3, 40, dtype=torch.float32)
+    meta = {"K": 64, "N": 40, "eps": EPS, "has_bias": True, "has_residual": op == "linear", "quant": "int8",
+            "max_T": 3, "max_S": 1, "T_bucket": 3}
+    tensors = {"x": x, "w": q, "scale": scale, "bias": bias, "out": out, **({"residual": residual} if op == "linear"
+                                                                           else {})}
+    plan = module.plan(meta, {r: dtype_name(t) for r, t in tensors.items()}, CONFIGS["gemv4_split3"])
+    old = tuple(dataclasses.replace(launch, constexprs=tuple((k, v) for k, v in launch.constexprs
+                                                             if k not in ("W_INT4", "GROUP_SIZE")))
+                for launch in plan.launches)
+    run(dataclasses.replace(plan, launches=old), tensors, {"T": 3, "S": 1})
+    want = _maths(x, q, scale, bias, residual if op == "linear" else None, use_rms=op == "rms_norm_linear")
+    torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
