@@ -29,31 +29,21 @@ from tests.e2e.conftest import (
     random_prompt,
     rel_err,
 )
+from tests.e2e.quant_reference import (
+    GEN_TOKENS,
+    check_greedy,
+    check_logits,
+    check_verify,
+    quantize_like_the_artifact,
+)
 
 NAME = "tiny-llama"
 BACKENDS = ("torch", "interpret")
-GEN_TOKENS = 32
 
 
 def _int8_round_trip(w: torch.Tensor) -> torch.Tensor:
     scale = w.abs().amax(dim=1, keepdim=True) / 127
     return torch.round(w / scale).clamp(-127, 127) * scale
-
-
-@torch.no_grad()
-def _quantize_like_the_artifact(model) -> None:
-    """Each linear's weight through int8 as the artifact holds it: the norm in front folded in first (Gemma's norms
-    scale by 1 + w), quantized per row, divided back out. Phi-3's fused qkv_proj / gate_up_proj are one matrix each."""
-    gemma = model.config.model_type.startswith("gemma")
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)
-        gate_up = (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
-        ffn_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
-        for norm, linears in ((layer.input_layernorm, qkv), (ffn_norm, gate_up), (None, (attn.o_proj, mlp.down_proj))):
-            for lin in linears:
-                g = torch.ones(lin.in_features) if norm is None else norm.weight.float() + (1 if gemma else 0)
-                lin.weight.copy_(_int8_round_trip(lin.weight.float() * g) / g)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +53,7 @@ def quantized(tmp_path_factory):
     out = tmp_path_factory.mktemp("quant") / "tiny-llama-int8"
     build(NAME, out, targets=["cuda:90"], dtype="fp32", autotune=False, quant="int8", **TINY_LIMITS)
     model = hf_model(NAME)
-    _quantize_like_the_artifact(model)
+    quantize_like_the_artifact(model, _int8_round_trip)
     return out, model
 
 
@@ -85,33 +75,16 @@ def test_artifact_holds_int8_linears(quantized):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int8_logits_match_transformers_on_dequantized_weights(quantized, backend):
-    path, model = quantized
-    prompt = random_prompt(model.config.vocab_size, 11, seed=300)
-    ref = hf_logits(model, prompt)
-    out = load(path, backend=backend).logits(prompt)
-    err = rel_err(out, ref)
-    assert err <= 1e-4, f"{backend}: relative error {err:.2e}"
-    assert torch.equal(out.argmax(-1), ref.argmax(-1))
-    # The quantization is real: the unquantized model is measurably further away.
-    assert rel_err(out, hf_logits(hf_model(NAME), prompt)) > 10 * max(err, 1e-7)
+    check_logits(*quantized, NAME, backend, seed=300)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int8_greedy_matches_transformers_on_dequantized_weights(quantized, backend):
-    path, model = quantized
-    prompt = random_prompt(model.config.vocab_size, 5, seed=301)
-    ref = hf_greedy(model, prompt, GEN_TOKENS)
-    assert len(set(ref)) >= 8, ref
-    out = load(path, backend=backend).generate([prompt], greedy(GEN_TOKENS))[0]
-    assert out.token_ids == ref, f"{backend}: first difference at token {first_difference(out.token_ids, ref)}"
+    check_greedy(*quantized, backend, seed=301)
 
 
 def test_verify_uses_the_dequantized_reference(quantized):
-    from runtime.verify import verify
-
-    result = verify(quantized[0], backend="torch")
-    assert result.passed and result.rel_err <= 1e-4, result.lines()
-
+    check_verify(quantized[0])
 
 
 @pytest.mark.parametrize("name", [p for p in TINY_PRESETS if p != NAME])
@@ -124,7 +97,7 @@ def test_int8_every_family_matches_transformers_on_dequantized_weights(name, tmp
     build(name, out, targets=["cuda:90"], dtype="fp32", autotune=False, quant="int8", reference=False,
           **TINY_LIMITS)
     model = hf_model(name)
-    _quantize_like_the_artifact(model)
+    quantize_like_the_artifact(model, _int8_round_trip)
     eng = load(out, backend="torch")
     prompt = random_prompt(model.config.vocab_size, 11, seed=302)
     ref = hf_logits(model, prompt)

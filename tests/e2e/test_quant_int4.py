@@ -18,22 +18,17 @@ import pytest
 import torch
 
 from runtime.artifact import describe, load_artifact
-from runtime.engine import load
-from tests.e2e.conftest import (
-    TINY_LIMITS,
-    first_difference,
-    greedy,
-    hf_greedy,
-    hf_logits,
-    hf_model,
-    random_prompt,
-    rel_err,
+from tests.e2e.conftest import TINY_LIMITS, hf_model
+from tests.e2e.quant_reference import (
+    check_greedy,
+    check_logits,
+    check_verify,
+    quantize_like_the_artifact,
 )
 
 NAME = "tiny-llama"
 GROUP = 32
 BACKENDS = ("torch", "interpret")
-GEN_TOKENS = 32
 
 
 def _int4_round_trip(w: torch.Tensor) -> torch.Tensor:
@@ -44,18 +39,6 @@ def _int4_round_trip(w: torch.Tensor) -> torch.Tensor:
     return (torch.round((wg - lo) / scale).clamp(0, 15) * scale + lo).reshape(N, K)
 
 
-@torch.no_grad()
-def _quantize_like_the_artifact(model) -> None:
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for norm, linears in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
-                              (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
-                              (None, (attn.o_proj, mlp.down_proj))):
-            for lin in linears:
-                g = torch.ones(lin.in_features) if norm is None else norm.weight.float()
-                lin.weight.copy_(_int4_round_trip(lin.weight.float() * g) / g)
-
-
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     from compiler.build import build
@@ -64,7 +47,7 @@ def quantized(tmp_path_factory):
     build(NAME, out, targets=["cuda:90"], dtype="fp32", autotune=False, quant="int4", group_size=GROUP,
           **TINY_LIMITS)
     model = hf_model(NAME)
-    _quantize_like_the_artifact(model)
+    quantize_like_the_artifact(model, _int4_round_trip)
     return out, model
 
 
@@ -107,29 +90,13 @@ def test_artifact_holds_packed_int4_linears(quantized):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int4_logits_match_transformers_on_dequantized_weights(quantized, backend):
-    path, model = quantized
-    prompt = random_prompt(model.config.vocab_size, 11, seed=400)
-    ref = hf_logits(model, prompt)
-    out = load(path, backend=backend).logits(prompt)
-    err = rel_err(out, ref)
-    assert err <= 1e-4, f"{backend}: relative error {err:.2e}"
-    assert torch.equal(out.argmax(-1), ref.argmax(-1))
-    # The quantization is real: the unquantized model is measurably further away.
-    assert rel_err(out, hf_logits(hf_model(NAME), prompt)) > 10 * max(err, 1e-7)
+    check_logits(*quantized, NAME, backend, seed=400)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int4_greedy_matches_transformers_on_dequantized_weights(quantized, backend):
-    path, model = quantized
-    prompt = random_prompt(model.config.vocab_size, 5, seed=401)
-    ref = hf_greedy(model, prompt, GEN_TOKENS)
-    assert len(set(ref)) >= 8, ref
-    out = load(path, backend=backend).generate([prompt], greedy(GEN_TOKENS))[0]
-    assert out.token_ids == ref, f"{backend}: first difference at token {first_difference(out.token_ids, ref)}"
+    check_greedy(*quantized, backend, seed=401)
 
 
 def test_verify_uses_the_dequantized_reference(quantized):
-    from runtime.verify import verify
-
-    result = verify(quantized[0], backend="torch")
-    assert result.passed and result.rel_err <= 1e-4, result.lines()
+    check_verify(quantized[0])
