@@ -12,7 +12,7 @@
 #              in each launch mode of $MODES (default plain,pdl,async,pdl+async)
 #   prefill    benchmarks/prefill.py on artifacts/$MODEL (pp512/2048/8192, mixed-step stall test, prefix-cache TTFT)
 #   serveload  `runtime serve` on artifacts/$MODEL, benchmarks/serve_load.py at 1/8/32 clients, `runtime bench` beside
-#   quant      compile $MODEL with --quant $QUANT (int8), verify it on cuda, decode.py on both artifacts in one process
+#   quant      compile $MODEL with each --quant of $QUANT (int8), verify each on cuda, decode.py on all in one process
 #   gemv       benchmarks/gemv.py over the pack's own GEMV candidates (every decode shape, T = 1, 4, 16, 32)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -65,13 +65,17 @@ for _ in range(120):
         --clients 1 8 32 --time-limit 60 2>&1 | tail -30 | tee "$OUT/serve_load.log"
       kill "$server"; wait "$server"
       python3 -m runtime.cli bench "$A" --batch 1 --batch 8 --batch 32 --tg 256 2>&1 | tail -12 | tee -a "$OUT/serve_load.log" ;;
-    quant)  # MODEL compiled again with --quant $QUANT (default int8) from the same preset; both artifacts timed by
-            # decode.py in one process (issue 10's rows), and both verified on cuda
-      A="artifacts/${MODEL:-tinyllama-1.1b}"; Q="$A-${QUANT:-int8}"
-      python3 -m compiler.cli compile "${MODEL:-tinyllama-1.1b}" --out "$Q" --quant "${QUANT:-int8}" \
-        ${COMPILE_ARGS:---autotune} 2>&1 | tail -5 | tee "$OUT/compile-quant.log"
-      python3 -m runtime.cli verify "$Q" --backend cuda 2>&1 | tail -6 | tee "$OUT/verify-quant.log"
-      python3 -m benchmarks.decode "$A" "$Q" --batch "${BATCH:-1}" --no-hf --modes async --out "$OUT/quant-${MODEL:-tinyllama-1.1b}.md" \
+    quant)  # MODEL compiled again with each --quant of $QUANT (default "int8"; "int8 int4" for both) from the same
+            # preset; every artifact verified on cuda, then all of them timed by decode.py in one process (issue 10's rows)
+      A="artifacts/${MODEL:-tinyllama-1.1b}"; QS=()
+      for q in ${QUANT:-int8}; do
+        Q="$A-$q"; QS+=("$Q")
+        python3 -m compiler.cli compile "${MODEL:-tinyllama-1.1b}" --out "$Q" --quant "$q" ${QUANT_ARGS:-} \
+          ${COMPILE_ARGS:---autotune} 2>&1 | tail -5 | tee -a "$OUT/compile-quant.log"
+        python3 -m runtime.cli verify "$Q" --backend cuda 2>&1 | tail -6 | tee -a "$OUT/verify-quant.log"
+        du -sb "$Q"/weights.safetensors | tee -a "$OUT/verify-quant.log"
+      done
+      python3 -m benchmarks.decode "$A" "${QS[@]}" --batch "${BATCH:-1}" --no-hf --modes async --out "$OUT/quant-${MODEL:-tinyllama-1.1b}.md" \
         2>&1 | tee "$OUT/quant.log" ;;
     gemv) python3 benchmarks/gemv.py --out "$OUT" --space pack --pdl 2>&1 | grep -v "^  fail" | tail -40 ;;
     *) echo "unknown step $step" ;;
