@@ -94,6 +94,8 @@ def hf_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu")
     """HF transformers' model for preset ``name``, loaded by transformers itself from the compiler's source files.
 
     Random presets: their HF directory; smollm2-135m: the GGUF file (transformers dequantises it on its own).
+    Always transformers' eager attention, the maths as written: its SDPA and flash paths drop Gemma 2's attention
+    soft-capping (on the GPU image's transformers that was the default, and tiny-gemma2's logits were 0.4 off).
     """
     from transformers import AutoModelForCausalLM
 
@@ -101,9 +103,11 @@ def hf_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu")
 
     if name == SMOLLM2:
         gguf = gguf_of_package(PRESETS[name])
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
+                                                     attn_implementation="eager")
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(preset_dir(name)), dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(preset_dir(name)), dtype=dtype, use_safetensors=True,
+                                                     attn_implementation="eager")
     return model.to(device).eval()
 
 

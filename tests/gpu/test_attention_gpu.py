@@ -101,3 +101,41 @@ def test_attention_decode_gpu(window, splits, S, hq, hk, dh, dtype):
     _assert_close(out, decode_reference(**case, **_attrs(hq, hk, dh), window=window))
     if 0 in lens:
         assert (out[lens.index(0)] == 0).all(), "a padding row must give zeros"
+
+
+# Gemma 2's attention soft-capping (cap 50 in the real model; 2 here so nearly every score is capped) with a
+# sliding window, as the tiny-gemma2 preset has it, on the two head shapes of Gemma 2 (Dh 256 MQA) and a Dh 64.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hk,dh", [(8, 1, 256), (9, 3, 64)])
+@pytest.mark.parametrize("window", [0, 700], ids=["full", "window700"])
+@pytest.mark.parametrize("softcap", [2.0, 50.0])
+def test_attention_prefill_softcap_gpu(softcap, window, hq, hk, dh, dtype):
+    gen = torch.Generator().manual_seed(hq + dh + 1)
+    q_lens = [q for q, _ in PREFILL]
+    k_cache, v_cache, tables = paged_kv([kv for _, kv in PREFILL], hk, dh, dtype, gen, DEVICE)
+    T = sum(q_lens)
+    case = {"qkv": qkv_rows(T, hq, hk, dh, dtype, gen, DEVICE), "k_cache": k_cache, "v_cache": v_cache,
+            "cu_seqlens_q": torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=DEVICE),
+            "seq_lens": torch.tensor([kv for _, kv in PREFILL], dtype=torch.int32, device=DEVICE),
+            "block_tables": tables}
+    kw = {**_attrs(hq, hk, dh), "window": window, "softcap": softcap}
+    out = torch.full((T, hq * dh), float("nan"), dtype=dtype, device=DEVICE)
+    attention_prefill(**case, **kw, block_size=BLOCK_SIZE, out=out)
+    _assert_close(out, prefill_reference(**case, **kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hk,dh", [(8, 1, 256), (9, 3, 64)])
+@pytest.mark.parametrize("splits", [None, 1], ids=["default", "one_split"])
+@pytest.mark.parametrize("window", [0, 1000], ids=["full", "window1000"])
+def test_attention_decode_softcap_gpu(window, splits, hq, hk, dh, dtype):
+    gen = torch.Generator().manual_seed(hq + dh + 2)
+    lens = _decode_lens(32, gen)
+    k_cache, v_cache, tables = paged_kv(lens, hk, dh, dtype, gen, DEVICE)
+    case = {"qkv": qkv_rows(32, hq, hk, dh, dtype, gen, DEVICE), "k_cache": k_cache, "v_cache": v_cache,
+            "seq_lens": torch.tensor(lens, dtype=torch.int32, device=DEVICE), "block_tables": tables}
+    kw = {**_attrs(hq, hk, dh), "window": window, "softcap": 2.0}
+    config = None if splits is None else Config.make(BLOCK_N=32, NUM_SPLITS=splits)
+    out = torch.full((32, hq * dh), float("nan"), dtype=dtype, device=DEVICE)
+    attention_decode(**case, **kw, block_size=BLOCK_SIZE, out=out, config=config)
+    _assert_close(out, decode_reference(**case, **kw))

@@ -182,6 +182,22 @@ def test_logits_gpu(R, D, V, dtype):
     _close(out, logits_op.reference(x, norm_w, weight, last_idx, eps=1e-5), dtype)
 
 
+# Gemma 2's final soft-capping (cap 30; 1 as in tiny-gemma2, which caps every logit hard), on every candidate config
+# of the decode and prefill buckets of a small vocabulary, fp32 (exact dots: the cap alone is under test) and bf16.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cap", [1.0, 30.0])
+@pytest.mark.parametrize("bucket,max_S,R", [(1, 8, 1), (4, 8, 3), (16, 8, 8), (64, 64, 40)])
+def test_logits_softcap_every_candidate_config_gpu(bucket, max_S, R, cap, dtype):
+    D, V = 64, 368
+    x, norm_w, weight, last_idx = _logits_inputs(2 * R + 7, D, V, R, dtype, seed=15)
+    ref = logits_op.reference(x, norm_w, weight, last_idx, eps=1e-6, softcap=cap)
+    meta = {"D": D, "V": V, "eps": 1e-6, "softcap": cap, "max_T": 128, "max_S": max_S, "T_bucket": bucket}
+    for config in dict.fromkeys([*logits_op.SPEC.configs(meta), logits_op.SPEC.default(meta)]):
+        out = logits_op.logits(x, norm_w, weight, last_idx, eps=1e-6, softcap=cap,
+                               out=_poisoned(R, V, dtype=torch.float32), config=config)
+        torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype], msg=lambda m, c=config: f"{c}: {m}")
+
+
 @pytest.mark.parametrize("bucket,max_S,R", [(1, 32, 1), (4, 32, 3), (16, 32, 13), (64, 64, 40), (2048, 256, 200)])
 def test_logits_every_candidate_config_gpu(bucket, max_S, R):
     # Every candidate autotuning may pick, in bf16 (tensor-core dots); 200 rows make the 64- and 128-row
