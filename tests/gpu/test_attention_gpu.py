@@ -60,18 +60,30 @@ def test_kv_cache_write_gpu(T, hq, hk, dh, dtype):
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
+def _prefill_case(hq: int, hk: int, dh: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[int, dict]:
+    """The PREFILL sequences' rows, paged caches and lengths: (T, the kernel's tensor arguments)."""
+    q_lens = [q for q, _ in PREFILL]
+    k_cache, v_cache, tables = paged_kv([kv for _, kv in PREFILL], hk, dh, dtype, gen, DEVICE)
+    T = sum(q_lens)
+    return T, {"qkv": qkv_rows(T, hq, hk, dh, dtype, gen, DEVICE), "k_cache": k_cache, "v_cache": v_cache,
+               "cu_seqlens_q": torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=DEVICE),
+               "seq_lens": torch.tensor([kv for _, kv in PREFILL], dtype=torch.int32, device=DEVICE),
+               "block_tables": tables}
+
+
+def _decode_case(S: int, hq: int, hk: int, dh: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[list, dict]:
+    """S decode rows over _decode_lens contexts: (the lengths, the kernel's tensor arguments)."""
+    lens = _decode_lens(S, gen)
+    k_cache, v_cache, tables = paged_kv(lens, hk, dh, dtype, gen, DEVICE)
+    return lens, {"qkv": qkv_rows(S, hq, hk, dh, dtype, gen, DEVICE), "k_cache": k_cache, "v_cache": v_cache,
+                  "seq_lens": torch.tensor(lens, dtype=torch.int32, device=DEVICE), "block_tables": tables}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hq,hk,dh", HEADS)
 @pytest.mark.parametrize("window", [0, 700], ids=["full", "window700"])  # 700: mid-block, shorter than most
 def test_attention_prefill_gpu(window, hq, hk, dh, dtype):
-    gen = torch.Generator().manual_seed(hq + dh)
-    q_lens = [q for q, _ in PREFILL]
-    k_cache, v_cache, tables = paged_kv([kv for _, kv in PREFILL], hk, dh, dtype, gen, DEVICE)
-    T = sum(q_lens)
-    case = {"qkv": qkv_rows(T, hq, hk, dh, dtype, gen, DEVICE), "k_cache": k_cache, "v_cache": v_cache,
-            "cu_seqlens_q": torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=DEVICE),
-            "seq_lens": torch.tensor([kv for _, kv in PREFILL], dtype=torch.int32, device=DEVICE),
-            "block_tables": tables}
+    T, case = _prefill_case(hq, hk, dh, dtype, torch.Generator().manual_seed(hq + dh))
     out = torch.full((T, hq * dh), float("nan"), dtype=dtype, device=DEVICE)
     attention_prefill(**case, **_attrs(hq, hk, dh), block_size=BLOCK_SIZE, window=window, out=out)
     _assert_close(out, prefill_reference(**case, **_attrs(hq, hk, dh), window=window))
@@ -90,11 +102,7 @@ def _decode_lens(S: int, gen: torch.Generator) -> list[int]:
 @pytest.mark.parametrize("splits", [None, 1], ids=["default", "one_split"])
 @pytest.mark.parametrize("window", [0, 1000], ids=["full", "window1000"])
 def test_attention_decode_gpu(window, splits, S, hq, hk, dh, dtype):
-    gen = torch.Generator().manual_seed(S * 1000 + hq + dh)
-    lens = _decode_lens(S, gen)
-    k_cache, v_cache, tables = paged_kv(lens, hk, dh, dtype, gen, DEVICE)
-    case = {"qkv": qkv_rows(S, hq, hk, dh, dtype, gen, DEVICE), "k_cache": k_cache, "v_cache": v_cache,
-            "seq_lens": torch.tensor(lens, dtype=torch.int32, device=DEVICE), "block_tables": tables}
+    lens, case = _decode_case(S, hq, hk, dh, dtype, torch.Generator().manual_seed(S * 1000 + hq + dh))
     config = None if splits is None else Config.make(BLOCK_N=32, NUM_SPLITS=splits)
     out = torch.full((S, hq * dh), float("nan"), dtype=dtype, device=DEVICE)
     attention_decode(**case, **_attrs(hq, hk, dh), block_size=BLOCK_SIZE, window=window, out=out, config=config)
@@ -110,14 +118,7 @@ def test_attention_decode_gpu(window, splits, S, hq, hk, dh, dtype):
 @pytest.mark.parametrize("window", [0, 700], ids=["full", "window700"])
 @pytest.mark.parametrize("softcap", [2.0, 50.0])
 def test_attention_prefill_softcap_gpu(softcap, window, hq, hk, dh, dtype):
-    gen = torch.Generator().manual_seed(hq + dh + 1)
-    q_lens = [q for q, _ in PREFILL]
-    k_cache, v_cache, tables = paged_kv([kv for _, kv in PREFILL], hk, dh, dtype, gen, DEVICE)
-    T = sum(q_lens)
-    case = {"qkv": qkv_rows(T, hq, hk, dh, dtype, gen, DEVICE), "k_cache": k_cache, "v_cache": v_cache,
-            "cu_seqlens_q": torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=DEVICE),
-            "seq_lens": torch.tensor([kv for _, kv in PREFILL], dtype=torch.int32, device=DEVICE),
-            "block_tables": tables}
+    T, case = _prefill_case(hq, hk, dh, dtype, torch.Generator().manual_seed(hq + dh + 1))
     kw = {**_attrs(hq, hk, dh), "window": window, "softcap": softcap}
     out = torch.full((T, hq * dh), float("nan"), dtype=dtype, device=DEVICE)
     attention_prefill(**case, **kw, block_size=BLOCK_SIZE, out=out)
@@ -129,11 +130,7 @@ def test_attention_prefill_softcap_gpu(softcap, window, hq, hk, dh, dtype):
 @pytest.mark.parametrize("splits", [None, 1], ids=["default", "one_split"])
 @pytest.mark.parametrize("window", [0, 1000], ids=["full", "window1000"])
 def test_attention_decode_softcap_gpu(window, splits, hq, hk, dh, dtype):
-    gen = torch.Generator().manual_seed(hq + dh + 2)
-    lens = _decode_lens(32, gen)
-    k_cache, v_cache, tables = paged_kv(lens, hk, dh, dtype, gen, DEVICE)
-    case = {"qkv": qkv_rows(32, hq, hk, dh, dtype, gen, DEVICE), "k_cache": k_cache, "v_cache": v_cache,
-            "seq_lens": torch.tensor(lens, dtype=torch.int32, device=DEVICE), "block_tables": tables}
+    _, case = _decode_case(32, hq, hk, dh, dtype, torch.Generator().manual_seed(hq + dh + 2))
     kw = {**_attrs(hq, hk, dh), "window": window, "softcap": 2.0}
     config = None if splits is None else Config.make(BLOCK_N=32, NUM_SPLITS=splits)
     out = torch.full((32, hq * dh), float("nan"), dtype=dtype, device=DEVICE)
