@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.spec import PDL_TRIGGER, USE_PDL, Launch
+from kernels.spec import USE_PDL, Launch, with_pdl
 
 # The architectures Triton 3.6 compiles for (its ptxas and LLVM AMDGPU back end): a name outside these tables
 # would fail deep inside triton.compile with a PTXAS or LLVM traceback, so it is refused before any work.
@@ -58,7 +58,7 @@ def for_target(launch: Launch, target: Target) -> Launch:
     """The launch as built for ``target``: kernels with a USE_PDL constexpr get it on where the target has PDL."""
     constexprs = dict(launch.constexprs)
     if USE_PDL in constexprs and target.has_pdl:
-        return dataclasses.replace(launch, constexprs=tuple(sorted({**constexprs, USE_PDL: PDL_TRIGGER}.items())))
+        return dataclasses.replace(launch, constexprs=tuple(sorted(with_pdl(constexprs).items())))
     return launch
 
 

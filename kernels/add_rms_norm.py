@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import enter
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
@@ -30,7 +31,9 @@ def _add_rms_norm_kernel(
     eps,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -64,7 +67,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         _add_rms_norm_kernel,
         types={**{f"{r}_ptr": ptr(dtypes[r]) for r in roles}, "T": "i32", "stride_x": "i64",
                "stride_residual": "i64", "stride_out": "i64", "stride_residual_out": "i64", "eps": "fp32"},
-        constexprs={"D": D, "BLOCK_D": triton.next_power_of_2(D)},
+        constexprs={"D": D, "BLOCK_D": triton.next_power_of_2(D), "USE_PDL": False},
         args={**{f"{r}_ptr": ("tensor", r) for r in roles}, "T": ("sym", "T"),
               **{f"stride_{r}": ("int", meta.get(f"stride_{r}", D)) for r in ("x", "residual", "out", "residual_out")},
               "eps": ("float", meta["eps"])},

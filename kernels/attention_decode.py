@@ -35,6 +35,7 @@ from kernels.attention_helpers import (
     softcap_constexprs,
 )
 from kernels.attention_prefill import paged_attention, window_constexprs
+from kernels.pdl import enter
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
@@ -65,7 +66,9 @@ def _attention_decode_kernel(
     WINDOW: tl.constexpr,  # keys the query sees, its own included; read only with USE_WINDOW
     USE_SOFTCAP: tl.constexpr,
     SOFTCAP: tl.constexpr,  # cap * log2(e); read only with USE_SOFTCAP
+    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
+    enter(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -124,7 +127,9 @@ def _attention_decode_reduce_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
+    enter(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     j = tl.arange(0, BLOCK_SPLITS)
@@ -198,7 +203,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         constexprs={"NUM_Q_HEADS": hq, "NUM_KV_HEADS": hk, "HEAD_DIM": dh, "GROUP": group,
                     "BLOCK_SIZE": meta["block_size"], "BLOCK_G": max(16, triton.next_power_of_2(group)),
                     "BLOCK_N": config["BLOCK_N"], "BLOCK_D": block_d, "NUM_SPLITS": splits,
-                    **window_constexprs(meta), **softcap_constexprs(meta, LOG2E)},
+                    **window_constexprs(meta), **softcap_constexprs(meta, LOG2E), "USE_PDL": False},
         args={"qkv_ptr": ("tensor", "qkv"), "k_cache_ptr": ("tensor", "k_cache"),
               "v_cache_ptr": ("tensor", "v_cache"), "seq_lens_ptr": ("tensor", "seq_lens"),
               "block_tables_ptr": ("tensor", "block_tables"), "out_ptr": ("tensor", "out"),
@@ -215,7 +220,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         types={"part_out_ptr": ptr("fp32"), "part_lse_ptr": ptr("fp32"), "out_ptr": ptr(dtypes["out"]),
                "stride_out": "i64"},
         constexprs={"NUM_Q_HEADS": hq, "HEAD_DIM": dh, "NUM_SPLITS": splits,
-                    "BLOCK_SPLITS": triton.next_power_of_2(splits), "BLOCK_D": block_d},
+                    "BLOCK_SPLITS": triton.next_power_of_2(splits), "BLOCK_D": block_d, "USE_PDL": False},
         args={"part_out_ptr": ("tensor", "partial_out"), "part_lse_ptr": ("tensor", "partial_lse"),
               "out_ptr": ("tensor", "out"), "stride_out": ("int", stride_out)},
         grid=[grid_dim(("S", 1, 1)), grid_dim(hq)],

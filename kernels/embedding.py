@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import enter
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
@@ -30,7 +31,9 @@ def _embedding_kernel(
     BLOCK_D: tl.constexpr,
     USE_SCALE: tl.constexpr,
     SCALE: tl.constexpr,  # read only with USE_SCALE
+    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     token = tl.load(ids_ptr + row).to(tl.int64)
@@ -65,7 +68,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         _embedding_kernel,
         types={"ids_ptr": ptr(dtypes["ids"]), "weight_ptr": ptr(dtypes["weight"]), "out_ptr": ptr(dtypes["out"]),
                "T": "i32", "stride_out": "i64"},
-        constexprs={"V": V, "D": D, "BLOCK_D": block, **scale_constexprs(meta)},
+        constexprs={"V": V, "D": D, "BLOCK_D": block, **scale_constexprs(meta), "USE_PDL": False},
         args={"ids_ptr": ("tensor", "ids"), "weight_ptr": ("tensor", "weight"), "out_ptr": ("tensor", "out"),
               "T": ("sym", "T"), "stride_out": ("int", meta.get("stride_out", D))},
         grid=[grid_dim(("T", 1, 1)), grid_dim(-(-D // block))],

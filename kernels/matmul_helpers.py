@@ -49,12 +49,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.pdl import PDL_EARLY, PDL_LATE, launch_dependents, prefetch_weights, wait
 from kernels.rope_epilogue import store_rotated
 
-# USE_PDL: 0 off; PDL_EARLY lets the next kernel be scheduled as soon as this one's wait returns, PDL_LATE once
-# each program has read its weights (the values kernels.spec.PDL_TRIGGER picks from).
-PDL_EARLY = tl.constexpr(1)
-PDL_LATE = tl.constexpr(2)
 # ACT_SILU_MUL: False off, True the SwiGLU epilogue, ACT_GELU_TANH the GeGLU one (same pairing, gelu_tanh(gate)).
 ACT_GELU_TANH = tl.constexpr(2)
 
@@ -391,17 +388,22 @@ def matmul_program(
     USE_PDL: tl.constexpr,
     W_INT4: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    PDL_PREFETCH: tl.constexpr,
 ):
     """One program of the launch, either layout (see the module docstring)."""
     if USE_PDL:
-        # Programmatic dependent launch: wait for the previous kernel (its whole grid, its writes visible) before
-        # the first load, then let the next kernel be scheduled, which waits the same way for this one. The wait
-        # comes before every load, weights included: Triton's passes move loads (cp.async above all) across the
-        # wait's inline asm, so a weight prefetch placed before it would drag activation loads along (seen in
-        # the sm_90 PTX; tests/kernels/test_pdl.py checks that no load precedes the wait).
-        tl.extra.cuda.gdc_wait()
+        # Programmatic dependent launch (kernels/pdl.py): the weight-streaming layout first asks L2 for the
+        # start of its weights, which no kernel of the step writes; then every program waits for the previous
+        # kernel before its first load. No load of any kind may precede the wait: Triton's passes move loads
+        # (cp.async above all) across the wait's inline asm, so the prefetch is the L2 request alone, nothing
+        # that returns data (tests/kernels/test_pdl.py checks the sm_90 PTX).
+        if LOOP_M and PDL_PREFETCH > 0:
+            prefetch_weights(w_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), N=N, K=K,
+                             K_SPAN=K_SPAN, BLOCK_N=BLOCK_N, SPLIT_K=SPLIT_K, W_INT4=W_INT4,
+                             PDL_PREFETCH=PDL_PREFETCH)
+        wait()
         if USE_PDL == PDL_EARLY:
-            tl.extra.cuda.gdc_launch_dependents()
+            launch_dependents()
     if LOOP_M:
         pid_n = tl.program_id(0).to(tl.int64)
         pid_k = tl.program_id(1).to(tl.int64)
@@ -424,7 +426,7 @@ def matmul_program(
                 if USE_RMS:
                     tl.store(sumsq_ptr + (pid_n * SPLIT_K + pid_k) * rows_cap + rows, sumsq, mask=rows < T)
         if USE_PDL == PDL_LATE:  # the weights are read: the next kernel's programs may take this one's place
-            tl.extra.cuda.gdc_launch_dependents()
+            launch_dependents()
         if SPLIT_K > 1:
             # Split-K without a second launch: the last of the SPLIT_K programs of this column block to arrive
             # sums the partials, in split order (deterministic), runs the epilogue and re-arms the semaphore.
@@ -458,7 +460,7 @@ def matmul_program(
                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K, USE_DOT=USE_DOT,
                              USE_RMS=USE_RMS, W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE)
         if USE_PDL == PDL_LATE:
-            tl.extra.cuda.gdc_launch_dependents()
+            launch_dependents()
         store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,
                    cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps,
                    N=N, K=K, W_INT8=W_INT8, USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,

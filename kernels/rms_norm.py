@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import enter
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
@@ -28,7 +29,9 @@ def _rms_norm_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -64,7 +67,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), "residual_ptr": ptr(dtypes[residual]),
                "out_ptr": ptr(dtypes["out"]), "T": "i32", "stride_x": "i64", "stride_res": "i64",
                "stride_out": "i64", "eps": "fp32"},
-        constexprs={"D": D, "BLOCK_D": triton.next_power_of_2(D), "HAS_RESIDUAL": has_residual},
+        constexprs={"D": D, "BLOCK_D": triton.next_power_of_2(D), "HAS_RESIDUAL": has_residual, "USE_PDL": False},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), "residual_ptr": ("tensor", residual),
               "out_ptr": ("tensor", "out"), "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", D)),
               "stride_res": ("int", meta.get("stride_res", D)), "stride_out": ("int", meta.get("stride_out", D)),

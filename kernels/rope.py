@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache_write import reference as write_reference
+from kernels.pdl import enter
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
@@ -57,7 +58,9 @@ def _rope_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,  # next_power_of_2(ROT_DIM // 2)
     BLOCK_P: tl.constexpr,  # next_power_of_2(HEAD_DIM - ROT_DIM), at least 1
+    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     # With WRITE_CACHE the v heads join the tiles, to be copied to v_cache as they are.
@@ -176,7 +179,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
                "T": "i32", "stride_qkv": "i64", "eps": "fp32"},
         constexprs={"HQ": Hq, "HK": Hk, "HEAD_DIM": Dh, "ROT_DIM": Dr, "IS_NEOX": bool(meta["is_neox"]),
                     "USE_QK_NORM": qk_norm, "WRITE_CACHE": write, "BLOCK_H": bh, "BLOCK_R": _block_r(meta),
-                    "BLOCK_P": triton.next_power_of_2(max(Dh - Dr, 1))},
+                    "BLOCK_P": triton.next_power_of_2(max(Dh - Dr, 1)), "USE_PDL": False},
         args={"qkv_ptr": ("tensor", "qkv"), "positions_ptr": ("tensor", "positions"),
               "cos_sin_ptr": ("tensor", "cos_sin"), **{p: ("tensor", r) for p, r in pointers.items()},
               "T": ("sym", "T"), "stride_qkv": ("int", meta.get("stride_qkv", (Hq + 2 * Hk) * Dh)),

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import enter
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 _INF_BITS = tl.constexpr(0x7F800000)  # bits of +inf; key(s) = _INF_BITS − bits(|s|), key(0) = _INF_BITS
@@ -144,7 +145,9 @@ def _sampling_kernel(
     out_ptr,  # [S] i32
     V: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
+    enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * V
     temperature = tl.load(temperature_ptr + row)
@@ -210,7 +213,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     launch = make_launch(
         _sampling_kernel,
         types={f"{r}_ptr": ptr(dtypes[r]) for r in roles},
-        constexprs={"V": meta["V"], "BLOCK_V": config["BLOCK_V"]},
+        constexprs={"V": meta["V"], "BLOCK_V": config["BLOCK_V"], "USE_PDL": False},
         args={f"{r}_ptr": ("tensor", r) for r in roles},
         grid=[grid_dim(("S", 1, 1))],
         config=config,

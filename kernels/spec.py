@@ -34,8 +34,23 @@ SEMAPHORES = "semaphores"
 # turns it on for targets that have it and marks those binaries, which the runtime then launches with PDL.
 USE_PDL = "USE_PDL"
 # Where PDL-built kernels let their dependents be scheduled: 1 right after their wait, 2 once their weights are
-# read (kernels/matmul_helpers.py). A build setting (TRILITE_PDL_TRIGGER), part of every binary's cache key.
+# read (kernels/pdl.py). A build setting (TRILITE_PDL_TRIGGER), part of every binary's cache key.
 PDL_TRIGGER = int(os.environ.get("TRILITE_PDL_TRIGGER", "2"))
+# The constexpr of PDL kernels that stream weights: how many bytes of its weights a whole launch asks L2 for
+# before its wait (kernels/pdl.py; 0 none). Off in plans like USE_PDL; a build setting (TRILITE_PDL_PREFETCH).
+PDL_PREFETCH = "PDL_PREFETCH"
+PDL_PREFETCH_BYTES = int(os.environ.get("TRILITE_PDL_PREFETCH", str(8 << 20)))
+
+
+def with_pdl(constexprs: dict) -> dict:
+    """A launch's constexprs as built for a GPU with programmatic dependent launch (sm_90): USE_PDL on with the
+    build's trigger and, for the kernels that have it, the weight prefetch. Kernels without USE_PDL: unchanged."""
+    if USE_PDL not in constexprs:
+        return constexprs
+    on = {USE_PDL: PDL_TRIGGER}
+    if PDL_PREFETCH in constexprs:
+        on[PDL_PREFETCH] = PDL_PREFETCH_BYTES
+    return {**constexprs, **on}
 
 TORCH_TO_TRITON = {
     torch.float32: "fp32",
@@ -209,7 +224,7 @@ def run(plan: Plan, tensors: dict[str, torch.Tensor], env: dict[str, int], inter
         else:
             options = {}
             if pdl and USE_PDL in kwargs:
-                kwargs[USE_PDL], options["launch_pdl"] = PDL_TRIGGER, True
+                kwargs, options["launch_pdl"] = with_pdl(kwargs), True
             launch.kernel[grid](*values, **kwargs, num_warps=launch.num_warps, num_stages=launch.num_stages,
                                 **options)
 

@@ -274,7 +274,9 @@ def test_pdl_binaries_are_marked_and_launch_identically_with_and_without_pdl(tmp
     if major < 9:
         assert not marked
         pytest.skip("programmatic dependent launch needs sm_90")
-    assert {"_linear_kernel", "_rms_norm_linear_kernel"} <= marked
+    # Every kernel of a decode step waits and triggers, so each launch edge overlaps (kernels/pdl.py).
+    assert {"_linear_kernel", "_rms_norm_linear_kernel", "_embedding_kernel", "_attention_decode_kernel",
+            "_logits_kernel", "_sampling_kernel"} <= marked
     on, off = (make_backend("cuda", artifact, max_blocks_total=32, cuda_graphs=False, pdl=p) for p in (True, False))
     assert any(s.kernel.pdl for s in on._sites) and not any(s.kernel.pdl for s in off._sites)
     vocab, width = on.program.vocab_size, on.program.max_blocks
@@ -291,3 +293,16 @@ def test_pdl_binaries_are_marked_and_launch_identically_with_and_without_pdl(tmp
         outs.append(got)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_pdl_async_generation_matches_torch_backend_token_for_token(tmp_path_factory):
+    """The default decode loop (async, graphs) launched with PDL gives the torch backend's greedy tokens."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    artifact = _build(tmp_path_factory, "fp32")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [300, 2], list(range(40, 73))]
+    params = runtime.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    got = [o.token_ids for o in runtime.load(artifact.path, backend="cuda", pdl=True, async_decode=True)
+           .generate(prompts, params)]
+    want = [o.token_ids for o in runtime.load(artifact.path, backend="torch", device="cuda").generate(prompts, params)]
+    assert got == want and all(len(t) == 24 for t in got)

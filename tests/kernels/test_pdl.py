@@ -3,20 +3,34 @@
 A kernel launched with PDL may start while the previous kernel still runs; it must not read anything before its
 griddepcontrol.wait. Triton's passes can move loads across the wait's inline asm, so the only proof is the PTX
 itself: for every candidate config of the ops built with USE_PDL, no global memory access (loads, async
-copies, stores, atomics) may come before the wait, and the trigger (launch_dependents) must be there. On sm_80
-and AMD the instructions do not exist: those binaries are built without them.
+copies, stores, atomics) may come before the wait but the weight-streaming kernels' L2 prefetch
+(cp.async.bulk.prefetch.L2, which returns nothing to the SM), and the trigger (launch_dependents) must be there.
+On sm_80 and AMD the instructions do not exist: those binaries are built without them.
 """
 
 import re
 
 import pytest
+import triton
 
 from compiler.aot import Target, compile_kernel, compile_launch, for_target
-from kernels import linear, rms_norm_linear
-from kernels.spec import PDL_TRIGGER, USE_PDL
+from kernels import (
+    add_rms_norm,
+    attention_decode,
+    embedding,
+    linear,
+    logits,
+    rms_norm,
+    rms_norm_linear,
+    rope,
+    sampling,
+)
+from kernels.spec import PDL_PREFETCH, PDL_PREFETCH_BYTES, PDL_TRIGGER, USE_PDL
+from tests.kernels.test_attention_prefill import BLOCK_SIZE, attrs
 
 # Global memory traffic of any kind: loads, async copies, stores, atomics and reductions.
 LOAD = re.compile(r"\b(ld\.global|cp\.async|ld\.volatile|ld\.relaxed|ld\.acquire|st\.global|atom\.|red\.)")
+PREFETCH = "cp.async.bulk.prefetch.L2.global"
 SM90 = Target.parse("cuda:90")
 
 
@@ -26,16 +40,30 @@ def _ptx(launch, target: Target) -> str:
 
 def _cases():
     # TinyLlama's qkv heads for the rope epilogue, which loads positions and the rope table after the matmul.
-    rope = {"act": "rope", "num_q_heads": 32, "num_kv_heads": 4, "head_dim": 64, "rotary_dim": 64, "is_neox": True,
-            "write_cache": True}
+    rope_attrs = {"act": "rope", "num_q_heads": 32, "num_kv_heads": 4, "head_dim": 64, "rotary_dim": 64,
+                  "is_neox": True, "write_cache": True}
     for op, extra in ((linear, {"has_bias": True, "has_residual": True}),
                       (rms_norm_linear, {"has_bias": False, "eps": 1e-5, "act": "silu_mul"}),
-                      (rms_norm_linear, {"has_bias": False, "eps": 1e-5, **rope})):
+                      (rms_norm_linear, {"has_bias": False, "eps": 1e-5, **rope_attrs})):
         for bucket in (1, 4, 16, 2048):
             meta = {"K": 2048, "N": 2560, "max_T": 2048, "max_S": 32, "T_bucket": bucket, **extra}
             for config in dict.fromkeys([*op.SPEC.configs(meta), op.SPEC.default(meta)]):
                 name = f"{op.SPEC.name}-{extra.get('act')}-T{bucket}-{len(config.constexprs)}"
                 yield pytest.param(op, meta, config, id=name)
+
+
+def _prefetches(config, meta) -> bool:
+    """Whether a matmul config's program prefetches its weights (kernels/pdl.py prefetch_weights, bf16 W)."""
+    if not config["LOOP_M"]:
+        return False
+    span = triton.cdiv(triton.cdiv(meta["K"], config["SPLIT_K"]), config["BLOCK_K"]) * config["BLOCK_K"]
+    programs = triton.cdiv(meta["N"], config["BLOCK_N"]) * config["SPLIT_K"]
+    per_row = min(2 * span, PDL_PREFETCH_BYTES // (programs * config["BLOCK_N"])) // 16 * 16
+    return per_row >= 128
+
+
+def _wait_line(lines: list[str]) -> int:
+    return next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
 
 
 @pytest.mark.parametrize("op,meta,config", list(_cases()))
@@ -47,10 +75,58 @@ def test_no_load_before_gdc_wait(op, meta, config):
     built = for_target(launch, SM90)
     assert dict(built.constexprs)[USE_PDL] == PDL_TRIGGER
     lines = _ptx(built, SM90).splitlines()
-    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
-    early = [line.strip() for line in lines[:wait] if LOAD.search(line)]
+    wait = _wait_line(lines)
+    early = [line.strip() for line in lines[:wait] if LOAD.search(line) and PREFETCH not in line]
     assert not early, f"{config}: memory accesses before griddepcontrol.wait: {early[:3]}"
     assert any("griddepcontrol.launch_dependents" in line for line in lines[wait:])
+    # The weight prefetch is there exactly where the config streams weights, and only before the wait.
+    prefetch = [i for i, line in enumerate(lines) if PREFETCH in line]
+    assert bool(prefetch) == (_prefetches(config, meta) and PDL_PREFETCH_BYTES > 0), config
+    assert all(i < wait for i in prefetch)
+    assert dict(built.constexprs)[PDL_PREFETCH] == PDL_PREFETCH_BYTES
+
+
+def _decode_kernels():
+    """Every other kernel of a decode step built with USE_PDL, at a decode shape."""
+    att = {**attrs(32, 4, 64), "block_size": BLOCK_SIZE, "max_blocks": 256, "max_T": 32, "max_S": 32, "T_bucket": 1}
+    att_dt = {"qkv": "bf16", "k_cache": "bf16", "v_cache": "bf16", "seq_lens": "i32", "block_tables": "i32",
+              "out": "bf16"}
+    rope_meta = {"num_q_heads": 16, "num_kv_heads": 8, "head_dim": 128, "rotary_dim": 128, "is_neox": True,
+                 "use_qk_norm": True, "eps": 1e-6, "write_cache": True, "max_pos": 4096, "max_blocks": 128,
+                 "max_T": 64, "max_S": 8}
+    rope_dt = {"qkv": "bf16", "positions": "i32", "cos_sin": "fp32", "slot_mapping": "i32", "k_cache": "bf16",
+               "v_cache": "bf16", "q_norm": "bf16", "k_norm": "bf16"}
+    sampling_dt = {"logits": "fp32", "temperature": "fp32", "top_k": "i32", "top_p": "fp32", "min_p": "fp32",
+                   "seeds": "i64", "offsets": "i64", "out": "i32"}
+    norm = {"D": 2048, "eps": 1e-5, "max_T": 64, "max_S": 8}
+    yield "embedding", embedding, {"V": 32000, "D": 2048, "max_T": 64, "max_S": 8}, \
+        {"ids": "i32", "weight": "bf16", "out": "bf16"}
+    yield "attention_decode", attention_decode, att, att_dt
+    yield "logits", logits, {"D": 2048, "V": 32000, "eps": 1e-5, "max_T": 64, "max_S": 8, "T_bucket": 1}, \
+        {"x": "bf16", "norm_w": "bf16", "weight": "bf16", "last_idx": "i32", "out": "fp32"}
+    yield "sampling", sampling, {"V": 32000, "max_T": 64, "max_S": 8}, sampling_dt
+    yield "rope", rope, rope_meta, rope_dt
+    yield "rms_norm", rms_norm, {**norm, "has_residual": True}, {r: "bf16" for r in ("x", "w", "residual", "out")}
+    yield "add_rms_norm", add_rms_norm, norm, {r: "bf16" for r in ("x", "residual", "w", "out", "residual_out")}
+
+
+@pytest.mark.parametrize("op,meta,dtypes", [pytest.param(*c[1:], id=c[0]) for c in _decode_kernels()])
+def test_decode_kernels_wait_before_any_access(op, meta, dtypes):
+    """Every launch of the op (attention's reduce too): the wait first, then the trigger; the logits GEMV alone
+    may prefetch its weight before the wait."""
+    plan = op.SPEC.plan(meta, dtypes, op.SPEC.default(meta))
+    for launch in plan.launches:
+        assert dict(launch.constexprs)[USE_PDL] is False
+        built = for_target(launch, SM90)
+        assert dict(built.constexprs)[USE_PDL] == PDL_TRIGGER
+        lines = _ptx(built, SM90).splitlines()
+        wait = _wait_line(lines)
+        early = [line.strip() for line in lines[:wait] if LOAD.search(line) and PREFETCH not in line]
+        assert not early, f"{launch.kernel.fn.__name__}: memory accesses before griddepcontrol.wait: {early[:3]}"
+        assert any("griddepcontrol.launch_dependents" in line for line in lines[wait:])
+        prefetch = [i for i, line in enumerate(lines) if PREFETCH in line]
+        assert all(i < wait for i in prefetch)
+        assert bool(prefetch) == (op is logits and PDL_PREFETCH_BYTES > 0)
 
 
 @pytest.mark.parametrize("target", ["cuda:80", "hip:gfx942"])
