@@ -248,14 +248,18 @@ def _greedy(backend, logits: torch.Tensor) -> list[int]:
                           z, z64, z64).tolist()
 
 
-def test_engine_generates_the_same_tokens_on_cuda_as_on_torch(tmp_path_factory):
-    """The whole path: runtime.load with backend cuda (graphs captured at load), continuous batching, sampling."""
+@pytest.mark.parametrize("pdl", [False, True])
+def test_engine_generates_the_same_tokens_on_cuda_as_on_torch(tmp_path_factory, pdl):
+    """The whole path: runtime.load with backend cuda (graphs captured at load, the asynchronous decode loop),
+    continuous batching, sampling; and the same launched with programmatic dependent launch (sm_90)."""
     import runtime
 
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
     artifact = _build(tmp_path_factory, "fp32")
     prompts = [[5, 6, 7, 8, 9, 10, 11], [300, 2], list(range(40, 73))]
     params = runtime.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    got = [o.token_ids for o in runtime.load(artifact.path, backend="cuda").generate(prompts, params)]
+    got = [o.token_ids for o in runtime.load(artifact.path, backend="cuda", pdl=pdl).generate(prompts, params)]
     want = [o.token_ids for o in runtime.load(artifact.path, backend="torch", device="cuda").generate(prompts, params)]
     assert got == want and all(len(t) == 20 for t in got)
 
@@ -293,16 +297,3 @@ def test_pdl_binaries_are_marked_and_launch_identically_with_and_without_pdl(tmp
         outs.append(got)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
-
-
-def test_pdl_async_generation_matches_torch_backend_token_for_token(tmp_path_factory):
-    """The default decode loop (async, graphs) launched with PDL gives the torch backend's greedy tokens."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs sm_90")
-    artifact = _build(tmp_path_factory, "fp32")
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [300, 2], list(range(40, 73))]
-    params = runtime.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    got = [o.token_ids for o in runtime.load(artifact.path, backend="cuda", pdl=True, async_decode=True)
-           .generate(prompts, params)]
-    want = [o.token_ids for o in runtime.load(artifact.path, backend="torch", device="cuda").generate(prompts, params)]
-    assert got == want and all(len(t) == 24 for t in got)
