@@ -55,8 +55,47 @@ def floor_tok_s(weight_bytes: int, kv_per_token: int, batch: int, bw: float) -> 
     return batch * bw / (weight_bytes + kv)
 
 
-def kernel_profile(engine, vocab: int, steps: int = 64) -> tuple[list[tuple[str, int, float]], float]:
-    """(kernel name, calls, total µs) over ``steps`` decode steps at batch 1, and the steps' wall time (µs)."""
+def role_profile(engine, kernels: list[tuple[str, float, float]]) -> list[tuple[str, int, float, float, int]]:
+    """Per role of a decode step's launches (qkv_proj, o_proj, attention, ..., the last part of the node's name):
+    (role, launches per step, µs per step of kernel time, µs per step from the launch's start to the next
+    launch's start, weight bytes per step). ``kernels``: the profile's kernels in start order (name, start µs,
+    duration µs); the batch-1 decode steps are found as runs of the program's decode launch sequence. With PDL a
+    kernel starts before the previous one ends and waits: the start-to-start time is what the launch costs."""
+    from runtime.bench import _nbytes, _weights
+
+    graph = engine.artifact.graph
+    seq = engine.backend.program.launches("decode", {"T": 1, "S": 1, "R": 1})
+    names = [b.binary.kernel for b in seq]
+    node_of = {n.name: n for n in graph.nodes}
+    wbytes = {b.node: _nbytes(graph, _weights(graph, [node_of[b.node]])) if b.node in node_of else 0 for b in seq}
+    agg: dict[str, list] = {}
+    steps, i, got = 0, 0, [k[0] for k in kernels]
+    while i + len(names) <= len(kernels):
+        if got[i:i + len(names)] != names:
+            i += 1
+            continue
+        steps += 1
+        for j, b in enumerate(seq):
+            _, start, dur = kernels[i + j]
+            nxt = kernels[i + j + 1][1] if i + j + 1 < len(kernels) else start + dur
+            role = b.node.rsplit(".", 1)[-1] + ("" if b.binary.kernel.endswith(("linear_kernel", "logits_kernel"))
+                                                 else f" ({b.binary.kernel.strip('_')})")
+            r = agg.setdefault(role, [0, 0.0, 0.0, 0, set()])
+            r[0] += 1
+            r[1] += dur
+            r[2] += nxt - start
+            if b.node not in r[4]:  # a node's weights count once per step, however many launches it has
+                r[4].add(b.node)
+                r[3] += wbytes[b.node]
+        i += len(names)
+    if not steps:
+        return []
+    return [(role, r[0] // steps, r[1] / steps, r[2] / steps, r[3]) for role, r in agg.items()]
+
+
+def kernel_profile(engine, vocab: int, steps: int = 64) -> tuple[list[tuple[str, int, float]], float, list]:
+    """(kernel name, calls, total µs) over ``steps`` decode steps at batch 1, the steps' wall time (µs), and
+    role_profile's rows for those steps."""
     from torch.profiler import ProfilerActivity, profile
 
     prompts = _prompts(vocab, 1, seed=7)
@@ -69,11 +108,16 @@ def kernel_profile(engine, vocab: int, steps: int = 64) -> tuple[list[tuple[str,
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e6
     agg: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    timeline = []
     for ev in prof.events():
         if ev.device_type.name == "CUDA" and ev.device_time_total > 0:
             agg[ev.name][0] += 1
             agg[ev.name][1] += ev.device_time_total
-    return sorted(((k, int(v[0]), v[1]) for k, v in agg.items()), key=lambda r: -r[2]), wall
+            if ev.name.endswith("_kernel"):
+                timeline.append((ev.name, ev.time_range.start, ev.device_time_total))
+    timeline.sort(key=lambda k: k[1])
+    rows = sorted(((k, int(v[0]), v[1]) for k, v in agg.items()), key=lambda r: -r[2])
+    return rows, wall, role_profile(engine, timeline)
 
 
 def _is_random_preset(source: str) -> bool:
@@ -147,7 +191,7 @@ def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, mod
                 lines.append(line)
                 print(line, flush=True)
             if do_profile and k == 0:
-                rows, wall = kernel_profile(engine, vocab)
+                rows, wall, roles = kernel_profile(engine, vocab)
                 steps = 65
                 total = sum(r[2] for r in rows)
                 details += ["", f"{model}, batch 1, {mode}, kernels over {steps} decode steps: {total / steps:.1f} µs "
@@ -164,6 +208,14 @@ def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, mod
                     per_s = wb / (us / steps * 1e-6)  # bytes per second while the kernel runs
                     rate = f"{per_s / 1e9:.0f} | {100 * per_s / bw:.0f}%" if wb else "– | –"
                     details.append(f"| {kname[:60]} | {calls / steps:.1f} | {us / steps:.1f} | {share:.1f}% | {rate} |")
+                if roles:
+                    details += ["", "Per role of the decode step (every layer's launches of it together; start to "
+                                "start: from a launch's start to the next one's, what the launch costs the step):", "",
+                                "| role | launches/step | kernel µs/step | start-to-start µs/step | weight GB/s "
+                                "(start to start) | % of copy |", "|---|---|---|---|---|---|"]
+                    for role, n, us, span, wb in sorted(roles, key=lambda r: -r[3]):
+                        rate = f"{wb / span / 1e3:.0f} | {100 * wb / (span * 1e-6) / bw:.0f}%" if wb else "– | –"
+                        details.append(f"| {role} | {n} | {us:.1f} | {span:.1f} | {rate} |")
             del engine
             torch.cuda.empty_cache()
     text = "\n".join(lines + details) + "\n"
