@@ -40,7 +40,7 @@ PDL_TRIGGER = int(os.environ.get("TRILITE_PDL_TRIGGER", "2"))
 # The constexpr of PDL kernels that stream weights: how many bytes of its weights a whole launch asks L2 for
 # before its wait (kernels/pdl.py; 0 none). Off in plans like USE_PDL; a build setting (TRILITE_PDL_PREFETCH).
 PDL_PREFETCH = "PDL_PREFETCH"
-PDL_PREFETCH_BYTES = int(os.environ.get("TRILITE_PDL_PREFETCH", str(8 << 20)))
+PDL_PREFETCH_BYTES = int(os.environ.get("TRILITE_PDL_PREFETCH", "0"))
 
 
 def with_pdl(constexprs: dict) -> dict:
