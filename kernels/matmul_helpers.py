@@ -425,7 +425,7 @@ def matmul_program(
                 tl.store(partial_ptr + pid_k * rows_cap * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
                 if USE_RMS:
                     tl.store(sumsq_ptr + (pid_n * SPLIT_K + pid_k) * rows_cap + rows, sumsq, mask=rows < T)
-        if USE_PDL >= PDL_LATE:  # the weights are read: the next kernel's programs may take this one's place
+        if USE_PDL == PDL_LATE:  # the weights are read: the next kernel's programs may take this one's place
             launch_dependents()
         if SPLIT_K > 1:
             # Split-K without a second launch: the last of the SPLIT_K programs of this column block to arrive
@@ -459,7 +459,7 @@ def matmul_program(
         acc, sumsq = mm_tile(x_ptr, w_ptr, scale_ptr, rows, cols, T, stride_x, 0, N=N, K=K, K_SPAN=K_SPAN,
                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K, USE_DOT=USE_DOT,
                              USE_RMS=USE_RMS, W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE)
-        if USE_PDL >= PDL_LATE:
+        if USE_PDL == PDL_LATE:
             launch_dependents()
         store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,
                    cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps,

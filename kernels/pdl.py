@@ -13,14 +13,8 @@ Triton keeps it in program order; loads of activations stay after the wait (test
 PTX). A prefetch can never make a result wrong: L2 is the point of coherence of the GPU, and a prefetched line an
 earlier kernel writes afterwards is simply updated there.
 
-``USE_PDL`` values (kernels.spec.PDL_TRIGGER) say when the next kernel may be scheduled (``launch_dependents``):
-PDL_EARLY right after the wait, everywhere; PDL_LATE once a weight-streaming kernel has read its weights, the
-others right after their wait; PDL_FIRST as PDL_LATE, but the kernels without weights to stream (attention, the
-norms, sampling ...) trigger before their wait, so the matmul after them is scheduled, and prefetches its weights,
-while they still wait or run. Triggering early is always safe: the next kernel's own wait still waits for this
-one to complete, and this one completes only after its wait returned. The chain of kernels scheduled ahead stays
-short because a kernel is scheduled only once every program of the one before has triggered, and the matmuls
-trigger late.
+``USE_PDL`` values (kernels.spec.PDL_TRIGGER): PDL_EARLY lets the next kernel be scheduled right after the wait,
+PDL_LATE once the kernel has read its weights (matmuls; the other kernels trigger right after the wait either way).
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ import triton.language as tl
 
 PDL_EARLY = tl.constexpr(1)
 PDL_LATE = tl.constexpr(2)
-PDL_FIRST = tl.constexpr(3)
 
 
 @triton.jit
@@ -47,13 +40,10 @@ def launch_dependents():
 
 @triton.jit
 def enter(USE_PDL: tl.constexpr):
-    """The start of a kernel that streams no weights: the wait, and the trigger before it (PDL_FIRST) or after."""
+    """The start of a kernel that has nothing to prefetch: wait, then let the next kernel be scheduled."""
     if USE_PDL:
-        if USE_PDL == PDL_FIRST:
-            launch_dependents()
         wait()
-        if USE_PDL != PDL_FIRST:
-            launch_dependents()
+        launch_dependents()
 
 
 @triton.jit

@@ -33,9 +33,8 @@ SEMAPHORES = "semaphores"
 # The constexpr of kernels that support programmatic dependent launch (sm_90): plans set it False; the compiler
 # turns it on for targets that have it and marks those binaries, which the runtime then launches with PDL.
 USE_PDL = "USE_PDL"
-# Where PDL-built kernels let their dependents be scheduled: 1 right after their wait, 2 once the matmuls have read
-# their weights, 3 as 2 with the other kernels triggering before their wait (kernels/pdl.py). A build setting
-# (TRILITE_PDL_TRIGGER), part of every binary's cache key.
+# Where PDL-built kernels let their dependents be scheduled: 1 right after their wait, 2 once their weights are
+# read (kernels/pdl.py). A build setting (TRILITE_PDL_TRIGGER), part of every binary's cache key.
 PDL_TRIGGER = int(os.environ.get("TRILITE_PDL_TRIGGER", "2"))
 # The constexpr of PDL kernels that stream weights: how many bytes of its weights a whole launch asks L2 for
 # before its wait (kernels/pdl.py; 0 none). Off in plans like USE_PDL; a build setting (TRILITE_PDL_PREFETCH).
