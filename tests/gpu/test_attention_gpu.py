@@ -99,13 +99,11 @@ def _decode_lens(S: int, gen: torch.Generator) -> list[int]:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hq,hk,dh", HEADS)
 @pytest.mark.parametrize("S", [1, 32])
-@pytest.mark.parametrize("splits", [None, 1, "combine"], ids=["default", "one_split", "combine8"])
+@pytest.mark.parametrize("splits", [None, 1], ids=["default", "one_split"])
 @pytest.mark.parametrize("window", [0, 1000], ids=["full", "window1000"])
 def test_attention_decode_gpu(window, splits, S, hq, hk, dh, dtype):
     lens, case = _decode_case(S, hq, hk, dh, dtype, torch.Generator().manual_seed(S * 1000 + hq + dh))
-    # combine8: eight splits in one launch, the last split of each (sequence, kv head) combining.
-    config = None if splits is None else Config.make(BLOCK_N=32, NUM_SPLITS=8, COMBINE=True) \
-        if splits == "combine" else Config.make(BLOCK_N=32, NUM_SPLITS=splits)
+    config = None if splits is None else Config.make(BLOCK_N=32, NUM_SPLITS=splits)
     out = torch.full((S, hq * dh), float("nan"), dtype=dtype, device=DEVICE)
     attention_decode(**case, **_attrs(hq, hk, dh), block_size=BLOCK_SIZE, window=window, out=out, config=config)
     _assert_close(out, decode_reference(**case, **_attrs(hq, hk, dh), window=window))
