@@ -36,22 +36,11 @@ from kernels.attention_helpers import (
 )
 from kernels.attention_prefill import paged_attention, window_constexprs
 from kernels.pdl import enter
-from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
+from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
 @triton.jit
-def combine_splits(lse, o):
-    """out[g] = sum_j 2^(lse[g, j] - M) o[g, j] / sum_j 2^(lse[g, j] - M), M = max_j lse[g, j]: lse [G, SPLITS],
-    o [G, SPLITS, D] fp32 -> [G, D]. Empty splits (and every split of a padding row) have lse = -inf and weigh
-    exactly 0."""
-    m = max_along(lse, 1)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])
-    total = tl.sum(w, 1)
-    return tl.sum(w[:, :, None] * o, 1) / tl.where(total > 0.0, total, 1.0)[:, None]
-
-
-@triton.jit
-def _decode_split(
+def _attention_decode_kernel(
     qkv_ptr,  # [S, (Hq + 2 * Hk) * Dh]: q read from the first Hq * Dh columns
     k_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hk, Dh]
     v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hk, Dh]
@@ -60,7 +49,6 @@ def _decode_split(
     out_ptr,  # [S, Hq * Dh]; written only when NUM_SPLITS == 1
     part_out_ptr,  # [max_S, Hq, NUM_SPLITS, Dh] fp32; unused when NUM_SPLITS == 1
     part_lse_ptr,  # [max_S, Hq, NUM_SPLITS] fp32; unused when NUM_SPLITS == 1
-    sem_ptr,  # [max_S, Hk] i32, zero between launches (COMBINE)
     stride_qkv,
     stride_bt,
     stride_out,
@@ -78,13 +66,9 @@ def _decode_split(
     WINDOW: tl.constexpr,  # keys the query sees, its own included; read only with USE_WINDOW
     USE_SOFTCAP: tl.constexpr,
     SOFTCAP: tl.constexpr,  # cap * log2(e); read only with USE_SOFTCAP
-    COMBINE: tl.constexpr,
-    BLOCK_GC: tl.constexpr,  # next_power_of_2(GROUP) (COMBINE)
-    BLOCK_SPLITS: tl.constexpr,  # next_power_of_2(NUM_SPLITS) (COMBINE)
+    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
-    """One (sequence, kv head, split) program: its keys' attention for the GROUP q heads, then the output
-    (NUM_SPLITS == 1), or the normalised partial and its log-sum-exp, combined by the last split (COMBINE) or by
-    the combine kernel."""
+    enter(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -130,105 +114,6 @@ def _decode_split(
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=g < GROUP)
-        if COMBINE:
-            # The last of the NUM_SPLITS programs of this (sequence, kv head) to arrive combines: the barrier
-            # orders every thread's partial stores before the one acq_rel increment, and the combine reads all
-            # GROUP x NUM_SPLITS partials in one vectorised load from L2 (.cg), as the combine kernel does.
-            tl.debug_barrier()
-            sem = sem_ptr + seq * NUM_KV_HEADS + kv_head
-            if tl.atomic_add(sem, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                gc = tl.arange(0, BLOCK_GC)
-                j = tl.arange(0, BLOCK_SPLITS)
-                rows = ((seq * NUM_Q_HEADS + kv_head * GROUP + gc) * NUM_SPLITS)[:, None] + j[None, :]
-                ok = (gc < GROUP)[:, None] & (j < NUM_SPLITS)[None, :]
-                lse_all = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                o = tl.load(part_out_ptr + rows[:, :, None] * HEAD_DIM + dims[None, None, :],
-                            mask=ok[:, :, None] & dim_ok[None, None, :], other=0.0, cache_modifier=".cg")
-                res = combine_splits(lse_all, o)
-                out = out_ptr + seq * stride_out + (kv_head * GROUP + gc)[:, None] * HEAD_DIM + dims[None, :]
-                tl.store(out, res.to(out_ptr.dtype.element_ty), mask=(gc < GROUP)[:, None] & dim_ok[None, :])
-                tl.atomic_xchg(sem, 0)
-
-
-
-
-@triton.jit
-def _attention_decode_kernel(
-    qkv_ptr,  # [S, (Hq + 2 * Hk) * Dh]: q read from the first Hq * Dh columns
-    k_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hk, Dh]
-    v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hk, Dh]
-    seq_lens_ptr,  # [S] i32
-    block_tables_ptr,  # [S, max_blocks] i32
-    out_ptr,  # [S, Hq * Dh]; written only when NUM_SPLITS == 1
-    part_out_ptr,  # [max_S, Hq, NUM_SPLITS, Dh] fp32; unused when NUM_SPLITS == 1
-    part_lse_ptr,  # [max_S, Hq, NUM_SPLITS] fp32; unused when NUM_SPLITS == 1
-    stride_qkv,
-    stride_bt,
-    stride_out,
-    qk_scale,  # scale * log2(e)
-    NUM_Q_HEADS: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
-    WINDOW: tl.constexpr,  # keys the query sees, its own included; read only with USE_WINDOW
-    USE_SOFTCAP: tl.constexpr,
-    SOFTCAP: tl.constexpr,  # cap * log2(e); read only with USE_SOFTCAP
-    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
-):
-    enter(USE_PDL)
-    _decode_split(qkv_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr, out_ptr, part_out_ptr,
-                  part_lse_ptr, part_lse_ptr, stride_qkv, stride_bt, stride_out, qk_scale, NUM_Q_HEADS=NUM_Q_HEADS,
-                  NUM_KV_HEADS=NUM_KV_HEADS, HEAD_DIM=HEAD_DIM, GROUP=GROUP, BLOCK_SIZE=BLOCK_SIZE, BLOCK_G=BLOCK_G,
-                  BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, NUM_SPLITS=NUM_SPLITS, USE_WINDOW=USE_WINDOW, WINDOW=WINDOW,
-                  USE_SOFTCAP=USE_SOFTCAP, SOFTCAP=SOFTCAP, COMBINE=False, BLOCK_GC=1, BLOCK_SPLITS=1)
-
-
-@triton.jit
-def _attention_decode_combined_kernel(
-    qkv_ptr,  # [S, (Hq + 2 * Hk) * Dh]: q read from the first Hq * Dh columns
-    k_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hk, Dh]
-    v_cache_ptr,  # [num_blocks, BLOCK_SIZE, Hk, Dh]
-    seq_lens_ptr,  # [S] i32
-    block_tables_ptr,  # [S, max_blocks] i32
-    out_ptr,  # [S, Hq * Dh]; written only when NUM_SPLITS == 1
-    part_out_ptr,  # [max_S, Hq, NUM_SPLITS, Dh] fp32; unused when NUM_SPLITS == 1
-    part_lse_ptr,  # [max_S, Hq, NUM_SPLITS] fp32; unused when NUM_SPLITS == 1
-    sem_ptr,  # [max_S, Hk] i32, zero between launches
-    stride_qkv,
-    stride_bt,
-    stride_out,
-    qk_scale,  # scale * log2(e)
-    NUM_Q_HEADS: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
-    WINDOW: tl.constexpr,  # keys the query sees, its own included; read only with USE_WINDOW
-    USE_SOFTCAP: tl.constexpr,
-    SOFTCAP: tl.constexpr,  # cap * log2(e); read only with USE_SOFTCAP
-    BLOCK_GC: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """Split-KV in one launch: the last split of each (sequence, kv head) combines (COMBINE configs)."""
-    enter(USE_PDL)
-    _decode_split(qkv_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr, out_ptr, part_out_ptr,
-                  part_lse_ptr, sem_ptr, stride_qkv, stride_bt, stride_out, qk_scale, NUM_Q_HEADS=NUM_Q_HEADS,
-                  NUM_KV_HEADS=NUM_KV_HEADS, HEAD_DIM=HEAD_DIM, GROUP=GROUP, BLOCK_SIZE=BLOCK_SIZE, BLOCK_G=BLOCK_G,
-                  BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, NUM_SPLITS=NUM_SPLITS, USE_WINDOW=USE_WINDOW, WINDOW=WINDOW,
-                  USE_SOFTCAP=USE_SOFTCAP, SOFTCAP=SOFTCAP, COMBINE=True, BLOCK_GC=BLOCK_GC,
-                  BLOCK_SPLITS=BLOCK_SPLITS)
 
 
 @triton.jit
@@ -251,11 +136,15 @@ def _attention_decode_reduce_kernel(
     j_ok = j < NUM_SPLITS
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    part = ((seq * NUM_Q_HEADS + head) * NUM_SPLITS + j)[None, :]  # [1, BLOCK_SPLITS]: one head's row
-    lse = tl.load(part_lse_ptr + part, mask=j_ok[None, :], other=float("-inf"))
-    o = tl.load(part_out_ptr + part[:, :, None] * HEAD_DIM + dims[None, None, :],
-                mask=j_ok[None, :, None] & dim_ok[None, None, :], other=0.0)
-    res = tl.reshape(combine_splits(lse, o), (BLOCK_D,))
+    part = (seq * NUM_Q_HEADS + head) * NUM_SPLITS + j
+    lse = tl.load(part_lse_ptr + part, mask=j_ok, other=float("-inf"))
+    o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=j_ok[:, None] & dim_ok[None, :],
+                other=0.0)
+    m = max_along(lse, 0)
+    # Empty splits (and every split of a padding row) have lse = -inf and weight exactly 0.
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    total = tl.sum(w, 0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + seq * stride_out + head * HEAD_DIM + dims, res.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
@@ -285,11 +174,8 @@ def _block_n(meta: dict) -> int:
 def configs(meta: dict) -> list[Config]:
     top, block_n = _splits(meta), _block_n(meta)
     splits = sorted({1, max(1, top // 4), top, min(2 * top, 64)})
-    # COMBINE: the same split count in one launch (the last split combines), for the tuner to weigh against the
-    # combine kernel's launch.
     return [Config.make(num_warps=4, num_stages=2, BLOCK_N=block_n, NUM_SPLITS=s) for s in splits] + \
-        [Config.make(num_warps=4, num_stages=3, BLOCK_N=block_n // 2, NUM_SPLITS=top)] + \
-        [Config.make(num_warps=4, num_stages=2, BLOCK_N=block_n, NUM_SPLITS=top, COMBINE=True)] * (top > 1)
+        [Config.make(num_warps=4, num_stages=3, BLOCK_N=block_n // 2, NUM_SPLITS=top)]
 
 
 def default(meta: dict) -> Config:
@@ -300,7 +186,6 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     hq, hk, dh = meta["num_q_heads"], meta["num_kv_heads"], meta["head_dim"]
     group = _group(meta)
     splits = config["NUM_SPLITS"]
-    combine = splits > 1 and dict(config.constexprs).get("COMBINE", False)
     block_d = triton.next_power_of_2(dh)
     stride_out = hq * dh
     # With one split the partial buffers are dead code; binding them to `out` keeps every parameter bound
@@ -308,33 +193,26 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     part_dtype = "fp32" if splits > 1 else dtypes["out"]
     part_out, part_lse = (("tensor", "partial_out"), ("tensor", "partial_lse")) if splits > 1 \
         else (("tensor", "out"), ("tensor", "out"))
-    types = {"qkv_ptr": ptr(dtypes["qkv"]), "k_cache_ptr": ptr(dtypes["k_cache"]),
-             "v_cache_ptr": ptr(dtypes["v_cache"]), "seq_lens_ptr": ptr(dtypes["seq_lens"]),
-             "block_tables_ptr": ptr(dtypes["block_tables"]), "out_ptr": ptr(dtypes["out"]),
-             "part_out_ptr": ptr(part_dtype), "part_lse_ptr": ptr(part_dtype), "stride_qkv": "i64",
-             "stride_bt": "i64", "stride_out": "i64", "qk_scale": "fp32"}
-    args = {"qkv_ptr": ("tensor", "qkv"), "k_cache_ptr": ("tensor", "k_cache"),
-            "v_cache_ptr": ("tensor", "v_cache"), "seq_lens_ptr": ("tensor", "seq_lens"),
-            "block_tables_ptr": ("tensor", "block_tables"), "out_ptr": ("tensor", "out"),
-            "part_out_ptr": part_out, "part_lse_ptr": part_lse, "stride_qkv": ("int", (hq + 2 * hk) * dh),
-            "stride_bt": ("int", meta["max_blocks"]), "stride_out": ("int", stride_out),
-            "qk_scale": ("float", meta["scale"] * LOG2E)}
-    constexprs = {"NUM_Q_HEADS": hq, "NUM_KV_HEADS": hk, "HEAD_DIM": dh, "GROUP": group,
-                  "BLOCK_SIZE": meta["block_size"], "BLOCK_G": max(16, triton.next_power_of_2(group)),
-                  "BLOCK_N": config["BLOCK_N"], "BLOCK_D": block_d, "NUM_SPLITS": splits,
-                  **window_constexprs(meta), **softcap_constexprs(meta, LOG2E), "USE_PDL": False}
-    rows = meta["max_S"] * hq * splits
-    partials = (("partial_out", (rows * dh, "fp32")), ("partial_lse", (rows, "fp32")))
-    grid = [grid_dim(("S", 1, 1)), grid_dim(hk), grid_dim(splits)]
-    if combine:
-        one = make_launch(
-            _attention_decode_combined_kernel, types={**types, "sem_ptr": ptr("i32")},
-            constexprs={**constexprs, "BLOCK_GC": triton.next_power_of_2(group),
-                        "BLOCK_SPLITS": triton.next_power_of_2(splits)},
-            args={**args, "sem_ptr": ("tensor", SEMAPHORES)}, grid=grid, config=config)
-        return Plan((one,), scratch=(*partials, (SEMAPHORES, (meta["max_S"] * hk, "i32"))))
-    main = make_launch(_attention_decode_kernel, types=types, constexprs=constexprs, args=args, grid=grid,
-                       config=config)
+    main = make_launch(
+        _attention_decode_kernel,
+        types={"qkv_ptr": ptr(dtypes["qkv"]), "k_cache_ptr": ptr(dtypes["k_cache"]),
+               "v_cache_ptr": ptr(dtypes["v_cache"]), "seq_lens_ptr": ptr(dtypes["seq_lens"]),
+               "block_tables_ptr": ptr(dtypes["block_tables"]), "out_ptr": ptr(dtypes["out"]),
+               "part_out_ptr": ptr(part_dtype), "part_lse_ptr": ptr(part_dtype), "stride_qkv": "i64",
+               "stride_bt": "i64", "stride_out": "i64", "qk_scale": "fp32"},
+        constexprs={"NUM_Q_HEADS": hq, "NUM_KV_HEADS": hk, "HEAD_DIM": dh, "GROUP": group,
+                    "BLOCK_SIZE": meta["block_size"], "BLOCK_G": max(16, triton.next_power_of_2(group)),
+                    "BLOCK_N": config["BLOCK_N"], "BLOCK_D": block_d, "NUM_SPLITS": splits,
+                    **window_constexprs(meta), **softcap_constexprs(meta, LOG2E), "USE_PDL": False},
+        args={"qkv_ptr": ("tensor", "qkv"), "k_cache_ptr": ("tensor", "k_cache"),
+              "v_cache_ptr": ("tensor", "v_cache"), "seq_lens_ptr": ("tensor", "seq_lens"),
+              "block_tables_ptr": ("tensor", "block_tables"), "out_ptr": ("tensor", "out"),
+              "part_out_ptr": part_out, "part_lse_ptr": part_lse, "stride_qkv": ("int", (hq + 2 * hk) * dh),
+              "stride_bt": ("int", meta["max_blocks"]), "stride_out": ("int", stride_out),
+              "qk_scale": ("float", meta["scale"] * LOG2E)},
+        grid=[grid_dim(("S", 1, 1)), grid_dim(hk), grid_dim(splits)],
+        config=config,
+    )
     if splits == 1:
         return Plan((main,))
     reduce = make_launch(
@@ -348,7 +226,8 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         grid=[grid_dim(("S", 1, 1)), grid_dim(hq)],
         config=Config.make(num_warps=1 if block_d <= 128 else 2, num_stages=1),
     )
-    return Plan((main, reduce), scratch=partials)
+    rows = meta["max_S"] * hq * splits
+    return Plan((main, reduce), scratch=(("partial_out", (rows * dh, "fp32")), ("partial_lse", (rows, "fp32"))))
 
 
 # Decode steps carry one token per sequence (T == S), so the best split count depends on T.
