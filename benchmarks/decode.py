@@ -156,9 +156,10 @@ MODES = ("plain", "pdl", "async", "pdl+async")
 @click.option("--batch", default="1,16,32", show_default=True)
 @click.option("--hf/--no-hf", default=True, show_default=True)
 @click.option("--profile/--no-profile", "do_profile", default=True, show_default=True)
-@click.option("--modes", default="pdl", show_default=True,
+@click.option("--modes", default="pdl+async", show_default=True,
               help=f"comma-separated launch modes, each timed on its own engine: {', '.join(MODES)} "
-                   "(pdl: the PDL-built binaries with programmatic dependent launch; async: async_decode=True)")
+                   "(pdl: the PDL-built binaries with programmatic dependent launch, else launched plainly; async: "
+                   "async_decode=True; the runtime's default is pdl+async)")
 @click.option("--out", default=None, help="also write the tables here (markdown)")
 def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, modes: str, out: str | None) -> None:
     chosen = [m.strip() for m in modes.split(",") if m.strip()]

@@ -9,12 +9,12 @@
 #   startup    where the time from process start to the first token goes
 #   hf         HF transformers baseline on the same preset
 #   decode     benchmarks/decode.py on artifacts/$MODEL (issue 8's protocol, HF in the same process, kernel profile)
-#              in each launch mode of $MODES (default plain,pdl,async,pdl+async)
+#              in each launch mode of $MODES (default plain,pdl,async,pdl+async; the runtime's default is pdl+async)
 #   prefill    benchmarks/prefill.py on artifacts/$MODEL (pp512/2048/8192, mixed-step stall test, prefix-cache TTFT)
 #   serveload  `runtime serve` on artifacts/$MODEL, benchmarks/serve_load.py at 1/8/32 clients, `runtime bench` beside
 #   quant      compile $MODEL with each --quant of $QUANT (int8), verify each on cuda, decode.py on all in one process
 #   gemv       benchmarks/gemv.py over the pack's own GEMV candidates (every decode shape, T = 1, 4, 16, 32)
-#   pdlbuilds  $MODEL built per PDL build setting of $PDL_BUILDS, verified with PDL launches, decode.py over all
+#   pdlbuilds  $MODEL built per PDL trigger of $PDL_BUILDS, verified on cuda, decode.py over all
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -79,17 +79,17 @@ for _ in range(120):
       python3 -m benchmarks.decode "$A" "${QS[@]}" --batch "${BATCH:-1}" --no-hf --modes async --out "$OUT/quant-${MODEL:-tinyllama-1.1b}.md" \
         2>&1 | tee "$OUT/quant.log" ;;
     gemv) python3 benchmarks/gemv.py --out "$OUT" --space pack --pdl 2>&1 | grep -v "^  fail" | tail -40 ;;
-    pdlbuilds)  # MODEL built once per PDL build setting of $PDL_BUILDS ("TRIGGER:PREFETCH_BYTES ...", default the
-                # shipped one and no prefetch), verified on cuda, then all timed by decode.py in one process, each in
-                # $MODES (default pdl+async,async: PDL launches, then the same binaries launched plainly)
+    pdlbuilds)  # MODEL built once per PDL trigger of $PDL_BUILDS (TRILITE_PDL_TRIGGER values, default "2 1"), each
+                # verified on cuda, then all timed by decode.py in one process, each in $MODES (default
+                # pdl+async,async: PDL launches, the runtime's default, then the same binaries launched plainly)
       AS=()
-      for b in ${PDL_BUILDS:-2:8388608 2:0}; do
-        A="artifacts/${MODEL:-tinyllama-1.1b}-pdl${b%%:*}-pf${b##*:}"; AS+=("$A")
+      for b in ${PDL_BUILDS:-2 1}; do
+        A="artifacts/${MODEL:-tinyllama-1.1b}-pdl$b"; AS+=("$A")
         t0=$(date +%s.%N)
-        TRILITE_PDL_TRIGGER=${b%%:*} TRILITE_PDL_PREFETCH=${b##*:} python3 -m compiler.cli compile \
-          "${MODEL:-tinyllama-1.1b}" --out "$A" ${COMPILE_ARGS:---no-autotune} 2>&1 | tail -3 | tee -a "$OUT/compile-pdl.log"
+        TRILITE_PDL_TRIGGER=$b python3 -m compiler.cli compile "${MODEL:-tinyllama-1.1b}" --out "$A" \
+          ${COMPILE_ARGS:---no-autotune} 2>&1 | tail -3 | tee -a "$OUT/compile-pdl.log"
         echo "$A compile wall: $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" | tee -a "$OUT/compile-pdl.log"
-        TRILITE_PDL=1 python3 -m runtime.cli verify "$A" --backend cuda 2>&1 | tail -3 | tee -a "$OUT/compile-pdl.log"
+        python3 -m runtime.cli verify "$A" --backend cuda 2>&1 | tail -3 | tee -a "$OUT/compile-pdl.log"
       done
       python3 -m benchmarks.decode "${AS[@]}" --no-hf --modes "${MODES:-pdl+async,async}" ${DECODE_ARGS:-} \
         --out "$OUT/pdl-${MODEL:-tinyllama-1.1b}.md" 2>&1 | tee "$OUT/pdl-${MODEL:-tinyllama-1.1b}.log" | grep "^|" ;;

@@ -84,14 +84,16 @@ def rotating_copies(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Te
 
 def time_config(v: VariantSpec, config: Config, sets: list[dict], env: dict) -> float:
     """Median microseconds of one run of the variant's plan, replayed under a CUDA graph back to back over the
-    input sets (see rotating_copies) with its scratch allocated once, as the runtime does. Launched plainly, as the
-    runtime launches by default (programmatic dependent launch is opt-in there, TRILITE_PDL=1)."""
+    input sets (see rotating_copies) with its scratch allocated once, as the runtime does. On sm_90 and later with
+    programmatic dependent launch, as the runtime launches them by default there (kernels/pdl.py)."""
     plan: Plan = v.plan(config)
-    scratch = alloc_scratch(plan, sets[0][next(iter(sets[0]))].device)
+    device = sets[0][next(iter(sets[0]))].device
+    scratch = alloc_scratch(plan, device)
+    pdl = torch.cuda.get_device_capability(device)[0] >= 9
 
     def fn() -> None:
         for tensors in sets:
-            run(plan, {**tensors, **scratch}, env, interpret=False)
+            run(plan, {**tensors, **scratch}, env, interpret=False, pdl=pdl)
 
     fn()  # compile outside the graph
     torch.cuda.synchronize()

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention_helpers import soft_cap, softcap_constexprs
-from kernels.pdl import launch_dependents, prefetch_weights, wait
+from kernels.pdl import enter
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
@@ -166,15 +166,9 @@ def _logits_kernel(
     EVEN_D: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     SOFTCAP: tl.constexpr,  # the cap; read only with USE_SOFTCAP
-    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with defaults, so older indexes run interpreted
-    PDL_PREFETCH: tl.constexpr = 0,
+    USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
-    if USE_PDL:
-        if PDL_PREFETCH > 0:
-            prefetch_weights(weight_ptr, tl.program_id(0).to(tl.int64), 0, N=V, K=D, K_SPAN=D, BLOCK_N=BLOCK_V,
-                             SPLIT_K=1, W_INT4=False, PDL_PREFETCH=PDL_PREFETCH)
-        wait()
-        launch_dependents()
+    enter(USE_PDL)
     vocab = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     w_rows = weight_ptr + vocab[:, None] * D
     for r0 in range(0, R, BLOCK_R):
@@ -265,7 +259,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
                "last_idx_ptr": ptr(dtypes["last_idx"]), "out_ptr": ptr(dtypes["out"]), "R": "i32",
                "stride_x": "i64", "stride_out": "i64", "eps": "fp32"},
         constexprs={"D": D, "V": V, "EVEN_D": D % config["BLOCK_D"] == 0, **softcap_constexprs(meta),
-                    "USE_PDL": False, "PDL_PREFETCH": 0,
+                    "USE_PDL": False,
                     **{k: config[k] for k in ("BLOCK_R", "BLOCK_V", "BLOCK_D", "USE_DOT")}},
         args={"x_ptr": ("tensor", "x"), "norm_w_ptr": ("tensor", "norm_w"), "weight_ptr": ("tensor", "weight"),
               "last_idx_ptr": ("tensor", "last_idx"), "out_ptr": ("tensor", "out"), "R": ("sym", "R"),

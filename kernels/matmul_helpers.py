@@ -49,7 +49,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.pdl import PDL_EARLY, PDL_LATE, launch_dependents, prefetch_weights, wait
+from kernels.pdl import PDL_EARLY, PDL_LATE, launch_dependents, wait
 from kernels.rope_epilogue import store_rotated
 
 # ACT_SILU_MUL: False off, True the SwiGLU epilogue, ACT_GELU_TANH the GeGLU one (same pairing, gelu_tanh(gate)).
@@ -388,19 +388,13 @@ def matmul_program(
     USE_PDL: tl.constexpr,
     W_INT4: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
-    PDL_PREFETCH: tl.constexpr,
 ):
     """One program of the launch, either layout (see the module docstring)."""
     if USE_PDL:
-        # Programmatic dependent launch (kernels/pdl.py): the weight-streaming layout first asks L2 for the
-        # start of its weights, which no kernel of the step writes; then every program waits for the previous
-        # kernel before its first load. No load of any kind may precede the wait: Triton's passes move loads
-        # (cp.async above all) across the wait's inline asm, so the prefetch is the L2 request alone, nothing
-        # that returns data (tests/kernels/test_pdl.py checks the sm_90 PTX).
-        if LOOP_M and PDL_PREFETCH > 0:
-            prefetch_weights(w_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), N=N, K=K,
-                             K_SPAN=K_SPAN, BLOCK_N=BLOCK_N, SPLIT_K=SPLIT_K, W_INT4=W_INT4,
-                             PDL_PREFETCH=PDL_PREFETCH)
+        # Programmatic dependent launch (kernels/pdl.py): every program waits for the previous kernel before its
+        # first load, weights included. Triton's passes move loads (cp.async above all) across the wait's inline
+        # asm, so a weight load placed before it would drag activation loads along (seen in the sm_90 PTX;
+        # tests/kernels/test_pdl.py checks that no memory access precedes the wait).
         wait()
         if USE_PDL == PDL_EARLY:
             launch_dependents()

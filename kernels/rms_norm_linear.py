@@ -85,7 +85,6 @@ def _rms_norm_linear_kernel(
     # Last and with defaults, so the format 3 indexes written before int4 (no such constexprs) still run interpreted.
     W_INT4: tl.constexpr = False,
     GROUP_SIZE: tl.constexpr = 0,
-    PDL_PREFETCH: tl.constexpr = 0,
 ):
     matmul_program(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, sem_ptr,
                    positions_ptr, cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_out,
@@ -94,7 +93,7 @@ def _rms_norm_linear_kernel(
                    W_INT8=W_INT8, USE_RMS=True, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=False, ACT_SILU_MUL=ACT_SILU_MUL,
                    ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
                    WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL, W_INT4=W_INT4,
-                   GROUP_SIZE=GROUP_SIZE, PDL_PREFETCH=PDL_PREFETCH)
+                   GROUP_SIZE=GROUP_SIZE)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -136,8 +135,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
                "sem_ptr": ptr(sem[1]), **rope_types, "T": "i32", "stride_x": "i64", "stride_out": "i64",
                "rows_cap": "i64", "eps": "fp32"},
         constexprs={**tile_constexprs(meta, config), **w_constexprs, "HAS_BIAS": has_bias, "ACT_SILU_MUL": act,
-                    **rope_constexprs, "USE_PDL": False,
-                    "PDL_PREFETCH": 0},
+                    **rope_constexprs, "USE_PDL": False},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), **w_args, "bias_ptr": ("tensor", bias[0]),
               "out_ptr": ("tensor", "out"), "partial_ptr": ("tensor", partial[0]), "sumsq_ptr": ("tensor", sumsq[0]),
               "sem_ptr": ("tensor", sem[0]), **rope_args, "T": ("sym", "T"),

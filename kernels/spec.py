@@ -36,21 +36,10 @@ USE_PDL = "USE_PDL"
 # Where PDL-built kernels let their dependents be scheduled: 1 right after their wait, 2 once their weights are
 # read (kernels/pdl.py). A build setting (TRILITE_PDL_TRIGGER), part of every binary's cache key.
 PDL_TRIGGER = int(os.environ.get("TRILITE_PDL_TRIGGER", "2"))
-# The constexpr of PDL kernels that stream weights: how many bytes of its weights a whole launch asks L2 for
-# before its wait (kernels/pdl.py; 0 none). Off in plans like USE_PDL; a build setting (TRILITE_PDL_PREFETCH).
-PDL_PREFETCH = "PDL_PREFETCH"
-PDL_PREFETCH_BYTES = int(os.environ.get("TRILITE_PDL_PREFETCH", "0"))
-
-
 def with_pdl(constexprs: dict) -> dict:
     """A launch's constexprs as built for a GPU with programmatic dependent launch (sm_90): USE_PDL on with the
-    build's trigger and, for the kernels that have it, the weight prefetch. Kernels without USE_PDL: unchanged."""
-    if USE_PDL not in constexprs:
-        return constexprs
-    on = {USE_PDL: PDL_TRIGGER}
-    if PDL_PREFETCH in constexprs:
-        on[PDL_PREFETCH] = PDL_PREFETCH_BYTES
-    return {**constexprs, **on}
+    build's trigger. Kernels without USE_PDL: unchanged."""
+    return {**constexprs, USE_PDL: PDL_TRIGGER} if USE_PDL in constexprs else constexprs
 
 TORCH_TO_TRITON = {
     torch.float32: "fp32",
