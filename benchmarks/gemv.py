@@ -178,7 +178,8 @@ def _launches(plan, scratch: dict, sets: list[dict], T: int, pdl: bool) -> None:
 
 
 def jobs(args) -> list[tuple[Shape, int, Config]]:
-    return [(s, T, c) for T in args.rows for s in shapes(args.models) for c in candidates(s, T, args.space)]
+    return [(s, T, c) for T in args.rows for s in shapes(args.models) for c in candidates(s, T, args.space)
+            if not args.only or s.name in args.only]
 
 
 def compile_shard(args) -> None:
@@ -217,7 +218,7 @@ def time_all(args) -> None:
         if time.time() - start > args.budget:
             print(f"budget spent: stopping before {shape} T={T}", flush=True)
             break
-        copies = max(1, min(64, -(-ROTATE_BYTES // (shape.N * shape.K * 2))))
+        copies = max(1, min(64, -(-(args.rotate_mb << 20) // (shape.N * shape.K * 2))))
         sets = [make_inputs(shape, T, gen) for _ in range(copies)]
         want, want_last = reference(shape, sets[0]).float(), reference(shape, sets[-1]).float()
         nbytes = moved_bytes(shape, T)
@@ -282,6 +283,9 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=15)
     p.add_argument("--budget", type=float, default=420.0, help="seconds of timing before stopping")
     p.add_argument("--pdl", action="store_true", help="USE_PDL on, launched with programmatic dependent launch")
+    p.add_argument("--rotate-mb", type=int, default=ROTATE_BYTES >> 20,
+                   help="weight bytes cycled per timed replay (at most 64 copies of a shape's weight)")
+    p.add_argument("--only", default=None, type=lambda s: s.split(","), help="shape names to run (qkv,o,gate_up,down)")
     p.add_argument("--phase", default="all", choices=("all", "compile", "time"))
     p.add_argument("--shard", default="0/1")
     args = p.parse_args()
@@ -291,7 +295,7 @@ def main() -> None:
         t0 = time.time()
         base = [sys.executable, os.path.abspath(__file__), "--phase", "compile", "--rows",
                 ",".join(map(str, args.rows)), "--models", ",".join(args.models), "--space", args.space,
-                *(["--pdl"] if args.pdl else [])]
+                *(["--pdl"] if args.pdl else []), *(["--only", ",".join(args.only)] if args.only else [])]
         procs = [subprocess.Popen([*base, "--shard", f"{i}/{args.jobs}"]) for i in range(args.jobs)]
         for proc in procs:
             proc.wait()
