@@ -26,6 +26,7 @@ from kernels.matmul_configs import (
     split_scratch,
     tile_constexprs,
     tile_grid,
+    token_count,
     weight_launch_pieces,
 )
 from kernels.matmul_helpers import matmul_program
@@ -120,17 +121,19 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     sem = (SEMAPHORES, "i32") if split else ("out", dtypes["out"])
     rope_types, rope_args, rope_constexprs = rope_launch_pieces(meta, dtypes, config, unused="out")
     w_types, w_args, w_constexprs = weight_launch_pieces(meta, dtypes)
+    t_types, t_args, t_constexprs = token_count(meta)
     launch = make_launch(
         _linear_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), **w_types, "bias_ptr": ptr(bias[1]),
                "residual_ptr": ptr(res[1]), "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]),
-               "sem_ptr": ptr(sem[1]), **rope_types, "T": "i32", "stride_x": "i64", "stride_res": "i64",
+               "sem_ptr": ptr(sem[1]), **rope_types, **t_types, "stride_x": "i64", "stride_res": "i64",
                "stride_out": "i64", "rows_cap": "i64"},
         constexprs={**tile_constexprs(meta, config), **w_constexprs, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res,
-                    **rope_constexprs, "USE_PDL": False},
+                    **rope_constexprs, **t_constexprs,
+                    "USE_PDL": False},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), **w_args, "bias_ptr": ("tensor", bias[0]),
               "residual_ptr": ("tensor", res[0]), "out_ptr": ("tensor", "out"),
-              "partial_ptr": ("tensor", partial[0]), "sem_ptr": ("tensor", sem[0]), **rope_args, "T": ("sym", "T"),
+              "partial_ptr": ("tensor", partial[0]), "sem_ptr": ("tensor", sem[0]), **rope_args, **t_args,
               "stride_x": ("int", meta.get("stride_x", K)), "stride_res": ("int", meta.get("stride_residual", N)),
               "stride_out": ("int", meta.get("stride_out", N)), "rows_cap": ("int", split_rows(meta))},
         grid=tile_grid(meta, config),

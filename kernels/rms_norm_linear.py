@@ -30,6 +30,7 @@ from kernels.matmul_configs import (
     split_scratch,
     tile_constexprs,
     tile_grid,
+    token_count,
     weight_launch_pieces,
 )
 from kernels.matmul_helpers import ACT_GELU_TANH, matmul_program
@@ -128,17 +129,19 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     partial, sumsq, sem = (("partial", "fp32"), ("sumsq", "fp32"), (SEMAPHORES, "i32")) if split else (out,) * 3
     rope_types, rope_args, rope_constexprs = rope_launch_pieces(meta, dtypes, config, unused="out")
     w_types, w_args, w_constexprs = weight_launch_pieces(meta, dtypes)
+    t_types, t_args, t_constexprs = token_count(meta)
     launch = make_launch(
         _rms_norm_linear_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), **w_types, "bias_ptr": ptr(bias[1]),
                "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]), "sumsq_ptr": ptr(sumsq[1]),
-               "sem_ptr": ptr(sem[1]), **rope_types, "T": "i32", "stride_x": "i64", "stride_out": "i64",
+               "sem_ptr": ptr(sem[1]), **rope_types, **t_types, "stride_x": "i64", "stride_out": "i64",
                "rows_cap": "i64", "eps": "fp32"},
         constexprs={**tile_constexprs(meta, config), **w_constexprs, "HAS_BIAS": has_bias, "ACT_SILU_MUL": act,
-                    **rope_constexprs, "USE_PDL": False},
+                    **rope_constexprs, **t_constexprs,
+                    "USE_PDL": False},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), **w_args, "bias_ptr": ("tensor", bias[0]),
               "out_ptr": ("tensor", "out"), "partial_ptr": ("tensor", partial[0]), "sumsq_ptr": ("tensor", sumsq[0]),
-              "sem_ptr": ("tensor", sem[0]), **rope_args, "T": ("sym", "T"),
+              "sem_ptr": ("tensor", sem[0]), **rope_args, **t_args,
               "stride_x": ("int", meta.get("stride_x", K)),
               "stride_out": ("int", meta.get("stride_out", N // 2 if act else N)),
               "rows_cap": ("int", split_rows(meta)), "eps": ("float", meta["eps"])},
