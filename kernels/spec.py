@@ -191,26 +191,21 @@ def run(plan: Plan, tensors: dict[str, torch.Tensor], env: dict[str, int], inter
     tensors = dict(tensors)
     tensors.update(alloc_scratch(plan, some.device, skip=tuple(tensors)))
     for launch in plan.launches:
-        values = []
-        for _, (kind, val) in launch.args:
-            if kind == "tensor":
-                values.append(tensors[val])
-            elif kind == "sym":
-                values.append(int(env[val]))
-            else:
-                values.append(val)
+        # By name: a parameter may follow the constexprs (one added later, with a default for older indexes).
+        kwargs = dict(launch.constexprs)
+        for name, (kind, val) in launch.args:
+            kwargs[name] = tensors[val] if kind == "tensor" else int(env[val]) if kind == "sym" else val
         grid = eval_grid(launch.grid, env)
         if math.prod(grid) == 0:
             continue
-        kwargs = dict(launch.constexprs)
         if interpret:
             with interpreting():
-                interpreted(launch.kernel.fn)[grid](*values, **kwargs)
+                interpreted(launch.kernel.fn)[grid](**kwargs)
         else:
             options = {}
             if pdl and USE_PDL in kwargs:
                 kwargs[USE_PDL], options["launch_pdl"] = PDL_TRIGGER, True
-            launch.kernel[grid](*values, **kwargs, num_warps=launch.num_warps, num_stages=launch.num_stages,
+            launch.kernel[grid](**kwargs, num_warps=launch.num_warps, num_stages=launch.num_stages,
                                 **options)
 
 

@@ -60,7 +60,8 @@ def run_interpreted(launch: BoundLaunch, env: dict[str, int]) -> None:
     if constexprs.get("USE_PDL"):  # an sm_90 index: the interpreter runs one program at a time, nothing to overlap
         constexprs["USE_PDL"] = False
     with interpreting():
-        interpreted(kernel.fn)[grid](*launch.args(env), **constexprs)
+        # By name: a parameter may follow the constexprs (one added later, with a default for older indexes).
+        interpreted(kernel.fn)[grid](**dict(zip((p.name for p in launch.params), launch.args(env))), **constexprs)
 
 
 class InterpretBackend(Backend):
