@@ -35,7 +35,7 @@ def both():
 
 
 def test_quantized_graph_has_int8_weights_and_scales(both):
-    (plain, _, _), (g, w, _), _ = both
+    (plain, _, _), (g, w, _), weights = both
     assert [n.op for n in g.nodes] == [n.op for n in plain.nodes]  # the same kernels, five per layer
     matmuls = [n for n in g.nodes if n.op in ("linear", "rms_norm_linear")]
     assert len(matmuls) == 8
@@ -46,9 +46,13 @@ def test_quantized_graph_has_int8_weights_and_scales(both):
         assert int(w[q.name].abs().max()) <= 127
         if n.attr("has_bias"):
             assert g.tensor(n.input("bias")).dtype == "fp32"
-    for n in g.nodes:
-        if n.op in ("embedding", "logits"):  # not quantized in this slice
-            assert g.tensor(n.input("weight")).dtype == "fp32"
+    tables = [n for n in g.nodes if n.op in ("embedding", "logits")]
+    assert len(tables) == 2
+    for n in tables:  # the embedding table and the lm_head, int8 per vocabulary row of the source's [V, D]
+        q, scale = _maths_int8(weights[next(p for p in plain.nodes if p.name == n.name).input("weight")])
+        assert n.attr("quant") == "int8" and g.tensor(n.input("weight")).dtype == "i8"
+        assert torch.equal(w[n.input("weight")], q)
+        torch.testing.assert_close(w[n.input("weight_scale")], scale, atol=0, rtol=1e-6)
     assert set(w) == {t.name for t in g.by_kind("weight")}
 
 
@@ -115,7 +119,7 @@ def int4_both():
 
 
 def test_int4_graph_has_packed_weights_and_group_scales(int4_both):
-    *_, (plain, _, _), (g, w, records) = int4_both
+    _, weights, (plain, _, _), (g, w, records) = int4_both
     assert [n.op for n in g.nodes] == [n.op for n in plain.nodes]
     matmuls = [n for n in g.nodes if n.op in ("linear", "rms_norm_linear")]
     assert len(matmuls) == 8
@@ -126,10 +130,16 @@ def test_int4_graph_has_packed_weights_and_group_scales(int4_both):
         assert q.dtype == "u8" and q.shape == (q.shape[0], K // 2) and w[q.name].dtype == torch.uint8
         assert s.dtype == "fp32" and s.shape == (q.shape[0], K // 32, 2) and w[s.name].dtype == torch.float32
     for n in g.nodes:
-        if n.op in ("embedding", "logits"):
-            assert g.tensor(n.input("weight")).dtype == "fp32"
+        if n.op in ("embedding", "logits"):  # the tables too, grouped along D
+            src = weights[next(p for p in plain.nodes if p.name == n.name).input("weight")]
+            q, scale, lo = _maths_int4(src, 32)
+            packed = w[n.input("weight")].long()
+            assert n.attr("quant") == "int4" and n.attr("group_size") == 32
+            assert torch.equal(packed & 15, q[:, 0::2].long()) and torch.equal(packed >> 4, q[:, 1::2].long())
+            torch.testing.assert_close(w[n.input("weight_scale")].double(), torch.stack([scale, lo], dim=2),
+                                       atol=0, rtol=1e-6)
     quantized = [r for r in records if r["op"] == "quantize_int4"]
-    assert len(quantized) == 8 and all(r["group_size"] == 32 for r in quantized)
+    assert len(quantized) == 10 and all(r["group_size"] == 32 for r in quantized)
 
 
 def test_int4_nibbles_and_group_scales_of_the_unfolded_interleaved_paired_rows(int4_both):
@@ -171,7 +181,7 @@ def test_int4_dequantized_checkpoint_is_the_source_up_to_rounding(int4_both):
     graph, weights, _, (g, w, records) = int4_both
     rows = {n: t.shape[0] for n, t in weights.items() if t.dim()}
     back = dequantized_checkpoint(records, w, rows)
-    assert len(back) == 14  # q, k, v, o, gate, up, down of two layers
+    assert len(back) == 16  # q, k, v, o, gate, up, down of two layers, the embedding table and the lm_head
     for name, value in back.items():
         assert value.shape == weights[name].shape, name
         # No norm is folded in: the 4-bit rounding of Gaussian rows is ~8% of their norm at groups of 32.
@@ -200,8 +210,8 @@ def test_group_size_errors_are_one_line(quant, group, message):
                              "--quant int4"),
     (["--quant", "int4", "--group-size", "16"], "error: --group-size 16 is not supported: use one of 32, 64, 128"),
     (["--quant", "int4", "--group-size", "128", "--no-reference"],
-     "error: --quant int4 --group-size 128: model.layers.0.self_attn.qkv_proj.rope.weight (node "
-     "layers.0.self_attn.qkv_proj) has K = 64, not a multiple of 128: use --group-size 32 or 64, or --quant int8"),
+     "error: --quant int4 --group-size 128: model.embed_tokens.weight (node embed_tokens) has D = 64, not a multiple "
+     "of 128: use --group-size 32 or 64, or --quant int8"),
 ])
 def test_cli_refuses_bad_group_sizes_in_one_line(tmp_path, args, message):
     from click.testing import CliRunner

@@ -16,10 +16,14 @@ GEN_TOKENS = 32
 
 @torch.no_grad()
 def quantize_like_the_artifact(model, round_trip: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Each linear's weight through ``round_trip`` as the artifact holds it: W itself, rounded, since a quantized build
-    leaves the norm weight in front out of W (the kernel applies it to x, as transformers' own norm does here).
+    """Each linear's weight, the embedding table and the lm_head through ``round_trip`` as the artifact holds them: W
+    itself, rounded, since a quantized build leaves the norm weight in front out of W (the kernel applies it to x, as
+    transformers' own norm does here); the tables as [V, D] matrices, rows along D, a tied table once.
     Phi-3's fused qkv_proj / gate_up_proj are one matrix each. Row permutations (rope pairing, gate/up interleave)
     and merges move whole rows, which change neither a per-row nor a per-group-along-K rounding."""
+    tables = {id(t): t for t in (model.model.embed_tokens.weight, model.lm_head.weight)}  # one entry when tied
+    for table in tables.values():
+        table.copy_(round_trip(table.float()))
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)

@@ -70,9 +70,10 @@ def test_artifact_holds_int8_linears(quantized):
     for n in matmuls:
         assert header[n.input("w")]["dtype"] == "I8" and header[n.input("scale")]["dtype"] == "F32"
     check_norm_in_kernel(artifact)
-    for n in artifact.graph.nodes:  # this slice leaves the embedding table and the lm_head in the build dtype
+    for n in artifact.graph.nodes:  # the embedding table and the lm_head too, int8 per vocabulary row
         if n.op in ("embedding", "logits"):
-            assert header[n.input("weight")]["dtype"] == "F32"
+            assert n.attr("quant") == "int8" and header[n.input("weight")]["dtype"] == "I8"
+            assert header[n.input("weight_scale")]["shape"] == [header[n.input("weight")]["shape"][0]]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["model"]["quant"] == "int8"
     assert manifest["reference"]["source"] == "transformers on the dequantized weights"

@@ -54,39 +54,49 @@ def quantized(request, tmp_path_factory):
     return out, model, name
 
 
-def test_artifact_holds_packed_int4_linears(quantized):
-    path, model, _ = quantized
+def test_artifact_holds_packed_int4_weights(quantized):
+    path, model, name = quantized
     artifact = load_artifact(path, check_hashes=False)
-    matmuls = [n for n in artifact.graph.nodes if n.op in ("linear", "rms_norm_linear")]
-    assert len(matmuls) == 8 and all(n.attr("quant") == "int4" and n.attr("group_size") == GROUP for n in matmuls)
+    nodes = artifact.graph.nodes
+    matmuls = [n for n in nodes if n.op in ("linear", "rms_norm_linear")]
+    tables = [n for n in nodes if n.op in ("embedding", "logits")]
+    assert len(matmuls) == 8 and len(tables) == 2
+    assert all(n.attr("quant") == "int4" and n.attr("group_size") == GROUP for n in matmuls + tables)
+    roles = {n.name: ("w", "scale") if n in matmuls else ("weight", "weight_scale") for n in matmuls + tables}
     header = artifact.safetensors_header("weights.safetensors")
-    packed_bytes = 0
-    for n in matmuls:
-        w, s = header[n.input("w")], header[n.input("scale")]
+    stored: dict[str, int] = {}  # quantized tensor -> its bytes (nibbles, and 8 bytes of (scale, min) per group)
+    for n in matmuls + tables:
+        w_name, s_name = (n.input(r) for r in roles[n.name])
+        w, s = header[w_name], header[s_name]
         assert w["dtype"] == "U8" and s["dtype"] == "F32"
         N, half = w["shape"]
         assert s["shape"] == [N, 2 * half // GROUP, 2]
-        packed_bytes += N * half + 4 * N * (2 * half // GROUP) * 2
+        stored[w_name], stored[s_name] = N * half, 4 * N * (2 * half // GROUP) * 2
+    embedding, logits = (next(n for n in tables if n.op == op) for op in ("embedding", "logits"))
+    tied = name == "tiny-gemma2"
+    # A tied table is quantized once: both kernels read the very same tensors.
+    assert (embedding.input("weight") == logits.input("weight")) == tied
+    assert (embedding.input("weight_scale") == logits.input("weight_scale")) == tied
+    assert embedding.attr("out_dtype") == "fp32"
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["model"]["quant"] == "int4" and manifest["model"]["quant_group_size"] == GROUP
     assert manifest["reference"]["source"] == "transformers on the dequantized weights"
     records = [r for r in manifest["model"]["transforms"] if r["op"] == "quantize_int4"]
-    assert len(records) == 8 and all(r["group_size"] == GROUP for r in records)
-    # runtime inspect: half a byte per weight element, plus 8 bytes of (scale, min) per group, plus the rest.
+    assert len(records) == (9 if tied else 10) and all(r["group_size"] == GROUP for r in records)
     check_norm_in_kernel(artifact)
+    # runtime inspect: the schemes, and per decode step every weight once but the embedding table (read only as
+    # the lm_head when tied): half a byte per quantized element, 8 bytes of (scale, min) per group, fp32 the rest.
     weights = describe(artifact)["weights"]
     assert weights["schemes"] == {f"int4/g{GROUP}": 8}
-    embedding = {n.input("weight") for n in artifact.graph.nodes if n.op == "embedding"}
-    lm_head = {n.input("weight") for n in artifact.graph.nodes if n.op == "logits"}
-    # The embedding table is not read per step, except where it is the lm_head too (tiny-gemma2 is tied).
-    unread = embedding - lm_head
-    others = sum(4 * torch.Size(t["shape"]).numel() for name, t in header.items()
-                 if name not in {n.input(r) for n in matmuls for r in ("w", "scale")} and name not in unread)
-    assert weights["decode_bytes"] == packed_bytes + others
+    assert weights["tables"] == {"embedding": f"int4/g{GROUP}", "logits": f"int4/g{GROUP}"}
+    unread = {embedding.input(r) for r in ("weight", "weight_scale")} - {logits.input(r) for r in
+                                                                         ("weight", "weight_scale")}
+    others = sum(4 * torch.Size(t["shape"]).numel() for n, t in header.items() if n not in stored)
+    assert weights["decode_bytes"] == sum(b for n, b in stored.items() if n not in unread) + others
     # Parameters count two per packed byte and none for the (scale, min) pairs: the model's own count (every norm
     # weight stays, applied to x), plus the rope's cos_sin table the artifact stores.
-    cos_sin = sum(torch.Size(t["shape"]).numel() for name, t in header.items() if "cos_sin" in name)
-    hf = {name: p.numel() for name, p in model.named_parameters()}
+    cos_sin = sum(torch.Size(t["shape"]).numel() for n, t in header.items() if "cos_sin" in n)
+    hf = {n: p.numel() for n, p in model.named_parameters()}
     assert weights["parameters"] - cos_sin == sum(hf.values())
 
 
