@@ -34,6 +34,11 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "i32": 4, "i64": 8, "i8": 1, "u8
 GRAPH_OPS = ("embedding", "rms_norm", "add_rms_norm", "rms_norm_linear", "linear", "rope", "kv_cache_write",
              "attention", "silu_mul", "gelu_tanh_mul", "logits", "rms_norm_gated")
 
+# The ops whose weight a quantized build (--quant) stores quantized, and their (weight, scale) input roles
+# (docs/ops.md): the matmuls, and the embedding table and lm_head, quantized along D as a matmul weight along K.
+QUANT_ROLES = {"linear": ("w", "scale"), "rms_norm_linear": ("w", "scale"), "embedding": ("weight", "weight_scale"),
+               "logits": ("weight", "weight_scale")}
+
 # Which output role of an in-place op shares storage with which input role.
 # rope's cache roles exist only in its cache-writing form (write_cache), where it does kv_cache_write's job; the
 # matmuls' only in their rope-epilogue form (act "rope" with write_cache), where they do rope's.

@@ -18,7 +18,9 @@ from pathlib import Path
 # runtime cannot bind. 3: int8 weights (dtype i8) with a per-channel `scale` input on quantized matmul nodes (attr
 # quant "int8"), and the matmul kernels take a scale pointer: a format 2 index binds the old parameter list.
 # int4 (dtype u8, packed; attrs quant "int4" and group_size; its (scale, min) pairs through the same scale pointer)
-# stays format 3: its kernel constexprs default to off, so a format 3 index from before it still binds and runs.
+# stays format 3: its kernel constexprs default to off, so a format 3 index from before it still binds and runs. So
+# does rms_norm_linear's in-kernel norm weight (input norm_w, attr use_norm_w): constexpr USE_NORM_W defaults to off
+# and its pointer is a last parameter with a default, bound by name.
 FORMAT = 3
 REQUIRED_FILES = ("graph.onnx", "weights.safetensors", "tokenizer.json")
 LIMIT_KEYS = ("max_seq_len", "max_batch", "max_num_tokens", "block_size")

@@ -190,7 +190,7 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
     quant "int8": weight-only int8 for every linear / rms_norm_linear weight (embedding and lm_head stay in ``dtype``);
     "int4": weight-only int4 per group of ``group_size`` (32, 64 or 128; default 128) along K, the same weights. The
     reference logits then come from transformers on the dequantized weights the artifact holds."""
-    from compiler.dequant import dequantized_checkpoint, fold_inputs
+    from compiler.dequant import dequantized_checkpoint
     from compiler.frontends import family_of, load_source
     from compiler.memory import memory_plan
     from compiler.passes import optimize, passes_for
@@ -238,7 +238,7 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
         traced = weights
         graph, weights, transforms = optimize(graph, traced, dtype, quant, group_size)
         if quant != "none" and reference:  # the reference model runs the dequantized weights: unwind them later
-            gains, row_counts = fold_inputs(transforms, traced), {n: t.shape[0] for n, t in traced.items() if t.dim()}
+            row_counts = {n: t.shape[0] for n, t in traced.items() if t.dim()}
         del traced
         mem = memory_plan(graph, limits)
         bar.advance(task)
@@ -260,7 +260,7 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
             known = write_files(stage, src, graph, weights, tuning)
             overrides = None
             if quant != "none" and reference:
-                overrides = dequantized_checkpoint(transforms, weights, gains, row_counts)
+                overrides = dequantized_checkpoint(transforms, weights, row_counts)
             del weights  # the reference model may need the memory
             seconds["write"] = time.perf_counter() - t3
             manifest = manifest_fields(source, src, family, dtype, tgts, limits, mem, transforms, quant,

@@ -38,9 +38,10 @@ def main(debug: bool) -> None:
 @click.option("--reference/--no-reference", default=True, help="Store HF transformers reference logits.")
 @click.option("--quant", default="none", show_default=True,
               help="Weight quantization: none, int8 (weight-only, symmetric per output channel) or int4 (weight-only, "
-                   "asymmetric per group along K, see --group-size; CPU-tested, not yet run on a GPU) for every "
-                   "linear (qkv, o, gate_up, down); the embedding and lm_head stay in --dtype for now. A GGUF source "
-                   "is dequantized, then quantized.")
+                   "asymmetric per group along K, see --group-size) for every linear (qkv, o, gate_up, down) and the "
+                   "embedding table and lm_head (per vocabulary row / per group along the hidden size; a tied table "
+                   "once). Norm weights stay in --dtype and are applied to x in the kernel, not folded into the "
+                   "quantized weights. A GGUF source is dequantized, then quantized.")
 @click.option("--group-size", type=int, default=None,
               help="--quant int4 only: values per (scale, min) group along K, 32, 64 or 128 (default 128).")
 def compile(source: str, out: Path | None, targets: tuple[str, ...], dtype: str | None, max_seq_len: int,
@@ -90,8 +91,8 @@ def models() -> None:
     console.print("sources: a preset name, an HF model directory (config.json, *.safetensors, tokenizer.json) "
                   "or a .gguf file")
     console.print("--quant: none, int8 (weight-only, per output channel) or int4 (weight-only, per group of "
-                  "--group-size 32/64/128 along K) for the linears; the embedding and lm_head stay in the build dtype "
-                  "for now")
+                  "--group-size 32/64/128 along K) for the linears, the embedding table and the lm_head; norm weights "
+                  "and biases stay in the build dtype")
 
 
 if __name__ == "__main__":

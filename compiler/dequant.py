@@ -3,10 +3,9 @@ source's tensor names, so HF transformers can run exactly the model the artifact
 `runtime verify`).
 
 Each quantized weight is walked back through the transform records that made it (docs/artifact.md, manifest
-`model.transforms`), newest first: the rope row pairing and the GLU interleave are permutations (inverted), a merge
-is a concat along rows (split again), and a folded RMSNorm weight g (W' = W diag(g)) is divided out, W = W' / g, so
-the source's norm, which transformers still applies, multiplies it back in (a column where g is 0 never reaches the
-output, and is 0 here).
+`model.transforms`), newest first: the rope row pairing and the GLU interleave are permutations (inverted), and a
+merge is a concat along rows (split again). No norm weight is folded into a quantized weight (the kernels apply it to
+x, fold_norms in_kernel), so transformers' norms, on the source's own norm weights, are the artifact's.
 """
 
 from __future__ import annotations
@@ -21,28 +20,22 @@ from kernels.weight_quant import dequantize
 QUANTIZE_OPS = ("quantize_int8", "quantize_int4")
 
 
-def fold_inputs(transforms: list[dict], traced: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What unwinding needs of the traced weights, taken before they are freed: every folded norm weight (fp32)."""
-    return {r["inputs"][1]: traced[r["inputs"][1]].float() for r in transforms if r["op"] == "fold_rms_norm"}
-
-
-def dequantized_checkpoint(transforms: list[dict], weights: Mapping[str, torch.Tensor], gains: dict[str, torch.Tensor],
+def dequantized_checkpoint(transforms: list[dict], weights: Mapping[str, torch.Tensor],
                            rows: Mapping[str, int]) -> dict[str, torch.Tensor]:
     """Source tensor name -> the fp32 weight the artifact computes with, for every weight quantize_weights replaced.
 
-    weights: the artifact's weights; gains: fold_inputs(); rows: source tensor name -> its number of rows (to split
-    merges)."""
+    weights: the artifact's weights; rows: source tensor name -> its number of rows (to split merges)."""
     made = {r["output"]: r for r in transforms if r["op"] not in ("cast", *QUANTIZE_OPS)}
     out: dict[str, torch.Tensor] = {}
     for r in transforms:
         if r["op"] in QUANTIZE_OPS:  # kernels/weight_quant.py tells int4 (u8 w, [N, K / G, 2] scale) from int8
             value = dequantize(weights[r["output"]], weights[r["scale"]])
-            out.update(_unwind(r["inputs"][0], value, made, gains, rows))
+            out.update(_unwind(r["inputs"][0], value, made, rows))
     return out
 
 
-def _unwind(name: str, value: torch.Tensor, made: dict[str, dict], gains: dict[str, torch.Tensor],
-            rows: Mapping[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
+def _unwind(name: str, value: torch.Tensor, made: dict[str, dict], rows: Mapping[str, int]
+            ) -> Iterator[tuple[str, torch.Tensor]]:
     record = made.get(name)
     if record is None:  # a source tensor
         yield name, value
@@ -52,15 +45,12 @@ def _unwind(name: str, value: torch.Tensor, made: dict[str, dict], gains: dict[s
         order = RopeEpilogue.from_attrs(record).row_order()
         before = torch.empty_like(value)
         before[order] = value
-        yield from _unwind(src[0], before, made, gains, rows)
+        yield from _unwind(src[0], before, made, rows)
     elif op == "interleave_rows":
-        yield from _unwind(src[0], torch.cat([value[0::2], value[1::2]]), made, gains, rows)
-    elif op == "fold_rms_norm":
-        g = gains[src[1]]
-        yield from _unwind(src[0], torch.where(g != 0, value / g, torch.zeros_like(value)), made, gains, rows)
+        yield from _unwind(src[0], torch.cat([value[0::2], value[1::2]]), made, rows)
     elif op == "concat":
         for part, piece in zip(src, value.split([rows[p] for p in src])):
-            yield from _unwind(part, piece, made, gains, rows)
+            yield from _unwind(part, piece, made, rows)
     else:
         raise ValueError(f"cannot undo the transform {op!r} of {name} to build a dequantized reference: compile "
                          f"with --no-reference")

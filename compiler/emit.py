@@ -45,6 +45,9 @@ def manifest_fields(source: str, src, family: str, dtype: str, targets: list[Tar
         "model": {"architecture": src.config.get("architectures", ["?"])[0], "family": family, "config": src.config,
                   "dtype": dtype, "quant": quant,
                   **({"quant_group_size": group_size} if quant == "int4" else {}),
+                  # Quantized weights keep the norm weight out (fold_norms in_kernel): rms_norm_linear applies it.
+                  **({"norm_weights": "applied to x in rms_norm_linear (attr use_norm_w, input norm_w)"}
+                     if quant != "none" else {}),
                   "source": source if not Path(source).exists() else Path(source).name,
                   "source_sha256": src.sha256, "transforms": transforms},
         "build": {"trilite": version("trilite"), "triton": triton.__version__,

@@ -26,7 +26,8 @@ def _shape(graph: Graph, node: Node, role: str) -> tuple:
 
 # Static sizes each op's plan reads (docs/ops.md, "meta keys"), taken from the node's tensor shapes.
 _SIZES: dict[str, Callable[[Graph, Node], dict]] = {
-    "embedding": lambda g, n: dict(zip(("V", "D"), _shape(g, n, "weight"))),
+    # V from the table, D from the activation: an int4 table is packed two values per byte, [V, D / 2].
+    "embedding": lambda g, n: {"V": _shape(g, n, "weight")[0], "D": _shape(g, n, "out")[1]},
     "rms_norm": lambda g, n: {"D": _shape(g, n, "w")[0]},
     "add_rms_norm": lambda g, n: {"D": _shape(g, n, "w")[0]},
     "rms_norm_gated": lambda g, n: {"D": _shape(g, n, "w")[0]},
@@ -39,7 +40,7 @@ _SIZES: dict[str, Callable[[Graph, Node], dict]] = {
     "attention_decode": lambda g, n: {"max_blocks": _shape(g, n, "block_tables")[1]},
     "silu_mul": lambda g, n: {"I": _shape(g, n, "out")[1]},
     "gelu_tanh_mul": lambda g, n: {"I": _shape(g, n, "out")[1]},
-    "logits": lambda g, n: dict(zip(("V", "D"), _shape(g, n, "weight"))),
+    "logits": lambda g, n: {"V": _shape(g, n, "weight")[0], "D": _shape(g, n, "x")[1]},
 }
 
 

@@ -83,14 +83,13 @@ def _linear_kernel(
     W_INT4: tl.constexpr = False,
     GROUP_SIZE: tl.constexpr = 0,
 ):
-    matmul_program(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, partial_ptr, sem_ptr,
+    matmul_program(x_ptr, w_ptr, scale_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, partial_ptr, sem_ptr,
                    positions_ptr, cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_res,
                    stride_out, rows_cap, 0.0, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                    BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K,
                    W_INT8=W_INT8, USE_RMS=False, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, ACT_SILU_MUL=False,
                    ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
-                   WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL, W_INT4=W_INT4,
-                   GROUP_SIZE=GROUP_SIZE)
+                   WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE, USE_NORM_W=False)
 
 
 def configs(meta: dict) -> list[Config]:

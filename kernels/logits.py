@@ -17,6 +17,13 @@ the normed activation, O(1), in range for fp16 whatever the hidden states' scale
 throughout, so it multiplies norm_w into x and rstd into its accumulator at the end.
 
 Soft-capping (USE_SOFTCAP, Gemma 2's final_logit_softcapping): each logit z is stored as cap * tanh(z / cap).
+
+A quantized weight (attr quant, kernels/weight_quant.py, the matmul weights' schemes with D as their K): W_INT8, int8
+rows with an fp32 scale per vocabulary row (weight_scale [V]); W_INT4, rows of D / 2 bytes, two 4-bit q each, with an
+fp32 (scale, min) per group of GROUP_SIZE along D (weight_scale [V, D / GROUP_SIZE, 2]). Each weight tile is
+dequantized in fp32 as it is loaded (_weight_tile; int4 through matmul_helpers.load_int4), then meets x as a tile of
+the unquantized weight would: the tl.dot path rounds it once to the activation dtype (exact for int8 q * scale only
+in fp32), the broadcast path stays fp32. A tied embedding's table is the same tensor the embedding kernel reads.
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ import triton
 import triton.language as tl
 
 from kernels.attention_helpers import soft_cap, softcap_constexprs
+from kernels.matmul_configs import quant_meta, weight_launch_pieces
+from kernels.matmul_helpers import load_int4
 from kernels.pdl import enter
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
+from kernels.weight_quant import dequantize, is_int4
 
 
 @triton.jit
@@ -42,10 +52,42 @@ def _row_sumsq(x_rows, r_mask, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
+def _weight_tile(
+    weight_ptr,  # [V, D]; int8 with W_INT8; [V, D / 2] u8 with W_INT4
+    weight_scale_ptr,  # [V] fp32 (W_INT8); [V, D / GROUP_SIZE, 2] fp32 (W_INT4)
+    vocab,  # [BLOCK_V] int64
+    d,  # first column of the chunk, a multiple of BLOCK_D
+    D: tl.constexpr,
+    V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    W_INT8: tl.constexpr,
+    W_INT4: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+):
+    """weight[vocab, d:d + BLOCK_D], [BLOCK_V, BLOCK_D]: in its own dtype, or dequantized to fp32; 0 outside."""
+    if W_INT4:
+        w = load_int4(weight_ptr, weight_scale_ptr, vocab, d, N=V, K=D, BLOCK_N=vocab.shape[0], BLOCK_K=BLOCK_D,
+                      EVEN_K=EVEN_D, GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=False)
+    else:
+        cols = d + tl.arange(0, BLOCK_D)
+        v_mask = vocab < V
+        if EVEN_D:
+            mask = v_mask[:, None]
+        else:
+            mask = v_mask[:, None] & (cols < D)[None, :]
+        w = tl.load(weight_ptr + vocab[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        if W_INT8:
+            w = w.to(tl.float32) * tl.load(weight_scale_ptr + vocab, mask=v_mask, other=0.0)[:, None]
+    return w
+
+
+@triton.jit
 def _rows_dot(
     x_ptr,  # [T, D]
     norm_w_ptr,  # [D]
-    w_rows,  # [BLOCK_V, 1] pointers to this program's weight rows
+    weight_ptr,  # [V, D]; int8 with W_INT8; [V, D / 2] u8 with W_INT4
+    weight_scale_ptr,  # [V] fp32 (W_INT8); [V, D / GROUP_SIZE, 2] fp32 (W_INT4)
     last_idx_ptr,  # [R] i32
     out_ptr,  # [R, V] fp32
     r0,
@@ -62,6 +104,9 @@ def _rows_dot(
     EVEN_D: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    W_INT8: tl.constexpr,
+    W_INT4: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
 ):
     """Rows r0 .. r0 + BLOCK_R on tensor cores: acc[BLOCK_R, BLOCK_V] = normed x @ weight tile^T, rows padded."""
     rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -75,12 +120,14 @@ def _rows_dot(
         if EVEN_D:
             x = tl.load(x_rows + cols[None, :], mask=r_mask[:, None], other=0.0)
             g = tl.load(norm_w_ptr + cols)
-            w = tl.load(w_rows + cols[None, :], mask=v_mask[:, None], other=0.0)
         else:
             d_mask = cols < D
             x = tl.load(x_rows + cols[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
             g = tl.load(norm_w_ptr + cols, mask=d_mask, other=0.0)
-            w = tl.load(w_rows + cols[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+        w = _weight_tile(weight_ptr, weight_scale_ptr, vocab, d, D=D, V=V, BLOCK_D=BLOCK_D, EVEN_D=EVEN_D,
+                         W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE)
+        if W_INT8 or W_INT4:
+            w = w.to(x.dtype)  # the dequantized weight rounded once to the activation dtype (none in fp32)
         # The operand is the normed activation, O(1): in range for fp16 whatever the hidden states' scale.
         xn = x.to(tl.float32) * rstd[:, None] * g.to(tl.float32)[None, :]
         if w.dtype == tl.float32:
@@ -97,7 +144,8 @@ def _rows_dot(
 def _rows_broadcast(
     x_ptr,  # [T, D]
     norm_w_ptr,  # [D]
-    w_rows,  # [BLOCK_V, 1] pointers to this program's weight rows
+    weight_ptr,  # [V, D]; int8 with W_INT8; [V, D / 2] u8 with W_INT4
+    weight_scale_ptr,  # [V] fp32 (W_INT8); [V, D / GROUP_SIZE, 2] fp32 (W_INT4)
     last_idx_ptr,  # [R] i32
     out_ptr,  # [R, V] fp32
     r0,
@@ -114,6 +162,9 @@ def _rows_broadcast(
     EVEN_D: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    W_INT8: tl.constexpr,
+    W_INT4: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
 ):
     """Rows r0 .. r0 + BLOCK_R (1..4) in fp32 registers: each row in turn meets the weight tile, which is reduced
     along D in the layout it was loaded in. The accumulator is [BLOCK_V, BLOCK_R] so that a row's [BLOCK_V]
@@ -130,10 +181,10 @@ def _rows_broadcast(
         d_mask = cols < D
         if EVEN_D:
             g = tl.load(norm_w_ptr + cols).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=v_mask[:, None], other=0.0).to(tl.float32)
         else:
             g = tl.load(norm_w_ptr + cols, mask=d_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        w = _weight_tile(weight_ptr, weight_scale_ptr, vocab, d, D=D, V=V, BLOCK_D=BLOCK_D, EVEN_D=EVEN_D,
+                         W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE).to(tl.float32)
         for i in tl.static_range(BLOCK_R):
             live = r0 + i < R
             src = tl.load(last_idx_ptr + r0 + i, mask=live, other=0).to(tl.int64)
@@ -150,7 +201,7 @@ def _rows_broadcast(
 def _logits_kernel(
     x_ptr,  # [T, D], hidden states before the final norm
     norm_w_ptr,  # [D]
-    weight_ptr,  # [V, D]
+    weight_ptr,  # [V, D]; int8 with W_INT8; [V, D / 2] u8, two int4 per byte, with W_INT4
     last_idx_ptr,  # [R] i32, the row of x whose logits each output row holds
     out_ptr,  # [R, V] fp32
     R,
@@ -166,18 +217,25 @@ def _logits_kernel(
     EVEN_D: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     SOFTCAP: tl.constexpr,  # the cap; read only with USE_SOFTCAP
+    # Last and with defaults, so an index from before the quantized lm_head binds and runs as it was.
+    W_INT8: tl.constexpr = False,
+    W_INT4: tl.constexpr = False,
+    GROUP_SIZE: tl.constexpr = 0,
+    weight_scale_ptr=None,  # [V] fp32 (W_INT8); [V, D / GROUP_SIZE, 2] fp32 (W_INT4); else bound to weight, unread
     USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
     enter(USE_PDL)
     vocab = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    w_rows = weight_ptr + vocab[:, None] * D
     for r0 in range(0, R, BLOCK_R):
         if USE_DOT:
-            _rows_dot(x_ptr, norm_w_ptr, w_rows, last_idx_ptr, out_ptr, r0, R, vocab, stride_x, stride_out, eps,
-                      D, V, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D, USE_SOFTCAP=USE_SOFTCAP, SOFTCAP=SOFTCAP)
+            _rows_dot(x_ptr, norm_w_ptr, weight_ptr, weight_scale_ptr, last_idx_ptr, out_ptr, r0, R, vocab, stride_x,
+                      stride_out, eps, D, V, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D, USE_SOFTCAP=USE_SOFTCAP,
+                      SOFTCAP=SOFTCAP, W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE)
         else:
-            _rows_broadcast(x_ptr, norm_w_ptr, w_rows, last_idx_ptr, out_ptr, r0, R, vocab, stride_x, stride_out,
-                            eps, D, V, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D, USE_SOFTCAP=USE_SOFTCAP, SOFTCAP=SOFTCAP)
+            _rows_broadcast(x_ptr, norm_w_ptr, weight_ptr, weight_scale_ptr, last_idx_ptr, out_ptr, r0, R, vocab,
+                            stride_x, stride_out, eps, D, V, BLOCK_R, BLOCK_V, BLOCK_D, EVEN_D,
+                            USE_SOFTCAP=USE_SOFTCAP, SOFTCAP=SOFTCAP, W_INT8=W_INT8, W_INT4=W_INT4,
+                            GROUP_SIZE=GROUP_SIZE)
 
 
 # Fewest programs the heuristic accepts before narrowing BLOCK_V: two per SM of an H100 (132 SMs), so every SM
@@ -252,19 +310,23 @@ def default(meta: dict) -> Config:
 def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     D, V = meta["D"], meta["V"]
     # fp32 operands take twice the shared memory per stage: at most two stages keeps gfx942 within 64 KB.
-    stages = min(config.num_stages, 2) if dtypes["weight"] == "fp32" else config.num_stages
+    # A quantized weight's tiles meet x in the activation dtype (x's).
+    operand = dtypes["x"] if meta.get("quant") not in (None, "none") else dtypes["weight"]
+    stages = min(config.num_stages, 2) if operand == "fp32" else config.num_stages
+    w_types, w_args, w_constexprs = weight_launch_pieces(meta, dtypes, "weight", "weight_scale", "D",
+                                                         "weight_scale_ptr")
     launch = make_launch(
         _logits_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "norm_w_ptr": ptr(dtypes["norm_w"]), "weight_ptr": ptr(dtypes["weight"]),
                "last_idx_ptr": ptr(dtypes["last_idx"]), "out_ptr": ptr(dtypes["out"]), "R": "i32",
-               "stride_x": "i64", "stride_out": "i64", "eps": "fp32"},
+               "stride_x": "i64", "stride_out": "i64", "eps": "fp32", **w_types},
         constexprs={"D": D, "V": V, "EVEN_D": D % config["BLOCK_D"] == 0, **softcap_constexprs(meta),
                     "USE_PDL": False,
-                    **{k: config[k] for k in ("BLOCK_R", "BLOCK_V", "BLOCK_D", "USE_DOT")}},
+                    **{k: config[k] for k in ("BLOCK_R", "BLOCK_V", "BLOCK_D", "USE_DOT")}, **w_constexprs},
         args={"x_ptr": ("tensor", "x"), "norm_w_ptr": ("tensor", "norm_w"), "weight_ptr": ("tensor", "weight"),
               "last_idx_ptr": ("tensor", "last_idx"), "out_ptr": ("tensor", "out"), "R": ("sym", "R"),
               "stride_x": ("int", meta.get("stride_x", D)), "stride_out": ("int", meta.get("stride_out", V)),
-              "eps": ("float", meta["eps"])},
+              "eps": ("float", meta["eps"]), **w_args},
         grid=[grid_dim(triton.cdiv(V, config["BLOCK_V"]))],
         config=Config(config.constexprs, config.num_warps, stages),
     )
@@ -278,13 +340,16 @@ SPEC = KernelSpec("logits", configs, default, plan, tune_buckets=(1, 4, 16, 64))
 
 
 def logits(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, last_idx: torch.Tensor, *, eps: float,
-           softcap: float = 0.0, out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+           softcap: float = 0.0, weight_scale: torch.Tensor | None = None, out: torch.Tensor | None = None,
+           config: Config | None = None) -> torch.Tensor:
     """x [T, D], norm_w [D], weight [V, D], last_idx [R] i32 (each < T) -> out [R, V] fp32, via the kernel;
-    softcap > 0: each logit z soft-capped to softcap * tanh(z / softcap)."""
+    softcap > 0: each logit z soft-capped to softcap * tanh(z / softcap). weight_scale: a quantized weight (int8
+    [V, D] with [V] fp32, or packed int4 [V, D / 2] with [V, D / G, 2] fp32)."""
     T, D = x.shape
     V = weight.shape[0]
     R = last_idx.shape[0]
-    assert x.stride(1) == 1 and norm_w.shape == (D,) and weight.shape == (V, D) and weight.is_contiguous()
+    cols = D // 2 if is_int4(weight, weight_scale) else D
+    assert x.stride(1) == 1 and norm_w.shape == (D,) and weight.shape == (V, cols) and weight.is_contiguous()
     assert last_idx.dtype == torch.int32 and last_idx.dim() == 1
     if out is None:
         out = torch.empty(R, V, dtype=torch.float32, device=x.device)
@@ -292,14 +357,17 @@ def logits(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, last_idx
     meta = {"D": D, "V": V, "eps": eps, "softcap": softcap, "stride_x": x.stride(0), "stride_out": out.stride(0),
             "max_T": T, "max_S": max(R, 1), "T_bucket": max(T, R)}
     tensors = {"x": x, "norm_w": norm_w, "weight": weight, "last_idx": last_idx, "out": out}
+    if weight_scale is not None:
+        meta |= quant_meta(weight, weight_scale, D)
+        tensors["weight_scale"] = weight_scale
     run(plan(meta, {k: dtype_name(t) for k, t in tensors.items()}, config or default(meta)), tensors,
         {"T": T, "S": R, "R": R})
     return out
 
 
-def reference(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, last_idx: torch.Tensor, *,
-              eps: float, softcap: float = 0.0) -> torch.Tensor:
+def reference(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, last_idx: torch.Tensor,
+              weight_scale: torch.Tensor | None = None, *, eps: float, softcap: float = 0.0) -> torch.Tensor:
     h = x[last_idx.long()].float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()
-    out = h @ weight.float().T
+    out = h @ dequantize(weight, weight_scale).T
     return out if softcap == 0 else torch.tanh(out / softcap) * softcap

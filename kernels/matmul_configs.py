@@ -83,36 +83,38 @@ def quant_meta(w: torch.Tensor, scale: torch.Tensor, K: int) -> dict:
     return {"quant": "int8"}
 
 
-def weight_scheme(meta: dict, dtypes: dict) -> str:
+def weight_scheme(meta: dict, dtypes: dict, w: str = "w", scale: str = "scale", k: str = "K") -> str:
     """The node's weight scheme (attr quant: kernels/weight_quant.py; absent or "none": w in the activation dtype),
-    checked against the dtypes of w and scale and, for int4, the group size against K."""
+    checked against the dtypes of w and scale and, for int4, the group size against K. The roles and the size key
+    are the matmuls'; embedding and logits name theirs (weight, weight_scale, D)."""
     quant = meta.get("quant") or "none"
     if quant not in QUANT_SCHEMES:
         raise ValueError(f"quant {quant!r} is not one of {', '.join(QUANT_SCHEMES)}")
     want = {"none": None, "int8": "i8", "int4": "u8"}[quant]
     if quant == "none":
-        if "scale" in dtypes or dtypes["w"] in ("i8", "u8"):
-            raise ValueError(f"quant none: w is {dtypes['w']} and scale {dtypes.get('scale', 'absent')}; a quantized "
-                             f"w needs attr quant int8 or int4")
+        if scale in dtypes or dtypes[w] in ("i8", "u8"):
+            raise ValueError(f"quant none: {w} is {dtypes[w]} and {scale} {dtypes.get(scale, 'absent')}; a "
+                             f"quantized {w} needs attr quant int8 or int4")
         return quant
-    if dtypes["w"] != want or dtypes.get("scale") != "fp32":
-        raise ValueError(f"quant {quant}: w is {dtypes['w']} and scale {dtypes.get('scale', 'absent')}; {quant} needs "
-                         f"a {want} w and an fp32 scale")
+    if dtypes[w] != want or dtypes.get(scale) != "fp32":
+        raise ValueError(f"quant {quant}: {w} is {dtypes[w]} and {scale} {dtypes.get(scale, 'absent')}; {quant} "
+                         f"needs a {want} {w} and an fp32 {scale}")
     if quant == "int4":
         group = meta.get("group_size")
-        if group not in INT4_GROUP_SIZES or meta["K"] % group:
-            raise ValueError(f"quant int4: group_size {group} must be one of {INT4_GROUP_SIZES} and divide K = "
-                             f"{meta['K']}")
+        if group not in INT4_GROUP_SIZES or meta[k] % group:
+            raise ValueError(f"quant int4: group_size {group} must be one of {INT4_GROUP_SIZES} and divide {k} = "
+                             f"{meta[k]}")
     return quant
 
 
-def weight_launch_pieces(meta: dict, dtypes: dict) -> tuple[dict[str, str], dict[str, Arg], dict]:
+def weight_launch_pieces(meta: dict, dtypes: dict, w: str = "w", scale: str = "scale", k: str = "K",
+                         pointer: str = "scale_ptr") -> tuple[dict[str, str], dict[str, Arg], dict]:
     """The scale pointer's type and binding and the W_INT8 / W_INT4 / GROUP_SIZE constexprs; without a scheme the
     pointer is bound to w, unread."""
-    quant = weight_scheme(meta, dtypes)
-    role = "w" if quant == "none" else "scale"
+    quant = weight_scheme(meta, dtypes, w, scale, k)
+    role = w if quant == "none" else scale
     int4 = quant == "int4"
-    return ({"scale_ptr": ptr(dtypes[role])}, {"scale_ptr": ("tensor", role)},
+    return ({pointer: ptr(dtypes[role])}, {pointer: ("tensor", role)},
             {"W_INT8": quant == "int8", "W_INT4": int4, "GROUP_SIZE": meta["group_size"] if int4 else 0})
 
 

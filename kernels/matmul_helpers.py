@@ -16,7 +16,10 @@ Two regimes, picked by config per token bucket (KernelSpec.tune_buckets, meta["T
 
 The RMSNorm fusion (FlashNorm, arXiv 2407.09577): the norm weight is folded into W by the compiler, so the
 kernel only needs each row's sum of squares (a short pass of its own over x; USE_RMS), and scales the
-accumulator by rstd = 1 / sqrt(sum(x^2) / K + eps) in the epilogue.
+accumulator by rstd = 1 / sqrt(sum(x^2) / K + eps) in the epilogue. A quantized weight cannot take g (a column
+scaling moves W off the grid it was quantized on, e.g. a GGUF's Q4_1 blocks), so with USE_NORM_W the compiler leaves
+g out of W and the kernel multiplies each x tile by norm_w[k] (fp32) before the product; the sum of squares stays on
+the raw x, and rstd is applied in the epilogue as before.
 
 The SwiGLU fusion (ACT_SILU_MUL): over a gate_up weight whose rows the compiler interleaved (gate_j, up_j), the
 epilogue pairs adjacent columns and stores silu(gate) * up, [T, N / 2], so no [T, N] activation is written and
@@ -66,6 +69,18 @@ def grouped_tile(pid, T, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def apply_norm_w(
+    x,  # [BLOCK_M, BLOCK_K] the x tile at ks
+    norm_w_ptr,  # [K]
+    ks,  # [BLOCK_K] int64
+    K: tl.constexpr,
+):
+    """x * norm_w[ks] in fp32, back in x's dtype (the operand dtype tl.dot wants; exact for fp32 models)."""
+    g = tl.load(norm_w_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * g[None, :]).to(x.dtype)
 
 
 @triton.jit
@@ -125,6 +140,7 @@ def mm_tile(
     x_ptr,  # [T, K]
     w_ptr,  # [N, K]; [N, K / 2] u8 with W_INT4
     scale_ptr,  # [N, K / GROUP_SIZE, 2] fp32 (W_INT4)
+    norm_w_ptr,  # [K] (USE_NORM_W)
     rows,  # [BLOCK_M] int64
     cols,  # [BLOCK_N] int64
     T,
@@ -142,6 +158,7 @@ def mm_tile(
     W_INT8: tl.constexpr,
     W_INT4: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    USE_NORM_W: tl.constexpr,
 ):
     """acc[BLOCK_M, BLOCK_N] = x[rows, k_lo:k_lo+K_SPAN] @ w[cols, same]^T and sumsq[BLOCK_M] = sum of x^2 there
     (with W_INT8 the product of the int8 values, unscaled)."""
@@ -167,6 +184,8 @@ def mm_tile(
             k_mask = ks < K
             x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w_mask = col_mask[:, None] & k_mask[None, :]
+        if USE_NORM_W:
+            x = apply_norm_w(x, norm_w_ptr, ks, K=K)
         if W_INT4:
             w = load_int4(w_ptr, scale_ptr, cols, k, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
                           GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=False)
@@ -264,6 +283,7 @@ def gemv_tile(
     x_ptr,  # [T, K]
     w_ptr,  # [N, K]; [N, K / 2] u8 with W_INT4
     scale_ptr,  # [N, K / GROUP_SIZE, 2] fp32 (W_INT4)
+    norm_w_ptr,  # [K] (USE_NORM_W)
     rows,  # [BLOCK_M] int64
     cols,  # [BLOCK_N] int64
     T,
@@ -281,6 +301,7 @@ def gemv_tile(
     W_INT8: tl.constexpr,
     W_INT4: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    USE_NORM_W: tl.constexpr,
 ):
     """acc[BLOCK_M, BLOCK_N] = x[rows, k_lo:k_lo+K_SPAN] @ w[cols, same]^T, and the rows' sum of x^2 over that
     K range, for the weight-streaming layout. W is read once and never again, so its loads are evict-first; x is
@@ -325,6 +346,8 @@ def gemv_tile(
                 xs = x
             xs = xs.to(tl.float32)
             sumsq += tl.sum(xs * xs, axis=1)
+        if USE_NORM_W:  # after the sum of squares, which is over the raw x
+            x = apply_norm_w(x, norm_w_ptr, ks, K=K)
         if USE_DOT:
             if x.dtype == tl.float32:
                 # fp32 models expect fp32 results; the default tf32 would round operands to 10 mantissa bits.
@@ -345,6 +368,7 @@ def matmul_program(
     x_ptr,  # [T, K]
     w_ptr,  # [N, K]; int8 with W_INT8; [N, K / 2] u8 with W_INT4
     scale_ptr,  # [N] fp32 (W_INT8); [N, K / GROUP_SIZE, 2] fp32 (W_INT4)
+    norm_w_ptr,  # [K] (USE_NORM_W)
     bias_ptr,  # [N]
     residual_ptr,  # [T, N]
     out_ptr,  # [T, N]; [T, N / 2] with ACT_SILU_MUL
@@ -388,6 +412,7 @@ def matmul_program(
     USE_PDL: tl.constexpr,
     W_INT4: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    USE_NORM_W: tl.constexpr,
 ):
     """One program of the launch, either layout (see the module docstring)."""
     if USE_PDL:
@@ -404,10 +429,10 @@ def matmul_program(
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         for m0 in range(0, T, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-            acc, sumsq = gemv_tile(x_ptr, w_ptr, scale_ptr, rows, cols, T, stride_x, pid_k * K_SPAN, N=N, K=K,
-                                   K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
-                                   USE_DOT=USE_DOT, USE_RMS=USE_RMS, W_INT8=W_INT8, W_INT4=W_INT4,
-                                   GROUP_SIZE=GROUP_SIZE)
+            acc, sumsq = gemv_tile(x_ptr, w_ptr, scale_ptr, norm_w_ptr, rows, cols, T, stride_x, pid_k * K_SPAN,
+                                   N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                   EVEN_K=EVEN_K, USE_DOT=USE_DOT, USE_RMS=USE_RMS, W_INT8=W_INT8, W_INT4=W_INT4,
+                                   GROUP_SIZE=GROUP_SIZE, USE_NORM_W=USE_NORM_W)
             if SPLIT_K == 1:
                 store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,
                            cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps,
@@ -450,9 +475,10 @@ def matmul_program(
         pid_m, pid_n = grouped_tile(tl.program_id(0), T, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc, sumsq = mm_tile(x_ptr, w_ptr, scale_ptr, rows, cols, T, stride_x, 0, N=N, K=K, K_SPAN=K_SPAN,
-                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K, USE_DOT=USE_DOT,
-                             USE_RMS=USE_RMS, W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE)
+        acc, sumsq = mm_tile(x_ptr, w_ptr, scale_ptr, norm_w_ptr, rows, cols, T, stride_x, 0, N=N, K=K,
+                             K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
+                             USE_DOT=USE_DOT, USE_RMS=USE_RMS, W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE,
+                             USE_NORM_W=USE_NORM_W)
         if USE_PDL == PDL_LATE:
             launch_dependents()
         store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,

@@ -1,10 +1,12 @@
 """RMSNorm fused into the following linear: out[T, N] = rstd(x) * (x[T, K] @ w[N, K]^T) (+ bias[N]).
 
 The compiler has folded the norm weight g into w (W' = W * diag(g), in fp32, then cast), so what is left of the
-norm is a per-row scalar: rstd(x) = 1 / sqrt(mean(x^2) + eps) commutes with the product and is applied in the
-epilogue ("FlashNorm", arXiv 2407.09577). Its sum of squares comes from a short pass over the row of x (tiny next
-to W and cache-resident), so no [T, K] normed activation is ever written. Layouts
-(GEMV / split-K for decode, tl.dot tiles for prefill) are those of kernels/matmul_helpers.py.
+norm is a per-row scalar. A quantized w keeps its own grid instead (USE_NORM_W, input norm_w [K]): the kernel
+multiplies each x tile by g, out = rstd(x) * ((x * g) @ w^T), the sum of squares still over the raw x. Either way
+rstd(x) = 1 / sqrt(mean(x^2) + eps) commutes with the product and is applied in the epilogue ("FlashNorm", arXiv
+2407.09577). Its sum of squares comes from a short pass over the row of x (tiny next to W and cache-resident), so no
+[T, K] normed activation is ever written. Layouts (GEMV / split-K for decode, tl.dot tiles for prefill) are those
+of kernels/matmul_helpers.py.
 
 With act "silu_mul" (the compiler's SwiGLU fusion) w is the gate_up weight with its rows interleaved, row 2j =
 gate_j and row 2j + 1 = up_j, and out[T, N / 2] = silu(gate) * up: silu_mul runs in the epilogue. act
@@ -43,7 +45,7 @@ from kernels.weight_quant import dequantize, is_int4
 @triton.jit
 def _rms_norm_linear_kernel(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K], norm weight folded in; int8 with W_INT8; [N, K / 2] u8, two int4 per byte, with W_INT4
+    w_ptr,  # [N, K], norm weight folded in unless USE_NORM_W; int8 with W_INT8; [N, K / 2] u8 (two int4) with W_INT4
     scale_ptr,  # [N] fp32, w's scale per row (W_INT8); [N, K / GROUP_SIZE, 2] fp32 (scale, min) per group (W_INT4);
     # without either bound to w and never read
     bias_ptr,  # [N]; without HAS_BIAS bound to w and never read
@@ -86,15 +88,18 @@ def _rms_norm_linear_kernel(
     # Last and with defaults, so the format 3 indexes written before int4 (no such constexprs) still run interpreted.
     W_INT4: tl.constexpr = False,
     GROUP_SIZE: tl.constexpr = 0,
+    # Last and with defaults for the same reason (an index from before USE_NORM_W binds no norm_w_ptr).
+    USE_NORM_W: tl.constexpr = False,
+    norm_w_ptr=None,  # [K], the norm weight applied to x (USE_NORM_W); without it bound to w and never read
 ):
-    matmul_program(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, sem_ptr,
+    matmul_program(x_ptr, w_ptr, scale_ptr, norm_w_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, sem_ptr,
                    positions_ptr, cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_out,
                    stride_out, rows_cap, eps, N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                    BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M, LOOP_M=LOOP_M, USE_DOT=USE_DOT, EVEN_K=EVEN_K,
                    W_INT8=W_INT8, USE_RMS=True, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=False, ACT_SILU_MUL=ACT_SILU_MUL,
                    ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
-                   WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL, W_INT4=W_INT4,
-                   GROUP_SIZE=GROUP_SIZE)
+                   WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE,
+                   USE_NORM_W=USE_NORM_W)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -130,21 +135,23 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     rope_types, rope_args, rope_constexprs = rope_launch_pieces(meta, dtypes, config, unused="out")
     w_types, w_args, w_constexprs = weight_launch_pieces(meta, dtypes)
     t_types, t_args, t_constexprs = token_count(meta)
+    use_norm_w = bool(meta.get("use_norm_w"))
+    norm_w = ("norm_w", dtypes["norm_w"]) if use_norm_w else ("w", dtypes["w"])
     launch = make_launch(
         _rms_norm_linear_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), **w_types, "bias_ptr": ptr(bias[1]),
                "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]), "sumsq_ptr": ptr(sumsq[1]),
                "sem_ptr": ptr(sem[1]), **rope_types, **t_types, "stride_x": "i64", "stride_out": "i64",
-               "rows_cap": "i64", "eps": "fp32"},
+               "rows_cap": "i64", "eps": "fp32", "norm_w_ptr": ptr(norm_w[1])},
         constexprs={**tile_constexprs(meta, config), **w_constexprs, "HAS_BIAS": has_bias, "ACT_SILU_MUL": act,
-                    **rope_constexprs, **t_constexprs,
-                    "USE_PDL": False},
+                    **rope_constexprs, **t_constexprs, "USE_PDL": False, "USE_NORM_W": use_norm_w},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), **w_args, "bias_ptr": ("tensor", bias[0]),
               "out_ptr": ("tensor", "out"), "partial_ptr": ("tensor", partial[0]), "sumsq_ptr": ("tensor", sumsq[0]),
               "sem_ptr": ("tensor", sem[0]), **rope_args, **t_args,
               "stride_x": ("int", meta.get("stride_x", K)),
               "stride_out": ("int", meta.get("stride_out", N // 2 if act else N)),
-              "rows_cap": ("int", split_rows(meta)), "eps": ("float", meta["eps"])},
+              "rows_cap": ("int", split_rows(meta)), "eps": ("float", meta["eps"]),
+              "norm_w_ptr": ("tensor", norm_w[0])},
         grid=tile_grid(meta, config),
         config=launch_config(config, dtypes),
     )
@@ -157,12 +164,15 @@ SPEC = KernelSpec("rms_norm_linear", configs, default, plan, tune_buckets=(1, 16
 def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                     positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None,
                     slot_mapping: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
-                    v_cache: torch.Tensor | None = None, scale: torch.Tensor | None = None, *, eps: float,
-                    act: str | None = None, num_q_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0,
-                    rotary_dim: int = 0, is_neox: bool = True, write_cache: bool = False,
-                    out: torch.Tensor | None = None, config: Config | None = None
-                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    v_cache: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                    norm_w: torch.Tensor | None = None, *, eps: float, act: str | None = None,
+                    num_q_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0, rotary_dim: int = 0,
+                    is_neox: bool = True, write_cache: bool = False, out: torch.Tensor | None = None,
+                    config: Config | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, K], w [N, K] (norm weight folded in), bias [N] or None -> out [T, N] in x's dtype, via the kernel.
+
+    norm_w [K] (a quantized w, which cannot take the norm weight): the kernel multiplies x by it after the sum of
+    squares, out = rstd(x) * ((x * norm_w) @ w^T).
 
     act "silu_mul": w (and bias) rows interleaved gate/up, out [T, N / 2] = silu(gate) * up; "gelu_tanh_mul" the
     same with gelu_tanh(gate).
@@ -189,6 +199,9 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
         tensors["scale"] = scale
     if bias is not None:
         tensors["bias"] = bias
+    if norm_w is not None:
+        assert norm_w.shape == (K,), "norm_w [K]"
+        meta["use_norm_w"], tensors["norm_w"] = True, norm_w
     rope = None
     if act == "rope":
         rope = RopeEpilogue(num_q_heads, num_kv_heads, head_dim, rotary_dim, is_neox, write_cache)
@@ -202,12 +215,13 @@ def rms_norm_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
 def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
               positions: torch.Tensor | None = None, cos_sin: torch.Tensor | None = None,
               slot_mapping: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
-              v_cache: torch.Tensor | None = None, scale: torch.Tensor | None = None, *, eps: float,
-              act: str | None = None, num_q_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0,
-              rotary_dim: int = 0, is_neox: bool = True, write_cache: bool = False
-              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              v_cache: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+              norm_w: torch.Tensor | None = None, *, eps: float, act: str | None = None, num_q_heads: int = 0,
+              num_kv_heads: int = 0, head_dim: int = 0, rotary_dim: int = 0, is_neox: bool = True,
+              write_cache: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xf = x.float()
-    out = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (xf @ dequantize(w, scale).T)
+    xg = xf if norm_w is None else xf * norm_w.float()
+    out = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (xg @ dequantize(w, scale).T)
     if bias is not None:
         out = out + bias.float()
     if act in ("silu_mul", "gelu_tanh_mul"):

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from artifact_format.graph import Limits
+from artifact_format.graph import QUANT_ROLES, Limits
 from artifact_format.kernel_index import IndexFormatError, KernelIndex
 from artifact_format.layout import FORMAT, LIMIT_KEYS, REQUIRED_FILES, cache_dir, file_sha256, target_dir
 from runtime.errors import ArtifactError
@@ -272,8 +272,8 @@ def _scheme(node) -> str:
 
 def describe(artifact: Artifact) -> dict:
     """What ``runtime inspect`` shows: manifest facts, graph ops, kernels per target, weight sizes, the weight scheme
-    of the matmul nodes (attr quant) and the weight bytes one decode step reads (int8 at one byte, int4 at half a byte,
-    scales and mins included)."""
+    of the matmul nodes (attr quant) and of the embedding table and lm_head (tables), and the weight bytes one decode
+    step reads (int8 at one byte, int4 at half a byte, scales and mins included)."""
     from collections import Counter
 
     from runtime.bench import decode_weight_bytes
@@ -289,9 +289,9 @@ def describe(artifact: Artifact) -> dict:
         kernels[target] = {"binaries": len(files), "bytes": size, "launch sites": launches}
     header = artifact.safetensors_header("weights.safetensors")
     # Parameters of the model, not stored elements: a packed int4 byte holds two, scales and mins are none.
-    matmuls = [n for n in graph.nodes if n.op in ("linear", "rms_norm_linear")]
-    scales = {n.input("scale") for n in matmuls if n.input("scale")}
-    packed = {n.input("w") for n in matmuls if n.attr("quant") == "int4"}
+    quantized = [(n, roles) for n in graph.nodes if (roles := QUANT_ROLES.get(n.op)) and n.attr("quant")]
+    scales = {n.input(roles[1]) for n, roles in quantized}
+    packed = {n.input(roles[0]) for n, roles in quantized if n.attr("quant") == "int4"}
     numel = sum(math.prod(t["shape"]) * (2 if name in packed else 1) for name, t in header.items()
                 if name not in scales)
     return {
@@ -308,5 +308,6 @@ def describe(artifact: Artifact) -> dict:
                     "bytes": (artifact.path / "weights.safetensors").stat().st_size,
                     "quant": m["model"].get("quant", "none"),
                     "schemes": dict(Counter(_scheme(n) for n in graph.nodes if n.op in ("linear", "rms_norm_linear"))),
+                    "tables": {n.op: _scheme(n) for n in graph.nodes if n.op in ("embedding", "logits")},
                     "decode_bytes": decode_weight_bytes(graph)},
     }

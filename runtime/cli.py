@@ -156,6 +156,7 @@ def inspect(artifact: Path) -> None:
     w = d["weights"]
     console.print(f"weights {w['tensors']} tensors, {w['parameters'] / 1e6:.2f} M parameters, {_size(w['bytes'])}; "
                   f"quant {w['quant']} (matmuls: " + ", ".join(f"{s} ×{n}" for s, n in w["schemes"].items())
+                  + "".join(f", {op} {s}" for op, s in w["tables"].items())
                   + f"); {_size(w['decode_bytes'])} of weights read per decode step")
     table = Table("target", "binaries", "launch sites", "size")
     for target, k in d["kernels"].items():

@@ -10,7 +10,8 @@ Order matters, and each step says why it comes where it does:
                       could pair them with the norm after them, which must stay free to fold into its linear
   fuse_logits         final norm + gather + lm_head -> logits, before add_rms_norm could take the norm
   fuse_add_rms_norm   adds left over (no linear to take them) fuse with the norm after them
-  fold_norms          norms read only by linears fold into them (rms_norm_linear, W' = W diag(g))
+  fold_norms          norms read only by linears fold into them (rms_norm_linear, W' = W diag(g)); with --quant the
+                      norm weight stays out of W (input norm_w, applied to x in the kernel), so W keeps its grid
   fuse_swiglu         rms_norm_linear(gate_up) + silu_mul (or gelu_tanh_mul) -> one rms_norm_linear with that act
                       (gate/up rows interleaved); after fold_norms, which makes the rms_norm_linear it needs
   fuse_rope_epilogue  rms_norm_linear / linear(qkv) + rope -> one matmul with act "rope" (q/k rows paired); after
@@ -19,8 +20,8 @@ Order matters, and each step says why it comes where it does:
   eliminate_dead      unused nodes and weights go
   quantize_weights    only with --quant int8 (every linear / rms_norm_linear weight -> int8 + an fp32 scale per output
                       channel) or --quant int4 (packed nibbles + fp32 scale and min per group along K); after every
-                      pass that folds, merges or reorders weight rows, so the fold is exact (fp32) and the rows
-                      quantized are the rows the kernel reads
+                      pass that merges or reorders weight rows, so the rows quantized are the rows the kernel
+                      reads
   cast_weights        fp32 values -> the build dtype (cos_sin and quantization scales stay fp32)
 
 Per Llama decoder layer the result is rms_norm_linear(qkv with the rope and KV-cache write epilogue), attention,
@@ -97,7 +98,10 @@ def passes_for(quant: str = "none", group_size: int | None = None) -> tuple[tupl
     if quant == "none":
         return PASSES
     run = functools.partial(quantize_weights, scheme=quant, group_size=group_size)
-    return (*PASSES[:-1], ("quantize_weights", run), PASSES[-1])
+    # Every rms_norm_linear weight gets quantized, so none takes the norm weight: the kernels apply it to x.
+    unfolded = tuple((name, functools.partial(fold_norms, in_kernel=True)) if name == "fold_norms" else (name, p)
+                     for name, p in PASSES)
+    return (*unfolded[:-1], ("quantize_weights", run), unfolded[-1])
 
 
 def optimize(graph: Graph, weights: Mapping[str, torch.Tensor], dtype: str, quant: str = "none",

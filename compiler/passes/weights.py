@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from artifact_format.graph import Graph, TensorSpec
+from artifact_format.graph import QUANT_ROLES, Graph, TensorSpec
 from compiler.ops import node_label
 from compiler.passes.rewrite import Edit, make_node, merged_name, rebuild
 from kernels.rope_epilogue import RopeEpilogue
@@ -22,9 +22,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
                 "u8": torch.uint8}
 # The graph dtype of each scheme's quantized weight: int8 values, or two int4 values per byte.
 QUANT_DTYPES = {"int8": "i8", "int4": "u8"}
-# The matmul ops whose weight quantize_weights replaces; the embedding table and the lm_head (logits) stay in the
-# build dtype in this first slice of weight quantization.
-QUANTIZED_OPS = ("linear", "rms_norm_linear")
+QUANTIZED_OPS = tuple(QUANT_ROLES)
 
 
 def merge_linears(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
@@ -60,8 +58,14 @@ def merge_linears(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph,
     return e.graph(), out, records
 
 
-def fold_norms(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
-    """rms_norm -> linear(s) -> rms_norm_linear with W' = W diag(g): rstd scales each row, g sits in W'."""
+def fold_norms(g: Graph, weights: Mapping[str, torch.Tensor], in_kernel: bool = False
+               ) -> tuple[Graph, Weights, list[dict]]:
+    """rms_norm -> linear(s) -> rms_norm_linear with W' = W diag(g): rstd scales each row, g sits in W'.
+
+    in_kernel (quantized builds): W stays as it is and the node takes g as input norm_w, attr use_norm_w, for the
+    kernel to apply to x. A quantized W' would be rounded on a grid the column scaling moved (a GGUF's Q4_1 groups of
+    W are exact on theirs; those of W diag(g) are not): SmolLM2-135M at int4 group 32, +44% perplexity folded.
+    """
     e, out, records = Edit(g), dict(weights), []
     folded: dict[tuple[str, str], str] = {}
     for node in g.nodes:
@@ -76,6 +80,12 @@ def fold_norms(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, We
         gamma = weights[node.input("w")]
         new = []
         for u in users:
+            if in_kernel:
+                new.append(make_node("rms_norm_linear", u.name, {"x": node.input("x"), "w": u.input("w"),
+                                                                 "norm_w": node.input("w"), "bias": u.input("bias")},
+                                     {"out": u.output("out")}, eps=node.attr("eps"),
+                                     has_bias=bool(u.attr("has_bias")), use_norm_w=True))
+                continue
             key = (u.input("w"), node.input("w"))
             if key not in folded:
                 name = e.fresh(u.input("w").removesuffix(".weight") + ".folded.weight")
@@ -135,7 +145,8 @@ def fuse_swiglu(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, W
             e.add_spec(TensorSpec(name, g.tensor(src).dtype, tuple(out[name].shape), "weight"))
             records.append({"op": "interleave_rows", "inputs": [src], "output": name, "groups": 2})
             new[role] = name
-        fused = make_node("rms_norm_linear", lin.name, {"x": lin.input("x"), "w": new["w"], "bias": new.get("bias")},
+        fused = make_node("rms_norm_linear", lin.name, {"x": lin.input("x"), "w": new["w"],
+                                                        "norm_w": lin.input("norm_w"), "bias": new.get("bias")},
                           {"out": node.output("out")}, **{**dict(lin.attrs), "act": node.op})
         e.replace([lin, node], fused, at=node)
     return e.graph(), out, records
@@ -199,31 +210,39 @@ def eliminate_dead(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph
 
 def quantize_weights(g: Graph, weights: Mapping[str, torch.Tensor], scheme: str = "int8",
                      group_size: int | None = None) -> tuple[Graph, Weights, list[dict]]:
-    """Every linear / rms_norm_linear weight -> its ``scheme``'s storage (kernels/weight_quant.py): "int8", int8 rows
-    with an fp32 scale per output channel; "int4", packed u8 [N, K / 2] with fp32 (scale, min) per group of
-    ``group_size`` along K, [N, K / G, 2]. The node gains the input `scale` and the attr quant (and group_size).
+    """Every linear / rms_norm_linear weight, the embedding table and the lm_head -> the ``scheme``'s storage
+    (kernels/weight_quant.py): "int8", int8 rows with an fp32 scale per output channel (per vocabulary row for the
+    tables); "int4", packed u8 [N, K / 2] with fp32 (scale, min) per group of ``group_size`` along K (D for the
+    tables), [N, K / G, 2]. The node gains the scale input (`scale`; `weight_scale` on embedding and logits) and the
+    attr quant (and group_size); embedding also out_dtype, the build dtype its rows are dequantized to. A table tied
+    to the lm_head is quantized once, and both nodes read the same tensors.
 
-    Runs after every pass that rewrites weights (norm folds, merges, the GLU interleave, the rope row pairing), so the
-    rows quantized are exactly the rows the kernel reads and each fold was done in fp32 first; the values quantized are
-    those fp32 (or checkpoint-dtype) values, never a build-dtype rounding of them. Biases stay in the build dtype.
+    Runs after every pass that rewrites weights (merges, the GLU interleave, the rope row pairing; with --quant
+    fold_norms leaves the norm weights out, in_kernel), so the rows quantized are exactly the rows the kernel reads;
+    the values quantized are the source's fp32 (or checkpoint-dtype) values, never a build-dtype rounding of them.
+    Biases stay in the build dtype.
     ValueError (one line, naming the tensor) when a weight's K is not a multiple of the int4 group size.
     """
     if scheme == "int4":
         group_size = group_size or INT4_DEFAULT_GROUP_SIZE
-        ks = {n.name: (n.input("w"), g.tensor(n.input("w")).shape[1]) for n in g.nodes if n.op in QUANTIZED_OPS}
-        bad = next(((name, w, K) for name, (w, K) in ks.items() if K % group_size), None)
+        # (weight, the size its groups run along: a matmul's K, a table's D, the weight's columns either way)
+        ks = {n: (n.input(QUANT_ROLES[n.op][0]), g.tensor(n.input(QUANT_ROLES[n.op][0])).shape[1])
+              for n in g.nodes if n.op in QUANTIZED_OPS}
+        bad = next(((n, w, K) for n, (w, K) in ks.items() if K % group_size), None)
         if bad:
             fits = [s for s in INT4_GROUP_SIZES if all(K % s == 0 for _, K in ks.values())]
             advice = f"--group-size {' or '.join(map(str, fits))}" if fits else "no int4 group size fits"
-            raise ValueError(f"--quant int4 --group-size {group_size}: {bad[1]} (node {bad[0]}) has K = {bad[2]}, "
-                             f"not a multiple of {group_size}: use {advice}, or --quant int8")
+            dim = "D" if bad[0].op in ("embedding", "logits") else "K"
+            raise ValueError(f"--quant int4 --group-size {group_size}: {bad[1]} (node {bad[0].name}) has {dim} = "
+                             f"{bad[2]}, not a multiple of {group_size}: use {advice}, or --quant int8")
     e, out, records = Edit(g), dict(weights), []
     done: dict[str, tuple[str, str]] = {}
     attrs = {"quant": scheme, **({"group_size": group_size} if scheme == "int4" else {})}
     for node in g.nodes:
         if node.op not in QUANTIZED_OPS or node.attr("quant"):
             continue
-        src = node.input("w")
+        w_role, s_role = QUANT_ROLES[node.op]
+        src = node.input(w_role)
         if src not in done:
             base = src.removesuffix(".weight")
             q_name, s_name = e.fresh(f"{base}.{scheme}.weight"), e.fresh(f"{base}.{scheme}.scale")
@@ -239,9 +258,10 @@ def quantize_weights(g: Graph, weights: Mapping[str, torch.Tensor], scheme: str 
             records.append({"op": f"quantize_{scheme}", "inputs": [src], "output": q_name, "scale": s_name, **record})
             done[src] = (q_name, s_name)
         q_name, s_name = done[src]
-        inputs = {**dict(node.inputs), "w": q_name, "scale": s_name}
-        e.replace([node], make_node(node.op, node.name, inputs, dict(node.outputs), **{**dict(node.attrs), **attrs}),
-                  at=node)
+        inputs = {**dict(node.inputs), w_role: q_name, s_role: s_name}
+        extra = {"out_dtype": g.get_meta("dtype")} if node.op == "embedding" else {}
+        e.replace([node], make_node(node.op, node.name, inputs, dict(node.outputs),
+                                    **{**dict(node.attrs), **attrs, **extra}), at=node)
     g2 = e.graph()
     return g2, {t.name: out[t.name] for t in g2.by_kind("weight")}, records
 

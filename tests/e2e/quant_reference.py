@@ -16,20 +16,32 @@ GEN_TOKENS = 32
 
 @torch.no_grad()
 def quantize_like_the_artifact(model, round_trip: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Each linear's weight through ``round_trip`` as the artifact holds it: the norm in front folded in first
-    (Gemma's norms scale by 1 + w), rounded, divided back out, which transformers' norm then multiplies back in.
+    """Each linear's weight, the embedding table and the lm_head through ``round_trip`` as the artifact holds them: W
+    itself, rounded, since a quantized build leaves the norm weight in front out of W (the kernel applies it to x, as
+    transformers' own norm does here); the tables as [V, D] matrices, rows along D, a tied table once.
     Phi-3's fused qkv_proj / gate_up_proj are one matrix each. Row permutations (rope pairing, gate/up interleave)
     and merges move whole rows, which change neither a per-row nor a per-group-along-K rounding."""
-    gemma = model.config.model_type.startswith("gemma")
+    tables = {id(t): t for t in (model.model.embed_tokens.weight, model.lm_head.weight)}  # one entry when tied
+    for table in tables.values():
+        table.copy_(round_trip(table.float()))
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)
         gate_up = (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
-        ffn_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
-        for norm, linears in ((layer.input_layernorm, qkv), (ffn_norm, gate_up), (None, (attn.o_proj, mlp.down_proj))):
-            for lin in linears:
-                g = torch.ones(lin.in_features) if norm is None else norm.weight.float() + (1 if gemma else 0)
-                lin.weight.copy_(round_trip(lin.weight.float() * g) / g)
+        for lin in (*qkv, attn.o_proj, *gate_up, mlp.down_proj):
+            lin.weight.copy_(round_trip(lin.weight.float()))
+
+
+def check_norm_in_kernel(artifact) -> None:
+    """Every rms_norm_linear applies its norm weight to x (attr use_norm_w, input norm_w: the source's norm weight,
+    1 + w for Gemma, [K]); no weight of the artifact has a norm folded in, and the manifest says so."""
+    fused = [n for n in artifact.graph.nodes if n.op == "rms_norm_linear"]
+    assert len(fused) == 4  # qkv and gate_up of each of the two layers
+    for n in fused:
+        assert n.attr("use_norm_w") is True and "layernorm" in n.input("norm_w")
+        assert artifact.graph.tensor(n.input("norm_w")).shape == artifact.graph.tensor(n.input("x")).shape[1:]
+    assert not [r for r in artifact.manifest["model"]["transforms"] if r["op"] == "fold_rms_norm"]
+    assert artifact.manifest["model"]["norm_weights"].startswith("applied to x in rms_norm_linear")
 
 
 def check_logits(path: Path, model, name: str, backend: str, seed: int) -> None:

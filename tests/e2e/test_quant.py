@@ -1,12 +1,13 @@
-"""`compiler compile tiny-llama --quant int8` against HF transformers running the same int8 model.
+"""`compiler compile tiny-llama --quant int8` (and tiny-gemma2, whose norms scale by 1 + w) against HF transformers
+running the same int8 model.
 
 The reference side is built here from the definition, not from the artifact or the compiler: transformers loads the
 preset's own files, then every linear weight W (q, k, v, o, gate, up, down) is replaced by its int8 round trip as
-the artifact must hold it. The norm before q/k/v (and gate/up) is folded into W first (W' = W diag(g)), quantized
-per row (scale = max|W'| / 127, q = round(W' / scale) in [-127, 127]), dequantized and divided by g again, which
-transformers' norm then multiplies back in. Row permutations (rope pairing, gate/up interleave) and merges do not
-change a per-row quantization, so none of them appears here. fp32 on both sides: logits to 1e-4 relative error,
-greedy tokens identical over 32 steps, on the torch and interpret backends.
+the artifact must hold it: W itself quantized per row (scale = max|W| / 127, q = round(W / scale) in [-127, 127]) and
+dequantized, the norm weights left to transformers' norms (the artifact's kernels apply them to x). Row permutations
+(rope pairing, gate/up interleave) and merges do not change a per-row quantization, so none of them appears here.
+fp32 on both sides: logits to 1e-4 relative error, greedy tokens identical over 32 steps, on the torch and interpret
+backends.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from tests.e2e.quant_reference import (
     GEN_TOKENS,
     check_greedy,
     check_logits,
+    check_norm_in_kernel,
     check_verify,
     quantize_like_the_artifact,
 )
 
-NAME = "tiny-llama"
+# tiny-llama, and tiny-gemma2 for the (1 + w) norms the kernels then apply to x.
+NAMES = ("tiny-llama", "tiny-gemma2")
 BACKENDS = ("torch", "interpret")
 
 
@@ -46,28 +49,31 @@ def _int8_round_trip(w: torch.Tensor) -> torch.Tensor:
     return torch.round(w / scale).clamp(-127, 127) * scale
 
 
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
+@pytest.fixture(scope="module", params=NAMES)
+def quantized(request, tmp_path_factory):
     from compiler.build import build
 
-    out = tmp_path_factory.mktemp("quant") / "tiny-llama-int8"
-    build(NAME, out, targets=["cuda:90"], dtype="fp32", autotune=False, quant="int8", **TINY_LIMITS)
-    model = hf_model(NAME)
+    name = request.param
+    out = tmp_path_factory.mktemp("quant") / f"{name}-int8"
+    build(name, out, targets=["cuda:90"], dtype="fp32", autotune=False, quant="int8", **TINY_LIMITS)
+    model = hf_model(name)
     quantize_like_the_artifact(model, _int8_round_trip)
-    return out, model
+    return out, model, name
 
 
 def test_artifact_holds_int8_linears(quantized):
-    path, _ = quantized
+    path, _, _ = quantized
     artifact = load_artifact(path, check_hashes=False)
     matmuls = [n for n in artifact.graph.nodes if n.op in ("linear", "rms_norm_linear")]
     assert len(matmuls) == 8 and all(n.attr("quant") == "int8" for n in matmuls)
     header = artifact.safetensors_header("weights.safetensors")
     for n in matmuls:
         assert header[n.input("w")]["dtype"] == "I8" and header[n.input("scale")]["dtype"] == "F32"
-    for n in artifact.graph.nodes:  # this slice leaves the embedding table and the lm_head in the build dtype
+    check_norm_in_kernel(artifact)
+    for n in artifact.graph.nodes:  # the embedding table and the lm_head too, int8 per vocabulary row
         if n.op in ("embedding", "logits"):
-            assert header[n.input("weight")]["dtype"] == "F32"
+            assert n.attr("quant") == "int8" and header[n.input("weight")]["dtype"] == "I8"
+            assert header[n.input("weight_scale")]["shape"] == [header[n.input("weight")]["shape"][0]]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["model"]["quant"] == "int8"
     assert manifest["reference"]["source"] == "transformers on the dequantized weights"
@@ -75,22 +81,23 @@ def test_artifact_holds_int8_linears(quantized):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int8_logits_match_transformers_on_dequantized_weights(quantized, backend):
-    check_logits(*quantized, NAME, backend, seed=300)
+    path, model, name = quantized
+    check_logits(path, model, name, backend, seed=300)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int8_greedy_matches_transformers_on_dequantized_weights(quantized, backend):
-    check_greedy(*quantized, backend, seed=301)
+    check_greedy(*quantized[:2], backend, seed=306)  # a prompt on which tiny-gemma2 says more than one token
 
 
 def test_verify_uses_the_dequantized_reference(quantized):
     check_verify(quantized[0])
 
 
-@pytest.mark.parametrize("name", [p for p in TINY_PRESETS if p != NAME])
+@pytest.mark.parametrize("name", [p for p in TINY_PRESETS if p not in NAMES])
 def test_int8_every_family_matches_transformers_on_dequantized_weights(name, tmp_path):
     """Every other tiny family with --quant int8 on the torch backend: logits and 32 greedy tokens as transformers
-    gives on the same int8 round trip of its weights (tiny-llama runs on interpret too, above)."""
+    gives on the same int8 round trip of its weights (tiny-llama and tiny-gemma2 run on interpret too, above)."""
     from compiler.build import build
 
     out = tmp_path / f"{name}-int8"
