@@ -40,6 +40,8 @@ _SIZES: dict[str, Callable[[Graph, Node], dict]] = {
     "silu_mul": lambda g, n: {"I": _shape(g, n, "out")[1]},
     "gelu_tanh_mul": lambda g, n: {"I": _shape(g, n, "out")[1]},
     "logits": lambda g, n: dict(zip(("V", "D"), _shape(g, n, "weight"))),
+    # w13 [E, 2I, D]
+    "moe": lambda g, n: {"E": _shape(g, n, "w13")[0], "I": _shape(g, n, "w13")[1] // 2, "D": _shape(g, n, "w13")[2]},
 }
 
 

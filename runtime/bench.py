@@ -71,19 +71,36 @@ def _nbytes(graph: Any, names: set[str]) -> int:
     return sum(math.prod(graph.tensor(n).shape) * DTYPE_BYTES[graph.tensor(n).dtype] for n in names)
 
 
+# The roles of an moe node whose weights hold one slice per expert, of which a token reads top_k (kernels/moe.py).
+EXPERT_ROLES = ("w13", "w2")
+
+
+def _expert_bytes_unread(graph: Any, nodes: Any) -> int:
+    """Bytes of the experts a one-token step skips: each moe node reads top_k of its E experts' slices."""
+    out = 0
+    for node in nodes:
+        if node.op == "moe":
+            names = {node.input(role) for role in EXPERT_ROLES}
+            experts = graph.tensor(node.input("w13")).shape[0]
+            out += _nbytes(graph, names) * (experts - node.attr("top_k")) // experts
+    return out
+
+
 def weight_bytes_by_op(graph: Any) -> dict[str, int]:
-    """op -> weight bytes one decode step reads through that op's nodes (a tied lm_head counts under logits)."""
+    """op -> weight bytes one decode step of one sequence reads through that op's nodes (a tied lm_head counts under
+    logits; an moe node counts its router and the top_k experts one token reads)."""
     out: dict[str, int] = {}
     for node in graph.nodes:
         if node.op != "embedding":
-            out[node.op] = out.get(node.op, 0) + _nbytes(graph, _weights(graph, [node]))
+            out[node.op] = (out.get(node.op, 0) + _nbytes(graph, _weights(graph, [node]))
+                            - _expert_bytes_unread(graph, [node]))
     return out
 
 
 def decode_weight_bytes(graph: Any) -> int:
-    """Weight bytes one decode step reads: every weight but the embedding table, each once (a tied lm_head still
-    counts, through the logits node)."""
-    return _nbytes(graph, _weights(graph, graph.nodes))
+    """Weight bytes one decode step of one sequence reads: every weight but the embedding table, each once (a tied
+    lm_head still counts, through the logits node), of an MoE layer's experts the top_k one token picks."""
+    return _nbytes(graph, _weights(graph, graph.nodes)) - _expert_bytes_unread(graph, graph.nodes)
 
 
 def kv_bytes_per_token(graph: Any, block_size: int) -> int:

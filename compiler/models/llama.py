@@ -44,18 +44,21 @@ def mlp_block(m: Model, p: str, hidden: Sym, residual: Sym) -> tuple[Sym, Sym]:
     return ops.linear(ops.mul(ops.silu(gate), up), m.weight(p + "mlp.down_proj"), m.bias(p + "mlp.down_proj")), residual
 
 
-def logits(m: Model, hidden: Sym, residual: Sym) -> Sym:
-    """Final norm and lm_head on the rows last_idx asks for: [R, V] fp32."""
-    x = ops.rms_norm(ops.add(hidden, residual, name="final_in"), m.weight("model.norm"), m.cfg.eps)
+def logits(m: Model, hidden: Sym, residual: Sym | None) -> Sym:
+    """Final norm and lm_head on the rows last_idx asks for: [R, V] fp32 (residual None: hidden is the stream)."""
+    x = hidden if residual is None else ops.add(hidden, residual, name="final_in")
+    x = ops.rms_norm(x, m.weight("model.norm"), m.cfg.eps)
     return ops.linear(ops.gather(x, m.last_idx), m.lm_head(), out_dtype="fp32", name="logits")
 
 
 def forward(m: Model, attention_block=attention_block, mlp_block=mlp_block) -> Sym:
-    """The whole step: ids [T] -> logits [R, V]; the blocks are what a family swaps (Qwen3, Phi-3)."""
+    """The whole step: ids [T] -> logits [R, V]; the blocks are what a family swaps (Qwen3, Phi-3), mlp_block may
+    be a sequence of one block per layer (MoE families with dense layers between the sparse ones)."""
+    mlp_blocks = mlp_block if isinstance(mlp_block, (list, tuple)) else (mlp_block,) * m.cfg.num_layers
     hidden, residual = ops.embedding(m.ids, m.weight("model.embed_tokens")), None
     for i in range(m.cfg.num_layers):
         p = f"model.layers.{i}."
         with m.scope(f"layers.{i}"):
             hidden, residual = attention_block(m, p, i, hidden, residual)
-            hidden, residual = mlp_block(m, p, hidden, residual)
+            hidden, residual = mlp_blocks[i](m, p, hidden, residual)
     return logits(m, hidden, residual)

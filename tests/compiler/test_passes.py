@@ -296,3 +296,39 @@ def test_each_gemma_layer_is_seven_or_eight_kernels(name):
         assert attn.attr("softcap") == (2.0 if name == "tiny-gemma2" else None)
         table = "rope.local_cos_sin" if name == "tiny-gemma3" and i == 0 else "rope.cos_sin"
         assert rope.input("cos_sin") == table
+
+
+# A sparse layer: the qkv matmul (rope in its epilogue; Qwen3-MoE keeps its rope kernel for the q/k norms),
+# attention, o (+residual), the post-attention norm (a known non-fusion: the router and the experts both read the
+# normed hidden, so it stays a kernel), moe (router, gate_up, down + residual: three launches of one node).
+MIXTRAL_LAYER = ["rms_norm_linear", "attention", "linear", "rms_norm", "moe"]
+QWEN3_MOE_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm", "moe"]
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_each_moe_layer_is_five_or_six_kernels(name):
+    from artifact_format.graph import Limits
+    from compiler.frontends import load_source
+    from compiler.trace import trace
+
+    src = load_source(name)
+    graph, weights = trace(src.config, src.tensors, "fp32", Limits(max_seq_len=64, max_batch=4, max_num_tokens=64))
+    g, w, _ = optimize(graph, weights, "fp32")
+    if name == "tiny-mixtral":
+        layers, legacy, top_k, renormalize = [MIXTRAL_LAYER] * 2, "block_sparse_moe.experts", 2, True
+    else:  # layer 1 is dense (mlp_only_layers): Qwen3's six kernels
+        layers, legacy, top_k, renormalize = [QWEN3_MOE_LAYER, QWEN3_LAYER], "mlp.experts", 3, False
+    assert [n.op for n in g.nodes] == ["embedding", *layers[0], *layers[1], "logits"]
+    moe = layer(g, 0)[-1]
+    o, norm = layer(g, 0)[-3:-1]
+    assert o.attr("has_residual") and norm.input("x") == o.output("out") == moe.input("residual")
+    assert moe.input("x") == norm.output("out") and (moe.attr("top_k"), moe.attr("renormalize")) == (top_k, renormalize)
+    # The next block (or the final norm) starts from the moe output: the residual stream, no add in between.
+    assert layer(g, 1)[0].input("x") == moe.output("out")
+    # w13 stacks each expert's gate rows over its up rows, w2 the down matrices, in expert order.
+    gate, up, down = ("w1", "w3", "w2") if name == "tiny-mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for j in (0, 3):
+        e = f"model.layers.0.{legacy}.{j}."
+        want13 = torch.cat([src.tensors[e + f"{gate}.weight"], src.tensors[e + f"{up}.weight"]])
+        torch.testing.assert_close(w[moe.input("w13")][j], want13, rtol=0, atol=0)
+        torch.testing.assert_close(w[moe.input("w2")][j], src.tensors[e + f"{down}.weight"], rtol=0, atol=0)

@@ -1,0 +1,275 @@
+"""Mixture-of-experts MLP: out[T, D] = residual + sum_k weight[t, k] * expert_{ids[t, k]}(x[t]), SwiGLU experts.
+
+Three launches, with the routing kept on the device (no host sync, static grids: CUDA-graph friendly):
+  1. router: logits = x @ router^T over the E experts (rounded to x's dtype, as HF's F.linear leaves them), softmax
+     in fp32, the TOP_K largest probabilities (ties to the lower expert id, as torch.topk on distinct values), with
+     RENORMALIZE divided by their sum (Mixtral always, Qwen-MoE where norm_topk_prob says) -> ids [T, TOP_K] i32,
+     weights [T, TOP_K] fp32 (scratch).
+  2. gate_up: for each (token, k) and block of I columns, act = silu(x @ w13[e, :I]^T) * (x @ w13[e, I:]^T) with
+     e = ids[t, k]: only the chosen experts' rows are read (batch-1 decode reads TOP_K / E of the expert bytes).
+  3. down: one program owns out[t, block of D] and loops over its TOP_K choices, summing weight * (act @ w2[e]^T)
+     in fp32 before adding the residual: no atomics, and out may alias residual (each element is read, then
+     written, by one program).
+w13 [E, 2I, D] holds each expert's gate rows then its up rows (HF's fused ``experts.gate_up_proj``), w2 [E, D, I]
+its down projection. Each program of 2 and 3 streams one expert's weight rows as a GEMV does; prefill runs the same
+programs per (token, k), re-reading an expert's rows for every token that picks it (correct, not yet a grouped GEMM).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.matmul_configs import t_bucket
+from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
+
+
+@triton.jit
+def _moe_router_kernel(
+    x_ptr,  # [T, D]
+    router_ptr,  # [E, D]
+    ids_ptr,  # [T, TOP_K] i32
+    weights_ptr,  # [T, TOP_K] fp32
+    T,
+    stride_x,
+    D: tl.constexpr,
+    E: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    e_mask = experts < E
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        d_mask = cols < D
+        x = tl.load(x_ptr + t * stride_x + cols, mask=d_mask, other=0.0).to(tl.float32)
+        w = tl.load(router_ptr + experts[:, None].to(tl.int64) * D + cols[None, :],
+                    mask=e_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)
+    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+    logits = tl.where(e_mask, logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    p = p / tl.sum(p, axis=0)
+    # Pass 1 sums the TOP_K largest probabilities (for the renormalisation), pass 2 stores them: the k-th is the
+    # largest left after the k - 1 before it were set to -1 (probabilities are >= 0, padding experts 0).
+    total = 0.0
+    left = tl.where(e_mask, p, -1.0)
+    for _ in tl.static_range(TOP_K):
+        best = tl.max(left, axis=0)
+        total += best
+        left = tl.where(experts == tl.min(tl.where(left == best, experts, BLOCK_E), axis=0), -1.0, left)
+    scale = 1.0 / total if RENORMALIZE else 1.0
+    left = tl.where(e_mask, p, -1.0)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(left, axis=0)
+        idx = tl.min(tl.where(left == best, experts, BLOCK_E), axis=0)
+        tl.store(ids_ptr + t * TOP_K + k, idx.to(tl.int32))
+        tl.store(weights_ptr + t * TOP_K + k, best * scale)
+        left = tl.where(experts == idx, -1.0, left)
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr,  # [T, D]
+    w13_ptr,  # [E, 2 * I, D]: gate rows, then up rows
+    ids_ptr,  # [T, TOP_K] i32
+    act_ptr,  # [T, TOP_K * I]: row t, columns k * I + j: silu(gate_j) * up_j of choice k
+    T,
+    stride_x,
+    D: tl.constexpr,
+    I: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)  # t * TOP_K + k
+    t = pair // TOP_K
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rows < I
+    gate_ptr = w13_ptr + expert * (2 * I * D) + rows[:, None].to(tl.int64) * D
+    up_ptr = gate_ptr + I * D
+    acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_mask = cols < D
+        x = tl.load(x_ptr + t * stride_x + cols, mask=k_mask, other=0.0).to(tl.float32)
+        mask = n_mask[:, None] & k_mask[None, :]
+        wg = tl.load(gate_ptr + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        wu = tl.load(up_ptr + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        acc_gate += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
+        acc_up += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+    # HF rounds the gate_up product to the activation dtype before the activation; so do we.
+    gate = acc_gate.to(act_ptr.dtype.element_ty).to(tl.float32)
+    up = acc_up.to(act_ptr.dtype.element_ty).to(tl.float32)
+    act = gate / (1.0 + tl.exp(-gate)) * up  # silu(g) = g / (1 + e^-g): -0, never NaN, for g -> -inf
+    tl.store(act_ptr + pair * I + rows, act.to(act_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _moe_down_kernel(
+    act_ptr,  # [T, TOP_K * I]
+    w2_ptr,  # [E, D, I]
+    ids_ptr,  # [T, TOP_K] i32
+    weights_ptr,  # [T, TOP_K] fp32
+    residual_ptr,  # [T, D]
+    out_ptr,  # [T, D], may alias residual
+    T,
+    stride_res,
+    stride_out,
+    D: tl.constexpr,
+    I: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rows < D
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + t * TOP_K + k).to(tl.int64)
+        weight = tl.load(weights_ptr + t * TOP_K + k)
+        w_ptr = w2_ptr + expert * (D * I) + rows[:, None].to(tl.int64) * I
+        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            k_mask = cols < I
+            a = tl.load(act_ptr + (t * TOP_K + k) * I + cols, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        # Each expert's down product is rounded to the activation dtype before it is weighted, as in HF.
+        acc += weight * part.to(out_ptr.dtype.element_ty).to(tl.float32)
+    res = tl.load(residual_ptr + t * stride_res + rows, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_out + rows, (res + acc).to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+# (BLOCK_N, BLOCK_K, warps) of the expert GEMVs: few rows and long K chunks stream the weights (the dense GEMVs'
+# winners on an H200, kernels/matmul_configs.py), wider row blocks for larger token buckets.
+_TILES = ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (64, 128, 4), (32, 512, 8))
+
+
+def _fit(tile: tuple[int, int, int], meta: dict) -> tuple[int, int, int]:
+    bn, bk, w = tile
+    return (min(bn, triton.next_power_of_2(min(meta["I"], meta["D"]))),
+            min(bk, triton.next_power_of_2(min(meta["I"], meta["D"]))), w)
+
+
+def _config(tile: tuple[int, int, int]) -> Config:
+    bn, bk, w = tile
+    return Config.make(num_warps=w, num_stages=2, BLOCK_N=bn, BLOCK_K=bk)
+
+
+def configs(meta: dict) -> list[Config]:
+    return list(dict.fromkeys(_config(_fit(tile, meta)) for tile in _TILES))
+
+
+def default(meta: dict) -> Config:
+    # Few tokens: narrow row blocks so the chosen experts' rows spread over many programs; many tokens: wider.
+    return _config(_fit(_TILES[1] if t_bucket(meta) <= 16 else _TILES[3], meta))
+
+
+def _check(meta: dict) -> None:
+    E, top_k = meta["E"], meta["top_k"]
+    if not 1 <= top_k <= E:
+        raise ValueError(f"moe: top_k {top_k} must be between 1 and the number of experts {E}")
+
+
+def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
+    _check(meta)
+    E, D, I, top_k = meta["E"], meta["D"], meta["I"], meta["top_k"]
+    rows = t_bucket(meta) * top_k
+    bn, bk = config["BLOCK_N"], config["BLOCK_K"]
+    router = make_launch(
+        _moe_router_kernel,
+        types={"x_ptr": ptr(dtypes["x"]), "router_ptr": ptr(dtypes["router"]), "ids_ptr": "*i32",
+               "weights_ptr": "*fp32", "T": "i32", "stride_x": "i64"},
+        constexprs={"D": D, "E": E, "TOP_K": top_k, "BLOCK_E": triton.next_power_of_2(E),
+                    "BLOCK_D": min(triton.next_power_of_2(D), max(16, 4096 // triton.next_power_of_2(E))),
+                    "RENORMALIZE": bool(meta["renormalize"])},
+        args={"x_ptr": ("tensor", "x"), "router_ptr": ("tensor", "router"), "ids_ptr": ("tensor", "topk_ids"),
+              "weights_ptr": ("tensor", "topk_weights"), "T": ("sym", "T"),
+              "stride_x": ("int", meta.get("stride_x", D))},
+        grid=[grid_dim(("T", 1, 1))], config=Config.make(num_warps=4, num_stages=1))
+    gate_up = make_launch(
+        _moe_gate_up_kernel,
+        types={"x_ptr": ptr(dtypes["x"]), "w13_ptr": ptr(dtypes["w13"]), "ids_ptr": "*i32",
+               "act_ptr": ptr(dtypes["out"]), "T": "i32", "stride_x": "i64"},
+        constexprs={"D": D, "I": I, "TOP_K": top_k, "BLOCK_N": bn, "BLOCK_K": bk},
+        args={"x_ptr": ("tensor", "x"), "w13_ptr": ("tensor", "w13"), "ids_ptr": ("tensor", "topk_ids"),
+              "act_ptr": ("tensor", "act"), "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", D))},
+        grid=[grid_dim(("T", 1, top_k)), grid_dim(-(-I // bn))], config=config)
+    down = make_launch(
+        _moe_down_kernel,
+        types={"act_ptr": ptr(dtypes["out"]), "w2_ptr": ptr(dtypes["w2"]), "ids_ptr": "*i32", "weights_ptr": "*fp32",
+               "residual_ptr": ptr(dtypes["residual"]), "out_ptr": ptr(dtypes["out"]), "T": "i32",
+               "stride_res": "i64", "stride_out": "i64"},
+        constexprs={"D": D, "I": I, "TOP_K": top_k, "BLOCK_N": bn, "BLOCK_K": bk},
+        args={"act_ptr": ("tensor", "act"), "w2_ptr": ("tensor", "w2"), "ids_ptr": ("tensor", "topk_ids"),
+              "weights_ptr": ("tensor", "topk_weights"), "residual_ptr": ("tensor", "residual"),
+              "out_ptr": ("tensor", "out"), "T": ("sym", "T"), "stride_res": ("int", meta.get("stride_residual", D)),
+              "stride_out": ("int", meta.get("stride_out", D))},
+        grid=[grid_dim(("T", 1, 1)), grid_dim(-(-D // bn))], config=config)
+    scratch = (("act", (rows * I, dtypes["out"])), ("topk_ids", (rows, "i32")), ("topk_weights", (rows, "fp32")))
+    return Plan((router, gate_up, down), scratch=scratch)
+
+
+SPEC = KernelSpec("moe", configs, default, plan, tune_buckets=(1, 16, 64, 256))
+
+
+def moe(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, residual: torch.Tensor, *,
+        top_k: int, renormalize: bool, out: torch.Tensor | None = None, config: Config | None = None,
+        scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [T, D], router [E, D], w13 [E, 2I, D], w2 [E, D, I], residual [T, D] -> out [T, D] in x's dtype.
+
+    Runs the kernels (interpreter on CPU tensors); ``scratch`` may hold the act / topk_ids / topk_weights buffers
+    (a test reads the routing from them).
+    """
+    T, D = x.shape
+    E, two_i, _ = w13.shape
+    assert x.stride(1) == 1 and router.shape == (E, D) and w13.shape == (E, two_i, D) and two_i % 2 == 0
+    assert w2.shape == (E, D, two_i // 2) and all(t.is_contiguous() for t in (router, w13, w2))
+    assert residual.shape == (T, D) and residual.stride(1) == 1
+    if out is None:
+        out = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    assert out.shape == (T, D) and out.stride(1) == 1
+    meta = {"E": E, "D": D, "I": two_i // 2, "top_k": top_k, "renormalize": renormalize, "stride_x": x.stride(0),
+            "stride_residual": residual.stride(0), "stride_out": out.stride(0), "max_T": T, "max_S": 1,
+            "T_bucket": T}
+    tensors = {"x": x, "router": router, "w13": w13, "w2": w2, "residual": residual, "out": out, **(scratch or {})}
+    dtypes = {role: dtype_name(t) for role, t in tensors.items()}
+    run(plan(meta, dtypes, config or default(meta)), tensors, {"T": T, "S": 1})
+    return out
+
+
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, D], router [E, D] -> (ids [T, top_k] int64, weights [T, top_k] fp32): softmax top-k from the maths."""
+    logits = (x.float() @ router.float().T).to(x.dtype).float()
+    probs = torch.softmax(logits, dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+def reference(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, residual: torch.Tensor, *,
+              top_k: int, renormalize: bool) -> torch.Tensor:
+    """residual + sum_k weights[:, k] * down(silu(gate) * up) of each token's chosen experts, in fp32 with the
+    products rounded to x's dtype where the kernels (and HF) round them; cast to x's dtype."""
+    ids, weights = route(x, router, top_k, renormalize)
+    I = w13.shape[1] // 2
+    out = residual.float().clone()
+    for e in ids.unique().tolist():
+        t, k = torch.where(ids == e)
+        gate_up = (x[t].float() @ w13[e].float().T).to(x.dtype).float()
+        act = (torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:]).to(x.dtype).float()
+        down = (act @ w2[e].float().T).to(x.dtype).float()
+        out.index_add_(0, t, weights[t, k, None] * down)
+    return out.to(x.dtype)
