@@ -11,8 +11,9 @@ Three launches, with the routing kept on the device (no host sync, static grids:
      in fp32 before adding the residual: no atomics, and out may alias residual (each element is read, then
      written, by one program).
 w13 [E, 2I, D] holds each expert's gate rows then its up rows (HF's fused ``experts.gate_up_proj``), w2 [E, D, I]
-its down projection. Each program of 2 and 3 streams one expert's weight rows as a GEMV does; prefill runs the same
-programs per (token, k), re-reading an expert's rows for every token that picks it (correct, not yet a grouped GEMM).
+its down projection. Each program of 2 and 3 streams one expert's weight rows as a GEMV does: the form for a step of
+one token (configs without BLOCK_M). Steps of more tokens take the grouped form of kernels/moe_grouped.py (configs
+with BLOCK_M): tokens grouped by expert on the device and tl.dot tiles per expert, after the same router.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import moe_grouped
 from kernels.matmul_configs import t_bucket
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
@@ -167,13 +169,30 @@ def _config(tile: tuple[int, int, int]) -> Config:
     return Config.make(num_warps=w, num_stages=2, BLOCK_N=bn, BLOCK_K=bk)
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps) of the grouped form (kernels/moe_grouped.py), for steps of more than one token;
+# small enough in fp32 for gfx942's 64 KB of shared memory at 2 stages (gate and up tiles side by side).
+_GROUPED_TILES = ((16, 64, 32, 4), (16, 128, 32, 4), (32, 64, 32, 4), (64, 64, 32, 4), (64, 128, 32, 8))
+
+
+def _grouped(tile: tuple[int, int, int, int], meta: dict) -> Config:
+    bm, bn, bk, w = tile
+    bm = min(bm, max(16, triton.next_power_of_2(t_bucket(meta) * meta["top_k"])))
+    return moe_grouped.tile_config(bm, bn, bk, w)
+
+
 def configs(meta: dict) -> list[Config]:
+    """GEMV tiles for one token (a decode step of one sequence), grouped tl.dot tiles for more."""
+    if t_bucket(meta) > 1:
+        return list(dict.fromkeys(_grouped(tile, meta) for tile in _GROUPED_TILES))
     return list(dict.fromkeys(_config(_fit(tile, meta)) for tile in _TILES))
 
 
 def default(meta: dict) -> Config:
-    # Few tokens: narrow row blocks so the chosen experts' rows spread over many programs; many tokens: wider.
-    return _config(_fit(_TILES[1] if t_bucket(meta) <= 16 else _TILES[3], meta))
+    # One token: narrow row blocks so the chosen experts' rows spread over many programs. More: a token tile of
+    # 16 pairs per expert up to 64 tokens in the step, 64 beyond.
+    if t_bucket(meta) > 1:
+        return _grouped(_GROUPED_TILES[0] if t_bucket(meta) <= 64 else _GROUPED_TILES[3], meta)
+    return _config(_fit(_TILES[1], meta))
 
 
 def _check(meta: dict) -> None:
@@ -187,6 +206,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     E, D, I, top_k = meta["E"], meta["D"], meta["I"], meta["top_k"]
     rows = t_bucket(meta) * top_k
     bn, bk = config["BLOCK_N"], config["BLOCK_K"]
+    grouped = "BLOCK_M" in dict(config.constexprs)
     router = make_launch(
         _moe_router_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "router_ptr": ptr(dtypes["router"]), "ids_ptr": "*i32",
@@ -198,6 +218,10 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
               "weights_ptr": ("tensor", "topk_weights"), "T": ("sym", "T"),
               "stride_x": ("int", meta.get("stride_x", D))},
         grid=[grid_dim(("T", 1, 1))], config=Config.make(num_warps=4, num_stages=1))
+    scratch = (("act", (rows * I, dtypes["out"])), ("topk_ids", (rows, "i32")), ("topk_weights", (rows, "fp32")))
+    if grouped:
+        return Plan((router, *moe_grouped.launches(meta, dtypes, config)),
+                    scratch=scratch + moe_grouped.scratch(meta, t_bucket(meta), config, dtypes["out"]))
     gate_up = make_launch(
         _moe_gate_up_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "w13_ptr": ptr(dtypes["w13"]), "ids_ptr": "*i32",
@@ -217,7 +241,6 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
               "out_ptr": ("tensor", "out"), "T": ("sym", "T"), "stride_res": ("int", meta.get("stride_residual", D)),
               "stride_out": ("int", meta.get("stride_out", D))},
         grid=[grid_dim(("T", 1, 1)), grid_dim(-(-D // bn))], config=config)
-    scratch = (("act", (rows * I, dtypes["out"])), ("topk_ids", (rows, "i32")), ("topk_weights", (rows, "fp32")))
     return Plan((router, gate_up, down), scratch=scratch)
 
 

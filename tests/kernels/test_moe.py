@@ -1,12 +1,17 @@
+import dataclasses
+
 import pytest
 import torch
 
-from kernels.moe import SPEC, configs, moe, reference
+from kernels.moe import SPEC, configs, default, moe, reference
 
 # (T, D, I, E, top_k): one token, a decode batch, awkward sizes (not powers of two, partial row and K tiles),
 # top-1 and top-k = E.
 CASES = [(1, 64, 32, 4, 2), (5, 48, 40, 8, 2), (9, 100, 70, 6, 3), (3, 32, 24, 5, 1), (4, 40, 16, 3, 3)]
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
+# The two forms: the per-(token, k) GEMVs (one-token steps) and the grouped tl.dot tiles (kernels/moe_grouped.py).
+SHAPE = {"E": 8, "D": 64, "I": 32, "top_k": 2, "max_T": 64, "max_S": 4}
+FORMS = {"gemv": default({**SHAPE, "T_bucket": 1}), "grouped": default({**SHAPE, "T_bucket": 16})}
 
 
 def _inputs(T, D, I, E, dtype, seed=0):
@@ -45,14 +50,16 @@ def _scratch(T, I, top_k, dtype):
             "topk_weights": torch.full((T * top_k,), float("nan"))}
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("T,D,I,E,top_k", CASES)
-def test_moe_matches_the_maths(T, D, I, E, top_k, dtype, atol, rtol, renormalize):
+def test_moe_matches_the_maths(T, D, I, E, top_k, dtype, atol, rtol, renormalize, form):
     x, router, w13, w2, residual = _inputs(T, D, I, E, dtype)
     out = torch.full((T, D), float("nan"), dtype=dtype)
     scratch = _scratch(T, I, top_k, dtype)
-    moe(x, router, w13, w2, residual, top_k=top_k, renormalize=renormalize, out=out, scratch=scratch)
+    moe(x, router, w13, w2, residual, top_k=top_k, renormalize=renormalize, out=out, scratch=scratch,
+        config=FORMS[form])
     # The router's choice and weights, from the maths on the same (rounded) inputs.
     top = torch.topk(_probs(x, router), top_k, dim=-1)
     assert torch.equal(scratch["topk_ids"].view(T, top_k).long(), top.indices)
@@ -64,26 +71,34 @@ def test_moe_matches_the_maths(T, D, I, E, top_k, dtype, atol, rtol, renormalize
                                atol=atol, rtol=rtol)
 
 
-def test_tokens_of_one_batch_take_different_experts():
+@pytest.mark.parametrize("form", FORMS)
+def test_tokens_of_one_batch_take_different_experts(form):
     # The case the model tests depend on: without it, a kernel reading one expert for the whole batch would pass.
     x, router, w13, w2, residual = _inputs(8, 64, 32, 8, torch.float32, seed=3)
     scratch = _scratch(8, 32, 2, torch.float32)
-    out = moe(x, router, w13, w2, residual, top_k=2, renormalize=True, scratch=scratch)
+    out = moe(x, router, w13, w2, residual, top_k=2, renormalize=True, scratch=scratch, config=FORMS[form])
     assert len(set(scratch["topk_ids"].tolist())) >= 4
     torch.testing.assert_close(out.double(), maths(x, router, w13, w2, residual, 2, True), atol=1e-4, rtol=1e-4)
 
 
-def test_out_may_alias_residual():
+@pytest.mark.parametrize("form", FORMS)
+def test_out_may_alias_residual(form):
     x, router, w13, w2, residual = _inputs(6, 48, 40, 4, torch.float32, seed=5)
     want = maths(x, router, w13, w2, residual, 2, False)
-    moe(x, router, w13, w2, residual, top_k=2, renormalize=False, out=residual)
+    moe(x, router, w13, w2, residual, top_k=2, renormalize=False, out=residual, config=FORMS[form])
     torch.testing.assert_close(residual.double(), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", configs({"E": 4, "D": 200, "I": 150, "top_k": 2}), ids=str)
+def _all_configs(meta):
+    return list(dict.fromkeys(c for bucket in (1, 16, 256) for c in configs({**meta, "T_bucket": bucket})))
+
+
+@pytest.mark.parametrize("config", _all_configs({"E": 4, "D": 200, "I": 150, "top_k": 2, "max_T": 256}), ids=str)
 def test_every_config_covers_the_rows(config):
-    x, router, w13, w2, residual = _inputs(3, 200, 150, 4, torch.float32, seed=7)
-    out = torch.full((3, 200), float("nan"))
+    # Partial row and K tiles everywhere; for the grouped form 37 tokens, several token tiles per expert.
+    T = 37 if "BLOCK_M" in dict(config.constexprs) else 3
+    x, router, w13, w2, residual = _inputs(T, 200, 150, 4, torch.float32, seed=7)
+    out = torch.full((T, 200), float("nan"))
     moe(x, router, w13, w2, residual, top_k=2, renormalize=True, out=out, config=config)
     torch.testing.assert_close(out.double(), maths(x, router, w13, w2, residual, 2, True), atol=1e-4, rtol=1e-4)
 
@@ -94,10 +109,14 @@ def test_bad_top_k_is_refused():
         moe(x, router, w13, w2, residual, top_k=5, renormalize=True)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_moe_cross_compiles(dtype):
+@pytest.mark.parametrize("bucket,launches", [(1, 3), (256, 5)])
+def test_moe_cross_compiles(bucket, launches):
+    # Every candidate in bf16 (Mixtral-8x7B's shape); the fp32 defaults below, whose tiles take twice the memory.
     from tests.kernels.aot_util import assert_cross_compiles
 
-    meta = {"E": 8, "D": 4096, "I": 14336, "top_k": 2, "renormalize": True, "max_T": 64, "max_S": 8, "T_bucket": 1}
-    dtypes = {r: dtype for r in ("x", "router", "w13", "w2", "residual", "out")}
-    assert assert_cross_compiles(SPEC, meta, dtypes) >= 3 * 3 * len(configs(meta))
+    meta = {"E": 8, "D": 4096, "I": 14336, "top_k": 2, "renormalize": True, "max_T": 256, "max_S": 8,
+            "T_bucket": bucket}
+    dtypes = {r: "bf16" for r in ("x", "router", "w13", "w2", "residual", "out")}
+    assert assert_cross_compiles(SPEC, meta, dtypes) == 3 * launches * len(set([*configs(meta), default(meta)]))
+    fp32 = dataclasses.replace(SPEC, configs=lambda meta: [])
+    assert assert_cross_compiles(fp32, meta, dict.fromkeys(dtypes, "fp32")) == 3 * launches
