@@ -31,8 +31,10 @@ from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_la
 def _moe_router_kernel(
     x_ptr,  # [T, D]
     router_ptr,  # [E, D]
+    shared_gate_ptr,  # [D] the shared expert's gate (Qwen2-MoE); without HAS_SHARED bound to router, never read
     ids_ptr,  # [T, TOP_K] i32
     weights_ptr,  # [T, TOP_K] fp32
+    shared_weight_ptr,  # [T] fp32: sigmoid(x @ shared_gate); without HAS_SHARED bound to weights, never written
     T,
     stride_x,
     D: tl.constexpr,
@@ -41,11 +43,13 @@ def _moe_router_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     e_mask = experts < E
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    acc_shared = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         d_mask = cols < D
@@ -53,6 +57,12 @@ def _moe_router_kernel(
         w = tl.load(router_ptr + experts[:, None].to(tl.int64) * D + cols[None, :],
                     mask=e_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w * x[None, :], axis=1)
+        if HAS_SHARED:
+            acc_shared += tl.load(shared_gate_ptr + cols, mask=d_mask, other=0.0).to(tl.float32) * x
+    if HAS_SHARED:
+        # sigmoid of the gate logit, both rounded to the dtype as HF's F.sigmoid(Linear(x)) leaves them
+        gate = tl.sum(acc_shared, axis=0).to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(shared_weight_ptr + t, (1.0 / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32))
     logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
     logits = tl.where(e_mask, logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=0))
@@ -120,6 +130,8 @@ def _moe_down_kernel(
     w2_ptr,  # [E, D, I]
     ids_ptr,  # [T, TOP_K] i32
     weights_ptr,  # [T, TOP_K] fp32
+    shared_ptr,  # [T, D] the shared expert's output; without HAS_SHARED bound to residual and never read
+    shared_weight_ptr,  # [T] fp32; without HAS_SHARED bound to weights and never read
     residual_ptr,  # [T, D]
     out_ptr,  # [T, D], may alias residual
     T,
@@ -130,6 +142,7 @@ def _moe_down_kernel(
     TOP_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -149,8 +162,9 @@ def _moe_down_kernel(
             part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
         # Each expert's down product is rounded to the activation dtype before it is weighted, as in HF.
         acc += weight * part.to(out_ptr.dtype.element_ty).to(tl.float32)
-    res = tl.load(residual_ptr + t * stride_res + rows, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * stride_out + rows, (res + acc).to(out_ptr.dtype.element_ty), mask=n_mask)
+    acc = moe_grouped.finish(acc, shared_ptr, shared_weight_ptr, residual_ptr, t, rows, n_mask, stride_res, D=D,
+                             HAS_SHARED=HAS_SHARED, DTYPE=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * stride_out + rows, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 # (BLOCK_N, BLOCK_K, warps) of the expert GEMVs: few rows and long K chunks stream the weights (the dense GEMVs'
@@ -207,18 +221,25 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     rows = t_bucket(meta) * top_k
     bn, bk = config["BLOCK_N"], config["BLOCK_K"]
     grouped = "BLOCK_M" in dict(config.constexprs)
+    has_shared = bool(meta.get("has_shared"))
+    gate = ("shared_gate", dtypes["shared_gate"]) if has_shared else ("router", dtypes["router"])
     router = make_launch(
         _moe_router_kernel,
-        types={"x_ptr": ptr(dtypes["x"]), "router_ptr": ptr(dtypes["router"]), "ids_ptr": "*i32",
-               "weights_ptr": "*fp32", "T": "i32", "stride_x": "i64"},
+        types={"x_ptr": ptr(dtypes["x"]), "router_ptr": ptr(dtypes["router"]), "shared_gate_ptr": ptr(gate[1]),
+               "ids_ptr": "*i32", "weights_ptr": "*fp32", "shared_weight_ptr": "*fp32", "T": "i32",
+               "stride_x": "i64"},
         constexprs={"D": D, "E": E, "TOP_K": top_k, "BLOCK_E": triton.next_power_of_2(E),
                     "BLOCK_D": min(triton.next_power_of_2(D), max(16, 4096 // triton.next_power_of_2(E))),
-                    "RENORMALIZE": bool(meta["renormalize"])},
-        args={"x_ptr": ("tensor", "x"), "router_ptr": ("tensor", "router"), "ids_ptr": ("tensor", "topk_ids"),
-              "weights_ptr": ("tensor", "topk_weights"), "T": ("sym", "T"),
+                    "RENORMALIZE": bool(meta["renormalize"]), "HAS_SHARED": has_shared},
+        args={"x_ptr": ("tensor", "x"), "router_ptr": ("tensor", "router"), "shared_gate_ptr": ("tensor", gate[0]),
+              "ids_ptr": ("tensor", "topk_ids"), "weights_ptr": ("tensor", "topk_weights"),
+              "shared_weight_ptr": ("tensor", "shared_weight" if has_shared else "topk_weights"), "T": ("sym", "T"),
               "stride_x": ("int", meta.get("stride_x", D))},
         grid=[grid_dim(("T", 1, 1))], config=Config.make(num_warps=4, num_stages=1))
     scratch = (("act", (rows * I, dtypes["out"])), ("topk_ids", (rows, "i32")), ("topk_weights", (rows, "fp32")))
+    if has_shared:
+        scratch += (("shared_weight", (t_bucket(meta), "fp32")),)
+    shared_types, shared_args, shared_constexprs = moe_grouped.shared_pieces(meta, dtypes)
     if grouped:
         return Plan((router, *moe_grouped.launches(meta, dtypes, config)),
                     scratch=scratch + moe_grouped.scratch(meta, t_bucket(meta), config, dtypes["out"]))
@@ -233,11 +254,11 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     down = make_launch(
         _moe_down_kernel,
         types={"act_ptr": ptr(dtypes["out"]), "w2_ptr": ptr(dtypes["w2"]), "ids_ptr": "*i32", "weights_ptr": "*fp32",
-               "residual_ptr": ptr(dtypes["residual"]), "out_ptr": ptr(dtypes["out"]), "T": "i32",
+               **shared_types, "residual_ptr": ptr(dtypes["residual"]), "out_ptr": ptr(dtypes["out"]), "T": "i32",
                "stride_res": "i64", "stride_out": "i64"},
-        constexprs={"D": D, "I": I, "TOP_K": top_k, "BLOCK_N": bn, "BLOCK_K": bk},
+        constexprs={"D": D, "I": I, "TOP_K": top_k, "BLOCK_N": bn, "BLOCK_K": bk, **shared_constexprs},
         args={"act_ptr": ("tensor", "act"), "w2_ptr": ("tensor", "w2"), "ids_ptr": ("tensor", "topk_ids"),
-              "weights_ptr": ("tensor", "topk_weights"), "residual_ptr": ("tensor", "residual"),
+              "weights_ptr": ("tensor", "topk_weights"), **shared_args, "residual_ptr": ("tensor", "residual"),
               "out_ptr": ("tensor", "out"), "T": ("sym", "T"), "stride_res": ("int", meta.get("stride_residual", D)),
               "stride_out": ("int", meta.get("stride_out", D))},
         grid=[grid_dim(("T", 1, 1)), grid_dim(-(-D // bn))], config=config)
@@ -247,10 +268,12 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
 SPEC = KernelSpec("moe", configs, default, plan, tune_buckets=(1, 16, 64, 256))
 
 
-def moe(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, residual: torch.Tensor, *,
-        top_k: int, renormalize: bool, out: torch.Tensor | None = None, config: Config | None = None,
+def moe(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, residual: torch.Tensor,
+        shared: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None, *, top_k: int,
+        renormalize: bool, out: torch.Tensor | None = None, config: Config | None = None,
         scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """x [T, D], router [E, D], w13 [E, 2I, D], w2 [E, D, I], residual [T, D] -> out [T, D] in x's dtype.
+    """x [T, D], router [E, D], w13 [E, 2I, D], w2 [E, D, I], residual [T, D] -> out [T, D] in x's dtype; with
+    shared [T, D] (the shared expert's output) and shared_gate [1, D], sigmoid(x @ shared_gate^T) * shared is added.
 
     Runs the kernels (interpreter on CPU tensors); ``scratch`` may hold the act / topk_ids / topk_weights buffers
     (a test reads the routing from them).
@@ -260,13 +283,17 @@ def moe(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     assert x.stride(1) == 1 and router.shape == (E, D) and w13.shape == (E, two_i, D) and two_i % 2 == 0
     assert w2.shape == (E, D, two_i // 2) and all(t.is_contiguous() for t in (router, w13, w2))
     assert residual.shape == (T, D) and residual.stride(1) == 1
+    assert (shared is None) == (shared_gate is None)
+    assert shared is None or (shared.shape == (T, D) and shared.is_contiguous() and shared_gate.shape == (1, D))
     if out is None:
         out = torch.empty(T, D, dtype=x.dtype, device=x.device)
     assert out.shape == (T, D) and out.stride(1) == 1
     meta = {"E": E, "D": D, "I": two_i // 2, "top_k": top_k, "renormalize": renormalize, "stride_x": x.stride(0),
             "stride_residual": residual.stride(0), "stride_out": out.stride(0), "max_T": T, "max_S": 1,
-            "T_bucket": T}
+            "T_bucket": T, "has_shared": shared is not None}
     tensors = {"x": x, "router": router, "w13": w13, "w2": w2, "residual": residual, "out": out, **(scratch or {})}
+    if shared is not None:
+        tensors |= {"shared": shared, "shared_gate": shared_gate}
     dtypes = {role: dtype_name(t) for role, t in tensors.items()}
     run(plan(meta, dtypes, config or default(meta)), tensors, {"T": T, "S": 1})
     return out
@@ -282,17 +309,22 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) 
     return ids, weights
 
 
-def reference(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, residual: torch.Tensor, *,
-              top_k: int, renormalize: bool) -> torch.Tensor:
-    """residual + sum_k weights[:, k] * down(silu(gate) * up) of each token's chosen experts, in fp32 with the
-    products rounded to x's dtype where the kernels (and HF) round them; cast to x's dtype."""
+def reference(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, residual: torch.Tensor,
+              shared: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None, *, top_k: int,
+              renormalize: bool) -> torch.Tensor:
+    """residual + sum_k weights[:, k] * down(silu(gate) * up) of each token's chosen experts (+ sigmoid(x @
+    shared_gate^T) * shared), in fp32 with the products rounded to x's dtype where the kernels (and HF) round them;
+    cast to x's dtype."""
     ids, weights = route(x, router, top_k, renormalize)
     I = w13.shape[1] // 2
-    out = residual.float().clone()
+    out = torch.zeros_like(residual, dtype=torch.float32)
     for e in ids.unique().tolist():
         t, k = torch.where(ids == e)
         gate_up = (x[t].float() @ w13[e].float().T).to(x.dtype).float()
         act = (torch.nn.functional.silu(gate_up[:, :I]) * gate_up[:, I:]).to(x.dtype).float()
         down = (act @ w2[e].float().T).to(x.dtype).float()
         out.index_add_(0, t, weights[t, k, None] * down)
-    return out.to(x.dtype)
+    if shared is not None:
+        gate = torch.sigmoid((x.float() @ shared_gate.float().T).to(x.dtype).float()).to(x.dtype).float()
+        out = out.to(x.dtype).float() + (gate * shared.float()).to(x.dtype).float()
+    return (out.to(x.dtype).float() + residual.float()).to(x.dtype)

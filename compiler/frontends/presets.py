@@ -136,6 +136,17 @@ PRESETS: dict[str, Preset] = {
                                                mlp_only_layers=[1], rope_theta=1000000.0, rms_norm_eps=1e-6,
                                                use_sliding_window=False, sliding_window=None, max_window_layers=2,
                                                output_router_logits=False, router_aux_loss_coef=0.0))),
+    # Qwen2-MoE: q/k/v biases, 4 experts (top 2, not renormalised) and a shared expert, sigmoid-gated, on layer 0.
+    "tiny-qwen2-moe": Preset("random Qwen2-MoE: q/k/v bias, 4 experts, top 2, shared expert 56 with its gate, "
+                             "dense layer 1, vocab 328",
+                             _tiny(44, _config("Qwen2MoeForCausalLM", "qwen2_moe", vocab_size=328,
+                                               intermediate_size=80, moe_intermediate_size=32, num_experts=4,
+                                               num_experts_per_tok=2, norm_topk_prob=False,
+                                               shared_expert_intermediate_size=56, decoder_sparse_step=1,
+                                               mlp_only_layers=[1], qkv_bias=True, rope_theta=1000000.0,
+                                               rms_norm_eps=1e-6, use_sliding_window=False, sliding_window=None,
+                                               max_window_layers=2, output_router_logits=False,
+                                               router_aux_loss_coef=0.0))),
     "tinyllama-1.1b": Preset("random weights in TinyLlama-1.1B's shape (bf16, for GPU benchmarks)",
                              _big(11, _config("LlamaForCausalLM", "llama", hidden_size=2048, intermediate_size=5632,
                                               num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,

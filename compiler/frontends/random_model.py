@@ -96,7 +96,8 @@ def parameter_shapes(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     h, v, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     hd = config.get("head_dim") or h // heads
-    bias = config["model_type"] == "qwen2" or config.get("attention_bias", False)
+    bias = (config["model_type"] == "qwen2" or config.get("attention_bias", False)
+            or (config["model_type"] == "qwen2_moe" and config.get("qkv_bias", True)))
     phi3 = config["model_type"] == "phi3"
     gemma = config["model_type"] in ("gemma2", "gemma3_text")
     norm = "offset_norm" if gemma else "norm"
@@ -135,7 +136,7 @@ def _sparse(config: dict, i: int) -> bool:
     """Whether layer i's MLP is a mixture of experts (as the HF decoder layer decides)."""
     if config["model_type"] == "mixtral":
         return True
-    if config["model_type"] != "qwen3_moe":
+    if config["model_type"] not in ("qwen2_moe", "qwen3_moe"):
         return False
     return i not in (config.get("mlp_only_layers") or ()) and (i + 1) % config.get("decoder_sparse_step", 1) == 0
 
@@ -154,6 +155,12 @@ def _experts(config: dict, p: str) -> list[tuple[str, tuple[int, ...], str]]:
         e = f"{base}experts.{j}."
         out += [(e + f"{names[0]}.weight", (inter, h), "linear"), (e + f"{names[1]}.weight", (inter, h), "linear"),
                 (e + f"{names[2]}.weight", (h, inter), "linear")]
+    if config["model_type"] == "qwen2_moe":  # the shared expert and its gate
+        shared = config["shared_expert_intermediate_size"]
+        out += [(base + "shared_expert.gate_proj.weight", (shared, h), "linear"),
+                (base + "shared_expert.up_proj.weight", (shared, h), "linear"),
+                (base + "shared_expert.down_proj.weight", (h, shared), "linear"),
+                (base + "shared_expert_gate.weight", (1, h), "linear")]
     return out
 
 

@@ -21,7 +21,9 @@ _INPUT_SHAPES = {"ids": ("T",), "positions": ("T",), "slot_mapping": ("T",), "cu
                  "seq_lens": ("S",), "block_tables": ("S", "max_blocks"), "last_idx": ("R",)}
 
 
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# HF's defaults of the Qwen MoE configs: (num_experts, num_experts_per_tok, moe_intermediate_size).
+_QWEN_MOE_DEFAULTS = {"qwen2_moe": (60, 4, 1408), "qwen3_moe": (128, 8, 768)}
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,15 @@ class MoeConfig:
     intermediate_size: int
     renormalize: bool
     sparse: tuple[bool, ...]
+    shared_intermediate_size: int = 0  # the shared expert's MLP width (Qwen2-MoE); 0: none
 
     def __post_init__(self) -> None:
         for key in ("num_experts", "top_k", "intermediate_size"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"config: MoE {key} must be a positive integer, not {getattr(self, key)!r}")
+        if not isinstance(self.shared_intermediate_size, int) or self.shared_intermediate_size < 0:
+            raise ValueError(f"config: shared_expert_intermediate_size must be a positive integer, not "
+                             f"{self.shared_intermediate_size!r}")
         if self.top_k > self.num_experts:
             raise ValueError(f"config: num_experts_per_tok {self.top_k} is more than the {self.num_experts} experts: "
                              f"fix config.json")
@@ -49,15 +55,18 @@ class MoeConfig:
         if family == "mixtral":  # every layer sparse; the top-k weights always renormalised (MixtralTopKRouter)
             return MoeConfig(config.get("num_local_experts", 8), config.get("num_experts_per_tok", 2),
                              config["intermediate_size"], True, (True,) * layers)
-        # Qwen3-MoE: layer i is sparse unless listed in mlp_only_layers or off the decoder_sparse_step grid
-        # (Qwen3MoeDecoderLayer); renormalised where norm_topk_prob says (HF's default: False).
+        # Qwen2/3-MoE: layer i is sparse unless listed in mlp_only_layers or off the decoder_sparse_step grid
+        # (Qwen3MoeDecoderLayer); renormalised where norm_topk_prob says (HF's default: False). Qwen2-MoE adds a
+        # shared expert to every sparse layer.
         step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
         if not isinstance(step, int) or step < 1:
             raise ValueError(f"config: decoder_sparse_step must be a positive integer, not {step!r}")
-        experts = config.get("num_experts", 128)
+        experts, top_k, inter = _QWEN_MOE_DEFAULTS[family]
+        experts = config.get("num_experts", experts)
         sparse = tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers))
-        return MoeConfig(experts, config.get("num_experts_per_tok", 8), config.get("moe_intermediate_size", 768),
-                         bool(config.get("norm_topk_prob", False)), sparse)
+        shared = config.get("shared_expert_intermediate_size", 5632) if family == "qwen2_moe" else 0
+        return MoeConfig(experts, config.get("num_experts_per_tok", top_k), config.get("moe_intermediate_size", inter),
+                         bool(config.get("norm_topk_prob", False)), sparse, shared)
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,14 @@ def attention_block(m: Model, p: str, i: int, hidden: Sym, residual: Sym | None)
 def mlp_block(m: Model, p: str, hidden: Sym, residual: Sym) -> tuple[Sym, Sym]:
     residual = ops.add(hidden, residual, name="mlp_in")
     h = ops.rms_norm(residual, m.weight(p + "post_attention_layernorm"), m.cfg.eps)
-    gate = ops.linear(h, m.weight(p + "mlp.gate_proj"), m.bias(p + "mlp.gate_proj"))
-    up = ops.linear(h, m.weight(p + "mlp.up_proj"), m.bias(p + "mlp.up_proj"))
-    return ops.linear(ops.mul(ops.silu(gate), up), m.weight(p + "mlp.down_proj"), m.bias(p + "mlp.down_proj")), residual
+    return swiglu(m, p + "mlp.", h), residual
+
+
+def swiglu(m: Model, a: str, h: Sym) -> Sym:
+    """down(silu(gate(h)) * up(h)) of the MLP under prefix a (e.g. "model.layers.0.mlp."): [T, D]."""
+    gate = ops.linear(h, m.weight(a + "gate_proj"), m.bias(a + "gate_proj"))
+    up = ops.linear(h, m.weight(a + "up_proj"), m.bias(a + "up_proj"))
+    return ops.linear(ops.mul(ops.silu(gate), up), m.weight(a + "down_proj"), m.bias(a + "down_proj"))
 
 
 def logits(m: Model, hidden: Sym, residual: Sym | None) -> Sym:

@@ -13,13 +13,16 @@ from compiler.models import Model, llama
 from compiler.ops import Sym
 
 
-def moe_block(m: Model, p: str, hidden: Sym, residual: Sym, router: str, experts: tuple[str, str, str, str]
-              ) -> tuple[Sym, Sym | None]:
-    """router: the gate's checkpoint prefix under p; experts: (legacy prefix, gate, up, down) for Model.experts."""
+def moe_block(m: Model, p: str, hidden: Sym, residual: Sym, router: str, experts: tuple[str, str, str, str],
+              shared: str | None = None) -> tuple[Sym, Sym | None]:
+    """router: the gate's checkpoint prefix under p; experts: (legacy prefix, gate, up, down) for Model.experts;
+    shared: the prefix of a shared expert, a dense SwiGLU MLP that every token takes (Qwen2-MoE), gated by
+    sigmoid("{shared}_gate" @ h) inside the moe node."""
     residual = ops.add(hidden, residual, name="mlp_in")
     h = ops.rms_norm(residual, m.weight(p + "post_attention_layernorm"), m.cfg.eps)
     w13, w2 = m.experts(p, *experts)
-    out = ops.moe(h, m.weight(p + router), w13, w2, residual, top_k=m.cfg.moe.top_k,
+    dense = (llama.swiglu(m, f"{p}{shared}.", h), m.weight(f"{p}{shared}_gate")) if shared else (None, None)
+    out = ops.moe(h, m.weight(p + router), w13, w2, residual, *dense, top_k=m.cfg.moe.top_k,
                   renormalize=m.cfg.moe.renormalize, name="moe")
     return out, None
 

@@ -111,7 +111,7 @@ def test_tiny_preset_shapes_and_weights(name):
         assert src.tensors["model.layers.1.self_attn.q_proj.weight"].shape == (c["num_attention_heads"] * hd, h)
         assert src.tensors["model.layers.0.self_attn.k_proj.weight"].shape == (c["num_key_value_heads"] * hd, h)
     assert ("lm_head.weight" in src.tensors) != c["tie_word_embeddings"]
-    assert ("model.layers.0.self_attn.q_proj.bias" in src.tensors) == (name == "tiny-qwen2")
+    assert ("model.layers.0.self_attn.q_proj.bias" in src.tensors) == (name in ("tiny-qwen2", "tiny-qwen2-moe"))
     assert ("model.layers.0.self_attn.k_norm.weight" in src.tensors) == (name in ("tiny-qwen3", "tiny-gemma3",
                                                                               "tiny-qwen3-moe"))
     if name == "tiny-mixtral":  # the hub's layout: a router and w1 (gate), w3 (up), w2 (down) per expert
@@ -123,6 +123,10 @@ def test_tiny_preset_shapes_and_weights(name):
         assert src.tensors["model.layers.0.mlp.gate.weight"].shape == (c["num_experts"], h)
         assert src.tensors[e + "up_proj.weight"].shape == (inter, h)
         assert src.tensors["model.layers.1.mlp.down_proj.weight"].shape == (h, c["intermediate_size"])
+    if name == "tiny-qwen2-moe":  # and a shared expert with its gate
+        shared = c["shared_expert_intermediate_size"]
+        assert src.tensors["model.layers.0.mlp.shared_expert.up_proj.weight"].shape == (shared, h)
+        assert src.tensors["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, h)
     gemma = name.startswith("tiny-gemma")
     for key, t in src.tensors.items():
         assert t.dtype == torch.float32 and torch.isfinite(t).all(), key

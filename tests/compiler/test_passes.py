@@ -303,9 +303,12 @@ def test_each_gemma_layer_is_seven_or_eight_kernels(name):
 # normed hidden, so it stays a kernel), moe (router, gate_up, down + residual: three launches of one node).
 MIXTRAL_LAYER = ["rms_norm_linear", "attention", "linear", "rms_norm", "moe"]
 QWEN3_MOE_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm", "moe"]
+# Qwen2-MoE's shared expert reads the same normed hidden, so its gate_up is a plain linear with a separate silu_mul
+# (a known non-fusion: the norm cannot fold into it), then its down projection, read by the moe node.
+QWEN2_MOE_LAYER = ["rms_norm_linear", "attention", "linear", "rms_norm", "linear", "silu_mul", "linear", "moe"]
 
 
-@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe"])
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe"])
 def test_each_moe_layer_is_five_or_six_kernels(name):
     from artifact_format.graph import Limits
     from compiler.frontends import load_source
@@ -316,11 +319,18 @@ def test_each_moe_layer_is_five_or_six_kernels(name):
     g, w, _ = optimize(graph, weights, "fp32")
     if name == "tiny-mixtral":
         layers, legacy, top_k, renormalize = [MIXTRAL_LAYER] * 2, "block_sparse_moe.experts", 2, True
-    else:  # layer 1 is dense (mlp_only_layers): Qwen3's six kernels
+    elif name == "tiny-qwen3-moe":  # layer 1 is dense (mlp_only_layers): Qwen3's six kernels
         layers, legacy, top_k, renormalize = [QWEN3_MOE_LAYER, QWEN3_LAYER], "mlp.experts", 3, False
+    else:  # Qwen2's five kernels on the dense layer 1
+        layers, legacy, top_k, renormalize = [QWEN2_MOE_LAYER, FUSED_LAYER], "mlp.experts", 2, False
     assert [n.op for n in g.nodes] == ["embedding", *layers[0], *layers[1], "logits"]
     moe = layer(g, 0)[-1]
-    o, norm = layer(g, 0)[-3:-1]
+    o, norm = layer(g, 0)[2:4] if name == "tiny-qwen2-moe" else layer(g, 0)[-3:-1]
+    if name == "tiny-qwen2-moe":
+        down = layer(g, 0)[-2]
+        assert moe.input("shared") == down.output("out") and moe.attr("has_shared") is True
+        assert layer(g, 0)[4].input("x") == norm.output("out")
+        assert moe.input("shared_gate") == "model.layers.0.mlp.shared_expert_gate.weight"
     assert o.attr("has_residual") and norm.input("x") == o.output("out") == moe.input("residual")
     assert moe.input("x") == norm.output("out") and (moe.attr("top_k"), moe.attr("renormalize")) == (top_k, renormalize)
     # The next block (or the final norm) starts from the moe output: the residual stream, no add in between.

@@ -46,7 +46,8 @@ TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 # nor in 8 at NEAR_TIE["bf16"]: the first such seed in 0..199 for each preset (found on the CPU).
 GREEDY_SEEDS = {"tiny-llama": 118, "tiny-llama3": 19, "tiny-mistral": 101, "tiny-qwen2": 24, "tiny-qwen3": 61,
                 "tiny-mqa": 39, "tiny-hd80": 20, "tiny-phi3": 162, "tiny-mistral-swa": 179,
-                "tiny-gemma2": 105, "tiny-gemma3": 0, "tiny-mixtral": 84, "tiny-qwen3-moe": 69}
+                "tiny-gemma2": 105, "tiny-gemma3": 0, "tiny-mixtral": 84, "tiny-qwen3-moe": 69,
+                "tiny-qwen2-moe": 34}
 SMOLLM2_GREEDY_TEXT = "1, 2, 3, 4, 5,"  # its fp32 top-two gaps stay >= 0.28 RMS over 12 tokens, 0.13 over 16
 KV_GB = {"tiny": 0.05, SMOLLM2: 0.5}  # explicit: by default a backend takes 90% of the free memory for KV blocks
 CASES = [*((p, d) for p in TINY_PRESETS for d in ("bf16", "fp16")),

@@ -111,7 +111,8 @@ def test_bad_top_k_is_refused():
 
 @pytest.mark.parametrize("bucket,launches", [(1, 3), (256, 5)])
 def test_moe_cross_compiles(bucket, launches):
-    # Every candidate in bf16 (Mixtral-8x7B's shape); the fp32 defaults below, whose tiles take twice the memory.
+    # Every candidate in bf16 (Mixtral-8x7B's shape); the defaults in fp32 (tiles of twice the memory) with a shared
+    # expert (Qwen2-MoE's epilogue) below.
     from tests.kernels.aot_util import assert_cross_compiles
 
     meta = {"E": 8, "D": 4096, "I": 14336, "top_k": 2, "renormalize": True, "max_T": 256, "max_S": 8,
@@ -119,4 +120,25 @@ def test_moe_cross_compiles(bucket, launches):
     dtypes = {r: "bf16" for r in ("x", "router", "w13", "w2", "residual", "out")}
     assert assert_cross_compiles(SPEC, meta, dtypes) == 3 * launches * len(set([*configs(meta), default(meta)]))
     fp32 = dataclasses.replace(SPEC, configs=lambda meta: [])
-    assert assert_cross_compiles(fp32, meta, dict.fromkeys(dtypes, "fp32")) == 3 * launches
+    dtypes = dict.fromkeys([*dtypes, "shared", "shared_gate"], "fp32")
+    assert assert_cross_compiles(fp32, {**meta, "has_shared": True}, dtypes) == 3 * launches
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+def test_shared_expert_is_gated_and_added(form, dtype, atol, rtol):
+    # Qwen2-MoE: residual + experts + sigmoid(x @ shared_gate^T) * shared, the shared expert's output given.
+    T, D, I, E = 7, 48, 40, 6
+    x, router, w13, w2, residual = _inputs(T, D, I, E, dtype, seed=9)
+    g = torch.Generator().manual_seed(19)
+    shared, shared_gate = torch.randn(T, D, generator=g).to(dtype), torch.randn(1, D, generator=g).to(dtype)
+    out = torch.full((T, D), float("nan"), dtype=dtype)
+    scratch = {**_scratch(T, I, 2, dtype), "shared_weight": torch.full((T,), float("nan"))}
+    moe(x, router, w13, w2, residual, shared, shared_gate, top_k=2, renormalize=False, out=out, scratch=scratch,
+        config=FORMS[form])
+    gate = torch.sigmoid(x.double() @ shared_gate.double().T)
+    torch.testing.assert_close(scratch["shared_weight"].double(), gate[:, 0], atol=atol * 10, rtol=rtol * 10)
+    want = maths(x, router, w13, w2, residual, 2, False) + gate * shared.double()
+    torch.testing.assert_close(out.double(), want, atol=atol * 10, rtol=rtol * 10)
+    torch.testing.assert_close(out, reference(x, router, w13, w2, residual, shared, shared_gate, top_k=2,
+                                              renormalize=False), atol=atol, rtol=rtol)
