@@ -1,10 +1,8 @@
 """Mixture-of-experts MLP: out[T, D] = residual + sum_k weight[t, k] * expert_{ids[t, k]}(x[t]), SwiGLU experts.
 
 Three launches, with the routing kept on the device (no host sync, static grids: CUDA-graph friendly):
-  1. router: logits = x @ router^T over the E experts (rounded to x's dtype, as HF's F.linear leaves them), softmax
-     in fp32, the TOP_K largest probabilities (ties to the lower expert id, as torch.topk on distinct values), with
-     RENORMALIZE divided by their sum (Mixtral always, Qwen-MoE where norm_topk_prob says) -> ids [T, TOP_K] i32,
-     weights [T, TOP_K] fp32 (scratch).
+  1. router (kernels/moe_router.py): softmax top-k of x @ router^T -> ids [T, TOP_K] i32, weights [T, TOP_K] fp32
+     (scratch), renormalised where the config says; with a shared expert also its sigmoid gate.
   2. gate_up: for each (token, k) and block of I columns, act = silu(x @ w13[e, :I]^T) * (x @ w13[e, I:]^T) with
      e = ids[t, k]: only the chosen experts' rows are read (batch-1 decode reads TOP_K / E of the expert bytes).
   3. down: one program owns out[t, block of D] and loops over its TOP_K choices, summing weight * (act @ w2[e]^T)
@@ -22,67 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import moe_grouped
+from kernels import moe_grouped, moe_router
 from kernels.matmul_configs import t_bucket
-from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
-
-
-@triton.jit
-def _moe_router_kernel(
-    x_ptr,  # [T, D]
-    router_ptr,  # [E, D]
-    shared_gate_ptr,  # [D] the shared expert's gate (Qwen2-MoE); without HAS_SHARED bound to router, never read
-    ids_ptr,  # [T, TOP_K] i32
-    weights_ptr,  # [T, TOP_K] fp32
-    shared_weight_ptr,  # [T] fp32: sigmoid(x @ shared_gate); without HAS_SHARED bound to weights, never written
-    T,
-    stride_x,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    TOP_K: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    HAS_SHARED: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    experts = tl.arange(0, BLOCK_E)
-    e_mask = experts < E
-    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    acc_shared = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        d_mask = cols < D
-        x = tl.load(x_ptr + t * stride_x + cols, mask=d_mask, other=0.0).to(tl.float32)
-        w = tl.load(router_ptr + experts[:, None].to(tl.int64) * D + cols[None, :],
-                    mask=e_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * x[None, :], axis=1)
-        if HAS_SHARED:
-            acc_shared += tl.load(shared_gate_ptr + cols, mask=d_mask, other=0.0).to(tl.float32) * x
-    if HAS_SHARED:
-        # sigmoid of the gate logit, both rounded to the dtype as HF's F.sigmoid(Linear(x)) leaves them
-        gate = tl.sum(acc_shared, axis=0).to(x_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(shared_weight_ptr + t, (1.0 / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32))
-    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-    logits = tl.where(e_mask, logits, float("-inf"))
-    p = tl.exp(logits - tl.max(logits, axis=0))
-    p = p / tl.sum(p, axis=0)
-    # Pass 1 sums the TOP_K largest probabilities (for the renormalisation), pass 2 stores them: the k-th is the
-    # largest left after the k - 1 before it were set to -1 (probabilities are >= 0, padding experts 0).
-    total = 0.0
-    left = tl.where(e_mask, p, -1.0)
-    for _ in tl.static_range(TOP_K):
-        best = tl.max(left, axis=0)
-        total += best
-        left = tl.where(experts == tl.min(tl.where(left == best, experts, BLOCK_E), axis=0), -1.0, left)
-    scale = 1.0 / total if RENORMALIZE else 1.0
-    left = tl.where(e_mask, p, -1.0)
-    for k in tl.static_range(TOP_K):
-        best = tl.max(left, axis=0)
-        idx = tl.min(tl.where(left == best, experts, BLOCK_E), axis=0)
-        tl.store(ids_ptr + t * TOP_K + k, idx.to(tl.int32))
-        tl.store(weights_ptr + t * TOP_K + k, best * scale)
-        left = tl.where(experts == idx, -1.0, left)
+from kernels.spec import Config, KernelSpec, Launch, Plan, dtype_name, grid_dim, make_launch, ptr, run
 
 
 @triton.jit
@@ -125,10 +65,24 @@ def _moe_gate_up_kernel(
 
 
 @triton.jit
+def finish(acc, shared_ptr, shared_weight_ptr, residual_ptr, t, cols, mask, stride_res, D: tl.constexpr,
+           HAS_SHARED: tl.constexpr, DTYPE: tl.constexpr):
+    """residual + the routed experts' sum acc (+ the gated shared expert), each term rounded to DTYPE as HF adds
+    them: (experts + sigmoid(gate) * shared) in the dtype, then the residual add."""
+    if HAS_SHARED:
+        weight = tl.load(shared_weight_ptr + t)
+        shared = tl.load(shared_ptr + t * D + cols, mask=mask, other=0.0).to(tl.float32)
+        acc = acc.to(DTYPE).to(tl.float32) + (weight * shared).to(DTYPE).to(tl.float32)
+    return acc.to(DTYPE).to(tl.float32) + tl.load(residual_ptr + t * stride_res + cols, mask=mask,
+                                                   other=0.0).to(tl.float32)
+
+
+
+@triton.jit
 def _moe_down_kernel(
-    act_ptr,  # [T, TOP_K * I]
-    w2_ptr,  # [E, D, I]
-    ids_ptr,  # [T, TOP_K] i32
+    src_ptr,  # act [T, TOP_K * I]; with FROM_Y the grouped form's expert outputs y [T * TOP_K, D], already rounded
+    w2_ptr,  # [E, D, I]; with FROM_Y bound to src and never read
+    ids_ptr,  # [T, TOP_K] i32; with FROM_Y bound to weights and never read
     weights_ptr,  # [T, TOP_K] fp32
     shared_ptr,  # [T, D] the shared expert's output; without HAS_SHARED bound to residual and never read
     shared_weight_ptr,  # [T] fp32; without HAS_SHARED bound to weights and never read
@@ -143,26 +97,31 @@ def _moe_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_SHARED: tl.constexpr,
+    FROM_Y: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows < D
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        expert = tl.load(ids_ptr + t * TOP_K + k).to(tl.int64)
         weight = tl.load(weights_ptr + t * TOP_K + k)
-        w_ptr = w2_ptr + expert * (D * I) + rows[:, None].to(tl.int64) * I
-        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            k_mask = cols < I
-            a = tl.load(act_ptr + (t * TOP_K + k) * I + cols, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
-                        eviction_policy="evict_first")
-            part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-        # Each expert's down product is rounded to the activation dtype before it is weighted, as in HF.
-        acc += weight * part.to(out_ptr.dtype.element_ty).to(tl.float32)
-    acc = moe_grouped.finish(acc, shared_ptr, shared_weight_ptr, residual_ptr, t, rows, n_mask, stride_res, D=D,
+        if FROM_Y:
+            part = tl.load(src_ptr + (t * TOP_K + k) * D + rows, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            expert = tl.load(ids_ptr + t * TOP_K + k).to(tl.int64)
+            w_ptr = w2_ptr + expert * (D * I) + rows[:, None].to(tl.int64) * I
+            part = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, I, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                k_mask = cols < I
+                a = tl.load(src_ptr + (t * TOP_K + k) * I + cols, mask=k_mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+                part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            # Each expert's down product is rounded to the activation dtype before it is weighted, as in HF.
+            part = part.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc += weight * part
+    acc = finish(acc, shared_ptr, shared_weight_ptr, residual_ptr, t, rows, n_mask, stride_res, D=D,
                              HAS_SHARED=HAS_SHARED, DTYPE=out_ptr.dtype.element_ty)
     tl.store(out_ptr + t * stride_out + rows, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
@@ -209,6 +168,16 @@ def default(meta: dict) -> Config:
     return _config(_fit(_TILES[1], meta))
 
 
+def shared_pieces(meta: dict, dtypes: dict) -> tuple[dict, dict, dict]:
+    """(types, args, constexprs) of the shared-expert epilogue parameters (``finish``) of down and combine."""
+    has_shared = bool(meta.get("has_shared"))
+    shared = ("shared", dtypes["shared"]) if has_shared else ("residual", dtypes["residual"])
+    return ({"shared_ptr": ptr(shared[1]), "shared_weight_ptr": "*fp32"},
+            {"shared_ptr": ("tensor", shared[0]),
+             "shared_weight_ptr": ("tensor", "shared_weight" if has_shared else "topk_weights")},
+            {"HAS_SHARED": has_shared})
+
+
 def _check(meta: dict) -> None:
     E, top_k = meta["E"], meta["top_k"]
     if not 1 <= top_k <= E:
@@ -217,31 +186,19 @@ def _check(meta: dict) -> None:
 
 def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     _check(meta)
-    E, D, I, top_k = meta["E"], meta["D"], meta["I"], meta["top_k"]
+    D, I, top_k = meta["D"], meta["I"], meta["top_k"]
     rows = t_bucket(meta) * top_k
     bn, bk = config["BLOCK_N"], config["BLOCK_K"]
     grouped = "BLOCK_M" in dict(config.constexprs)
     has_shared = bool(meta.get("has_shared"))
-    gate = ("shared_gate", dtypes["shared_gate"]) if has_shared else ("router", dtypes["router"])
-    router = make_launch(
-        _moe_router_kernel,
-        types={"x_ptr": ptr(dtypes["x"]), "router_ptr": ptr(dtypes["router"]), "shared_gate_ptr": ptr(gate[1]),
-               "ids_ptr": "*i32", "weights_ptr": "*fp32", "shared_weight_ptr": "*fp32", "T": "i32",
-               "stride_x": "i64"},
-        constexprs={"D": D, "E": E, "TOP_K": top_k, "BLOCK_E": triton.next_power_of_2(E),
-                    "BLOCK_D": min(triton.next_power_of_2(D), max(16, 4096 // triton.next_power_of_2(E))),
-                    "RENORMALIZE": bool(meta["renormalize"]), "HAS_SHARED": has_shared},
-        args={"x_ptr": ("tensor", "x"), "router_ptr": ("tensor", "router"), "shared_gate_ptr": ("tensor", gate[0]),
-              "ids_ptr": ("tensor", "topk_ids"), "weights_ptr": ("tensor", "topk_weights"),
-              "shared_weight_ptr": ("tensor", "shared_weight" if has_shared else "topk_weights"), "T": ("sym", "T"),
-              "stride_x": ("int", meta.get("stride_x", D))},
-        grid=[grid_dim(("T", 1, 1))], config=Config.make(num_warps=4, num_stages=1))
+    router = moe_router.launch(meta, dtypes)
     scratch = (("act", (rows * I, dtypes["out"])), ("topk_ids", (rows, "i32")), ("topk_weights", (rows, "fp32")))
     if has_shared:
         scratch += (("shared_weight", (t_bucket(meta), "fp32")),)
-    shared_types, shared_args, shared_constexprs = moe_grouped.shared_pieces(meta, dtypes)
     if grouped:
-        return Plan((router, *moe_grouped.launches(meta, dtypes, config)),
+        tile = Config.make(num_warps=4, num_stages=1, BLOCK_N=min(1024, triton.next_power_of_2(D)), BLOCK_K=16)
+        combine = _down(meta, dtypes, tile, from_y=True)
+        return Plan((router, *moe_grouped.launches(meta, dtypes, config), combine),
                     scratch=scratch + moe_grouped.scratch(meta, t_bucket(meta), config, dtypes["out"]))
     gate_up = make_launch(
         _moe_gate_up_kernel,
@@ -251,18 +208,28 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         args={"x_ptr": ("tensor", "x"), "w13_ptr": ("tensor", "w13"), "ids_ptr": ("tensor", "topk_ids"),
               "act_ptr": ("tensor", "act"), "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", D))},
         grid=[grid_dim(("T", 1, top_k)), grid_dim(-(-I // bn))], config=config)
-    down = make_launch(
+    return Plan((router, gate_up, _down(meta, dtypes, config, from_y=False)), scratch=scratch)
+
+
+def _down(meta: dict, dtypes: dict, config: Config, from_y: bool) -> Launch:
+    """The down kernel's launch: the GEMVs over w2, or (from_y) the grouped form's combine of y."""
+    D, I, top_k = meta["D"], meta["I"], meta["top_k"]
+    bn = config["BLOCK_N"]
+    src, w2, ids = ("y", "y", "topk_weights") if from_y else ("act", "w2", "topk_ids")
+    shared_types, shared_args, shared_constexprs = shared_pieces(meta, dtypes)
+    return make_launch(
         _moe_down_kernel,
-        types={"act_ptr": ptr(dtypes["out"]), "w2_ptr": ptr(dtypes["w2"]), "ids_ptr": "*i32", "weights_ptr": "*fp32",
-               **shared_types, "residual_ptr": ptr(dtypes["residual"]), "out_ptr": ptr(dtypes["out"]), "T": "i32",
+        types={"src_ptr": ptr(dtypes["out"]), "w2_ptr": ptr(dtypes["out"] if from_y else dtypes["w2"]),
+               "ids_ptr": "*fp32" if from_y else "*i32", "weights_ptr": "*fp32", **shared_types,
+               "residual_ptr": ptr(dtypes["residual"]), "out_ptr": ptr(dtypes["out"]), "T": "i32",
                "stride_res": "i64", "stride_out": "i64"},
-        constexprs={"D": D, "I": I, "TOP_K": top_k, "BLOCK_N": bn, "BLOCK_K": bk, **shared_constexprs},
-        args={"act_ptr": ("tensor", "act"), "w2_ptr": ("tensor", "w2"), "ids_ptr": ("tensor", "topk_ids"),
+        constexprs={"D": D, "I": I, "TOP_K": top_k, "BLOCK_N": bn, "BLOCK_K": config["BLOCK_K"], **shared_constexprs,
+                    "FROM_Y": from_y},
+        args={"src_ptr": ("tensor", src), "w2_ptr": ("tensor", w2), "ids_ptr": ("tensor", ids),
               "weights_ptr": ("tensor", "topk_weights"), **shared_args, "residual_ptr": ("tensor", "residual"),
               "out_ptr": ("tensor", "out"), "T": ("sym", "T"), "stride_res": ("int", meta.get("stride_residual", D)),
               "stride_out": ("int", meta.get("stride_out", D))},
         grid=[grid_dim(("T", 1, 1)), grid_dim(-(-D // bn))], config=config)
-    return Plan((router, gate_up, down), scratch=scratch)
 
 
 SPEC = KernelSpec("moe", configs, default, plan, tune_buckets=(1, 16, 64, 256))

@@ -11,7 +11,8 @@ After the router (kernels/moe.py) writes ids [T, TOP_K]:
   2. gate_up: one program per (block, BLOCK_N columns of I): act[pair] = silu(x[t] @ gate^T) * (x[t] @ up^T).
   3. down: the same tiles over w2, each pair's expert output (rounded to the activation dtype, as HF rounds it)
      to y [T * TOP_K, D].
-  4. combine: one program owns out[t, BLOCK_N columns]: residual + sum_k weight[t, k] * y[t * TOP_K + k]. No atomics.
+  4. combine: kernels/moe.py's down kernel reading y (FROM_Y): one program owns out[t, BLOCK_N columns], residual
+     + sum_k weight[t, k] * y[t * TOP_K + k]. No atomics.
 Slots of a block past its filled rows are masked on load and store, so they are never read uninitialised.
 """
 
@@ -124,57 +125,6 @@ def _moe_grouped_kernel(
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
-def _moe_combine_kernel(
-    y_ptr,  # [T * TOP_K, D]: each pair's expert output
-    weights_ptr,  # [T, TOP_K] fp32
-    shared_ptr,  # [T, D] the shared expert's output; without HAS_SHARED bound to residual and never read
-    shared_weight_ptr,  # [T] fp32; without HAS_SHARED bound to weights and never read
-    residual_ptr,  # [T, D]
-    out_ptr,  # [T, D], may alias residual
-    T,
-    stride_res,
-    stride_out,
-    D: tl.constexpr,
-    TOP_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_SHARED: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < D
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        weight = tl.load(weights_ptr + t * TOP_K + k)
-        acc += weight * tl.load(y_ptr + (t * TOP_K + k) * D + cols, mask=mask, other=0.0).to(tl.float32)
-    acc = finish(acc, shared_ptr, shared_weight_ptr, residual_ptr, t, cols, mask, stride_res, D=D,
-                 HAS_SHARED=HAS_SHARED, DTYPE=out_ptr.dtype.element_ty)
-    tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def finish(acc, shared_ptr, shared_weight_ptr, residual_ptr, t, cols, mask, stride_res, D: tl.constexpr,
-           HAS_SHARED: tl.constexpr, DTYPE: tl.constexpr):
-    """residual + the routed experts' sum acc (+ the gated shared expert), each term rounded to DTYPE as HF adds
-    them: (experts + sigmoid(gate) * shared) in the dtype, then the residual add."""
-    if HAS_SHARED:
-        weight = tl.load(shared_weight_ptr + t)
-        shared = tl.load(shared_ptr + t * D + cols, mask=mask, other=0.0).to(tl.float32)
-        acc = acc.to(DTYPE).to(tl.float32) + (weight * shared).to(DTYPE).to(tl.float32)
-    return acc.to(DTYPE).to(tl.float32) + tl.load(residual_ptr + t * stride_res + cols, mask=mask,
-                                                   other=0.0).to(tl.float32)
-
-
-def shared_pieces(meta: dict, dtypes: dict) -> tuple[dict, dict, dict]:
-    """(types, args, constexprs) of the shared-expert epilogue parameters (``finish``) of down and combine."""
-    has_shared = bool(meta.get("has_shared"))
-    shared = ("shared", dtypes["shared"]) if has_shared else ("residual", dtypes["residual"])
-    return ({"shared_ptr": ptr(shared[1]), "shared_weight_ptr": "*fp32"},
-            {"shared_ptr": ("tensor", shared[0]),
-             "shared_weight_ptr": ("tensor", "shared_weight" if has_shared else "topk_weights")},
-            {"HAS_SHARED": has_shared})
-
-
 def tile_config(block_m: int, block_n: int, block_k: int, warps: int, stages: int = 2) -> Config:
     return Config.make(num_warps=warps, num_stages=stages, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
 
@@ -193,7 +143,7 @@ def scratch(meta: dict, tokens: int, config: Config, act_dtype: str) -> tuple[tu
 
 
 def launches(meta: dict, dtypes: dict, config: Config) -> tuple[Launch, ...]:
-    """align, gate_up, down, combine for a tile config (BLOCK_M, BLOCK_N, BLOCK_K)."""
+    """align, gate_up, down for a tile config (BLOCK_M, BLOCK_N, BLOCK_K); moe.py's down kernel combines after."""
     E, D, I, top_k = meta["E"], meta["D"], meta["I"], meta["top_k"]
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     dtypes = {**dtypes, "act": dtypes["out"], "y": dtypes["out"]}
@@ -218,17 +168,5 @@ def launches(meta: dict, dtypes: dict, config: Config) -> tuple[Launch, ...]:
                   "T": ("sym", "T"), "stride_a": ("int", stride_a)},
             grid=[_blocks_grid(top_k, E, bm), grid_dim(-(-N // min(bn, triton.next_power_of_2(N))))], config=config)
 
-    bn_out = min(1024, triton.next_power_of_2(D))
-    shared_types, shared_args, shared_constexprs = shared_pieces(meta, dtypes)
-    combine = make_launch(
-        _moe_combine_kernel,
-        types={"y_ptr": ptr(dtypes["out"]), "weights_ptr": "*fp32", **shared_types,
-               "residual_ptr": ptr(dtypes["residual"]), "out_ptr": ptr(dtypes["out"]), "T": "i32", "stride_res": "i64",
-               "stride_out": "i64"},
-        constexprs={"D": D, "TOP_K": top_k, "BLOCK_N": bn_out, **shared_constexprs},
-        args={"y_ptr": ("tensor", "y"), "weights_ptr": ("tensor", "topk_weights"), **shared_args,
-              "residual_ptr": ("tensor", "residual"), "out_ptr": ("tensor", "out"), "T": ("sym", "T"),
-              "stride_res": ("int", meta.get("stride_residual", D)), "stride_out": ("int", meta.get("stride_out", D))},
-        grid=[grid_dim(("T", 1, 1)), grid_dim(-(-D // bn_out))], config=Config.make(num_warps=4, num_stages=1))
     return (align, grouped("x", "w13", "act", I, D, meta.get("stride_x", D), True),
-            grouped("act", "w2", "y", D, I, I, False), combine)
+            grouped("act", "w2", "y", D, I, I, False))
