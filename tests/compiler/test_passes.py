@@ -342,3 +342,23 @@ def test_each_moe_layer_is_five_or_six_kernels(name):
         want13 = torch.cat([src.tensors[e + f"{gate}.weight"], src.tensors[e + f"{up}.weight"]])
         torch.testing.assert_close(w[moe.input("w13")][j], want13, rtol=0, atol=0)
         torch.testing.assert_close(w[moe.input("w2")][j], src.tensors[e + f"{down}.weight"], rtol=0, atol=0)
+
+
+def test_decode_reads_top_k_of_the_experts():
+    """The bandwidth floor's bytes: one token reads its top_k of each sparse layer's E experts (all the rest once)."""
+    from artifact_format.graph import Limits
+    from compiler.frontends import load_source
+    from compiler.trace import trace
+    from runtime.bench import decode_weight_bytes
+
+    src = load_source("tiny-mixtral")
+    c = src.config
+    graph, weights = trace(c, src.tensors, "fp32", Limits(max_seq_len=64, max_batch=4, max_num_tokens=64))
+    g, w, _ = optimize(graph, weights, "fp32")
+    experts = c["num_hidden_layers"] * c["num_local_experts"] * 3 * c["intermediate_size"] * c["hidden_size"] * 4
+    # the input norms fold into the qkv weights; the embedding table is left out (a few rows of it are read)
+    rest = sum(t.numel() * 4 for name, t in src.tensors.items()
+               if ".experts." not in name and "input_layernorm" not in name and name != "model.embed_tokens.weight")
+    # the fp32 rope table is a weight of the graph too
+    rest += w["rope.cos_sin"].numel() * 4
+    assert decode_weight_bytes(g) == rest + experts * c["num_experts_per_tok"] // c["num_local_experts"]

@@ -1,7 +1,8 @@
 """The moe kernels (kernels/moe.py, kernels/moe_grouped.py) on the GPU in bf16 / fp16 / fp32 against the maths.
 
 Both forms: the GEMVs of one-token steps and the grouped tl.dot tiles of larger ones, at Mixtral-8x7B's expert
-shape (8 experts, top 2, D 4096, I 14336) and Qwen3-30B-A3B's (128 experts, top 8, D 2048, I 768), and every
+shape (8 experts, top 2, D 4096, I 14336), Qwen3-30B-A3B's (128 experts, top 8, D 2048, I 768), Qwen1.5-MoE's
+(60 experts, top 4, not renormalised, D 2048, I 1408, with a shared expert's gated output added), and every
 candidate config once in bf16. The maths runs in fp32 from the same (rounded) inputs: softmax over all experts of
 logits rounded to the dtype (as HF's F.linear leaves them), top-k, renormalised or not, SwiGLU experts.
 
@@ -25,9 +26,9 @@ pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
 TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}
-# (E, top_k, D, I, renormalize)
-SHAPES = {"mixtral": (8, 2, 4096, 14336, True), "qwen3-moe": (128, 8, 2048, 768, True),
-          "small-raw": (6, 3, 1024, 512, False)}
+# (E, top_k, D, I, renormalize, shared expert)
+SHAPES = {"mixtral": (8, 2, 4096, 14336, True, False), "qwen3-moe": (128, 8, 2048, 768, True, False),
+          "qwen2-moe": (60, 4, 2048, 1408, False, True), "small-raw": (6, 3, 1024, 512, False, False)}
 TOKENS = [1, 7, 64, 300]
 
 
@@ -38,10 +39,12 @@ def _inputs(E, D, I, T, dtype, seed=0):
     w13 = (torch.randn(E, 2 * I, D, generator=g, device=CUDA) / D ** 0.5).to(dtype)
     w2 = (torch.randn(E, D, I, generator=g, device=CUDA) / I ** 0.5).to(dtype)
     residual = torch.randn(T, D, generator=g, device=CUDA).to(dtype)
-    return x, router, w13, w2, residual
+    shared = torch.randn(T, D, generator=g, device=CUDA).to(dtype)
+    shared_gate = (torch.randn(1, D, generator=g, device=CUDA) / D ** 0.5).to(dtype)
+    return x, router, w13, w2, residual, shared, shared_gate
 
 
-def _maths(x, router, w13, w2, residual, top_k, renormalize):
+def _maths(x, router, w13, w2, residual, shared, shared_gate, top_k, renormalize):
     """-> (out [T, D] fp32, decisive [T] bool: tokens whose k-th logit is clear of the (k+1)-th by two units in the
     last place of the dtype, more than a different fp32 summation order can move a rounded logit)."""
     I = w13.shape[1] // 2
@@ -60,6 +63,8 @@ def _maths(x, router, w13, w2, residual, top_k, renormalize):
         t, k = torch.where(ids == e)
         gate, up = (x[t].float() @ w13[e].float().T).split(I, dim=-1)
         out.index_add_(0, t, weights[t, k, None] * ((torch.nn.functional.silu(gate) * up) @ w2[e].float().T))
+    if shared is not None:
+        out += torch.sigmoid(x.float() @ shared_gate.float().T) * shared.float()
     return out, decisive
 
 
@@ -75,20 +80,23 @@ def _check(out, want, decisive, dtype):
 @pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_moe_matches_the_maths(shape, T, dtype):
-    E, top_k, D, I, renormalize = SHAPES[shape]
-    x, router, w13, w2, residual = _inputs(E, D, I, T, dtype)
+    E, top_k, D, I, renormalize, has_shared = SHAPES[shape]
+    x, router, w13, w2, residual, shared, shared_gate = _inputs(E, D, I, T, dtype)
+    if not has_shared:
+        shared = shared_gate = None
     out = torch.full((T, D), float("nan"), dtype=dtype, device=CUDA)
-    moe(x, router, w13, w2, residual, top_k=top_k, renormalize=renormalize, out=out)  # GEMV at T 1, else grouped
-    _check(out, *_maths(x, router, w13, w2, residual, top_k, renormalize), dtype)
+    # the GEMVs at T 1, the grouped form above
+    moe(x, router, w13, w2, residual, shared, shared_gate, top_k=top_k, renormalize=renormalize, out=out)
+    _check(out, *_maths(x, router, w13, w2, residual, shared, shared_gate, top_k, renormalize), dtype)
 
 
 @pytest.mark.parametrize("bucket", [1, 16, 256])
 def test_every_config_in_bf16(bucket):
-    E, top_k, D, I, renormalize = SHAPES["mixtral"]
+    E, top_k, D, I, renormalize, _ = SHAPES["mixtral"]
     meta = {"E": E, "D": D, "I": I, "top_k": top_k, "max_T": 256, "max_S": 8, "T_bucket": bucket}
     T = bucket if bucket > 1 else 1
-    x, router, w13, w2, residual = _inputs(E, D, I, T, torch.bfloat16, seed=11)
-    want = _maths(x, router, w13, w2, residual, top_k, renormalize)
+    x, router, w13, w2, residual, _, _ = _inputs(E, D, I, T, torch.bfloat16, seed=11)
+    want = _maths(x, router, w13, w2, residual, None, None, top_k, renormalize)
     for config in dict.fromkeys([*configs(meta), default(meta)]):
         out = torch.full((T, D), float("nan"), dtype=torch.bfloat16, device=CUDA)
         moe(x, router, w13, w2, residual, top_k=top_k, renormalize=renormalize, out=out, config=config)
