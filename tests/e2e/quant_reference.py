@@ -18,15 +18,26 @@ GEN_TOKENS = 32
 def quantize_like_the_artifact(model, round_trip: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Each linear's weight through ``round_trip`` as the artifact holds it: the norm in front folded in first
     (Gemma's norms scale by 1 + w), rounded, divided back out, which transformers' norm then multiplies back in.
-    Phi-3's fused qkv_proj / gate_up_proj are one matrix each. Row permutations (rope pairing, gate/up interleave)
-    and merges move whole rows, which change neither a per-row nor a per-group-along-K rounding."""
+    Phi-3's fused qkv_proj / gate_up_proj are one matrix each; MoE experts stay as they are. Row permutations (rope
+    pairing, gate/up interleave) and merges move whole rows, which change neither a per-row nor a per-group-along-K
+    rounding."""
     gemma = model.config.model_type.startswith("gemma")
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)
-        gate_up = (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
-        ffn_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
-        for norm, linears in ((layer.input_layernorm, qkv), (ffn_norm, gate_up), (None, (attn.o_proj, mlp.down_proj))):
+        groups = [(layer.input_layernorm, qkv), (None, (attn.o_proj,))]
+        if hasattr(mlp, "experts"):
+            # A sparse layer: the router and the experts are the moe node's, which keeps them unquantized; a shared
+            # expert's linears read the post-attention norm's output as it is (the moe node reads it too, so the
+            # norm stays a kernel and folds into nothing).
+            shared = getattr(mlp, "shared_expert", None)
+            if shared is not None:
+                groups.append((None, (shared.gate_proj, shared.up_proj, shared.down_proj)))
+        else:
+            gate_up = (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
+            ffn_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
+            groups += [(ffn_norm, gate_up), (None, (mlp.down_proj,))]
+        for norm, linears in groups:
             for lin in linears:
                 g = torch.ones(lin.in_features) if norm is None else norm.weight.float() + (1 if gemma else 0)
                 lin.weight.copy_(round_trip(lin.weight.float() * g) / g)
