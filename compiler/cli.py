@@ -90,8 +90,8 @@ def models() -> None:
     console.print("sources: a preset name, an HF model directory (config.json, *.safetensors, tokenizer.json) "
                   "or a .gguf file")
     console.print("--quant: none, int8 (weight-only, per output channel) or int4 (weight-only, per group of "
-                  "--group-size 32/64/128 along K) for the linears; the embedding and lm_head stay in the build dtype "
-                  "for now")
+                  "--group-size 32/64/128 along K) for the linears; the embedding, the lm_head and MoE experts and "
+                  "routers stay in the build dtype for now")
 
 
 if __name__ == "__main__":
