@@ -362,3 +362,31 @@ def test_decode_reads_top_k_of_the_experts():
     # the fp32 rope table is a weight of the graph too
     rest += w["rope.cos_sin"].numel() * 4
     assert decode_weight_bytes(g) == rest + experts * c["num_experts_per_tok"] // c["num_local_experts"]
+
+
+def test_fused_expert_checkpoints_trace_as_per_expert_ones():
+    """HF's in-memory layout (mlp.gate, mlp.experts.gate_up_proj [E, 2I, D], down_proj [E, D, I]) is taken as it is
+    and gives the very graph and weights the hub's per-expert w1 / w3 / w2 give once stacked."""
+    from artifact_format.graph import Limits
+    from compiler.frontends import load_source
+    from compiler.trace import trace
+
+    src = load_source("tiny-mixtral")
+    legacy = dict(src.tensors)
+    fused = {k: v for k, v in legacy.items() if "block_sparse_moe" not in k}
+    for i in range(src.config["num_hidden_layers"]):
+        p, e = f"model.layers.{i}.", range(src.config["num_local_experts"])
+        moe = p + "block_sparse_moe."
+        fused[p + "mlp.gate.weight"] = legacy[moe + "gate.weight"]
+        fused[p + "mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([legacy[f"{moe}experts.{j}.w1.weight"], legacy[f"{moe}experts.{j}.w3.weight"]]) for j in e])
+        fused[p + "mlp.experts.down_proj"] = torch.stack([legacy[f"{moe}experts.{j}.w2.weight"] for j in e])
+    limits = Limits(max_seq_len=64, max_batch=4, max_num_tokens=64)
+    (g1, w1), (g2, w2) = (trace(src.config, t, "fp32", limits) for t in (legacy, fused))
+    renamed = {n.input("router") for n in g2.nodes if n.op == "moe"}
+    assert renamed == {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"}
+    assert [(n.op, n.attrs) for n in g1.nodes] == [(n.op, n.attrs) for n in g2.nodes]
+    for n1, n2 in zip(g1.nodes, g2.nodes):
+        for (role, a), (_, b) in zip(n1.inputs, n2.inputs):
+            if a in w1:
+                assert torch.equal(w1[a], w2[b]), (n1.name, role)
