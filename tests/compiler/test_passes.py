@@ -362,6 +362,8 @@ def test_decode_reads_top_k_of_the_experts():
     # the fp32 rope table is a weight of the graph too
     rest += w["rope.cos_sin"].numel() * 4
     assert decode_weight_bytes(g) == rest + experts * c["num_experts_per_tok"] // c["num_local_experts"]
+    # four tokens routed uniformly touch an expert with probability 1 - (1 - 2/8)^4
+    assert abs(decode_weight_bytes(g, batch=4) - rest - experts * (1 - 0.75 ** 4)) <= 2
 
 
 def test_fused_expert_checkpoints_trace_as_per_expert_ones():
