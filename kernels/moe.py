@@ -161,11 +161,12 @@ def configs(meta: dict) -> list[Config]:
 
 
 def default(meta: dict) -> Config:
-    # One token: narrow row blocks so the chosen experts' rows spread over many programs. More: a token tile of
+    # One token: 8-row blocks, so that even the down projection (D rows, one program per block looping over the
+    # top_k experts) has D / 8 programs: 512 for Mixtral, several per SM of an H200. More: a token tile of
     # 16 pairs per expert up to 64 tokens in the step, 64 beyond.
     if t_bucket(meta) > 1:
         return _grouped(_GROUPED_TILES[0] if t_bucket(meta) <= 64 else _GROUPED_TILES[3], meta)
-    return _config(_fit(_TILES[1], meta))
+    return _config(_fit(_TILES[0], meta))
 
 
 def shared_pieces(meta: dict, dtypes: dict) -> tuple[dict, dict, dict]:
