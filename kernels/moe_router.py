@@ -55,7 +55,7 @@ def _moe_router_kernel(
     p = tl.exp(logits - tl.max(logits, axis=0))
     p = p / tl.sum(p, axis=0)
     # Pass 1 sums the TOP_K largest probabilities (for the renormalisation), pass 2 stores them: the k-th is the
-    # largest left after the k - 1 before it were set to -1 (probabilities are >= 0, padding experts 0).
+    # largest left after the k - 1 before it were set to -1 (probabilities are >= 0, padding experts -1).
     total = 0.0
     left = tl.where(e_mask, p, -1.0)
     for _ in tl.static_range(TOP_K):
@@ -66,7 +66,9 @@ def _moe_router_kernel(
     left = tl.where(e_mask, p, -1.0)
     for k in tl.static_range(TOP_K):
         best = tl.max(left, axis=0)
-        idx = tl.min(tl.where(left == best, experts, BLOCK_E), axis=0)
+        # Clamped: in a row of NaNs no probability equals the max, and the id must still name a real expert, so
+        # that the expert kernels never read weights out of bounds.
+        idx = tl.minimum(tl.min(tl.where(left == best, experts, BLOCK_E), axis=0), E - 1)
         tl.store(ids_ptr + t * TOP_K + k, idx.to(tl.int32))
         tl.store(weights_ptr + t * TOP_K + k, best * scale)
         left = tl.where(experts == idx, -1.0, left)

@@ -142,3 +142,15 @@ def test_shared_expert_is_gated_and_added(form, dtype, atol, rtol):
     torch.testing.assert_close(out.double(), want, atol=atol * 10, rtol=rtol * 10)
     torch.testing.assert_close(out, reference(x, router, w13, w2, residual, shared, shared_gate, top_k=2,
                                               renormalize=False), atol=atol, rtol=rtol)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+def test_a_nan_row_still_names_real_experts():
+    # The expert kernels index weights by the router's ids: a row of NaNs must not send them out of bounds.
+    x, router, w13, w2, residual = _inputs(3, 32, 16, 5, torch.float32, seed=13)
+    x[1] = float("nan")
+    scratch = _scratch(3, 16, 2, torch.float32)
+    moe(x, router, w13, w2, residual, top_k=2, renormalize=True, scratch=scratch, config=FORMS["gemv"])
+    ids = scratch["topk_ids"].view(3, 2)
+    assert ((ids >= 0) & (ids < 5)).all(), ids
+    assert torch.equal(ids[[0, 2]].long(), torch.topk(_probs(x[[0, 2]], router), 2).indices)
