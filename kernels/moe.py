@@ -6,8 +6,8 @@ Three launches, with the routing kept on the device (no host sync, static grids:
   2. gate_up: for each (token, k) and block of I columns, act = silu(x @ w13[e, :I]^T) * (x @ w13[e, I:]^T) with
      e = ids[t, k]: only the chosen experts' rows are read (batch-1 decode reads TOP_K / E of the expert bytes).
   3. down: one program owns out[t, block of D] and loops over its TOP_K choices, summing weight * (act @ w2[e]^T)
-     in fp32 before adding the residual: no atomics, and out may alias residual (each element is read, then
-     written, by one program).
+     in fp32 before adding the residual (and a shared expert's gated output, HAS_SHARED): no atomics, and out may
+     alias residual (each element is read, then written, by one program).
 w13 [E, 2I, D] holds each expert's gate rows then its up rows (HF's fused ``experts.gate_up_proj``), w2 [E, D, I]
 its down projection. Each program of 2 and 3 streams one expert's weight rows as a GEMV does: the form for a step of
 one token (configs without BLOCK_M). Steps of more tokens take the grouped form of kernels/moe_grouped.py (configs

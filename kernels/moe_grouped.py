@@ -2,7 +2,7 @@
 tl.dot tiles over each expert's tokens, so an expert's weights are read once per tile of BLOCK_M of its tokens
 instead of once per token.
 
-After the router (kernels/moe.py) writes ids [T, TOP_K]:
+After the router (kernels/moe_router.py) writes ids [T, TOP_K]:
   1. align, one program (vLLM's moe_align_block_size on the device, no host sync): counts each expert's (token, k)
      pairs, gives each expert a run of whole BLOCK_M blocks, and writes every pair's index t * TOP_K + k into its
      expert's run (sorted), with each block's expert and its number of filled slots (block_expert -1: unused).
