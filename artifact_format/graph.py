@@ -32,7 +32,7 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "i32": 4, "i64": 8, "i8": 1, "u8
 # Ops a compiled graph may hold: the kernel ops of docs/ops.md, with `attention` standing for
 # attention_prefill / attention_decode (the runtime picks per step).
 GRAPH_OPS = ("embedding", "rms_norm", "add_rms_norm", "rms_norm_linear", "linear", "rope", "kv_cache_write",
-             "attention", "silu_mul", "gelu_tanh_mul", "logits", "rms_norm_gated")
+             "attention", "silu_mul", "gelu_tanh_mul", "logits", "rms_norm_gated", "moe")
 
 # The ops whose weight a quantized build (--quant) stores quantized, and their (weight, scale) input roles
 # (docs/ops.md): the matmuls, and the embedding table and lm_head, quantized along D as a matmul weight along K.

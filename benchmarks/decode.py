@@ -181,7 +181,6 @@ def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, mod
             manifest = engine.artifact.manifest
             vocab = manifest["model"]["config"]["vocab_size"]
             graph = engine.artifact.graph
-            wbytes = decode_weight_bytes(graph)
             kv_tok = kv_bytes_per_token(graph, engine.artifact.limits.block_size)
             # HF loads the very same weights only for a random preset (written as an HF directory). A preset's
             # name ("tinyllama-1.1b") is no path: look it up, never guess from its suffix.
@@ -190,7 +189,7 @@ def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, mod
                 hf_tok = hf_rate(source)
             for b in (int(x) for x in batch.split(",")):
                 rate = decode_rate(engine, vocab, b)
-                floor = floor_tok_s(wbytes, kv_tok, b, bw)
+                floor = floor_tok_s(decode_weight_bytes(graph, b), kv_tok, b, bw)
                 hf_cell = f"{hf_tok:.1f}" if (hf_tok and b == 1) else "–"
                 line = (f"| {model} | {b} | {rate:.1f} | {1000 * b / rate:.3f} | {100 * rate / floor:.0f}% "
                         f"| {floor:.0f} | {hf_cell} | {mode} |")

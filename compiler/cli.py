@@ -91,8 +91,8 @@ def models() -> None:
     console.print("sources: a preset name, an HF model directory (config.json, *.safetensors, tokenizer.json) "
                   "or a .gguf file")
     console.print("--quant: none, int8 (weight-only, per output channel) or int4 (weight-only, per group of "
-                  "--group-size 32/64/128 along K) for the linears, the embedding table and the lm_head; norm weights "
-                  "and biases stay in the build dtype")
+                  "--group-size 32/64/128 along K) for the linears, the embedding table and the lm_head; MoE experts "
+                  "and routers, norm weights and biases stay in the build dtype")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Ops that exist only before the passes run (no kernel):
   concat(x0, x1, ...)                  columns side by side: [rows, D0 + D1 + ...]
   qk_norm(qkv, q_norm, k_norm)         RMSNorm of every q and k head by its weight (Qwen3); v untouched
   gather(x, idx)                       rows of x: [len(idx), D]
-The others (embedding, rms_norm, linear, silu_mul, gelu_tanh_mul, rope, kv_cache_write, attention, logits) are traced
-as the kernel ops.
+The others (embedding, rms_norm, linear, silu_mul, gelu_tanh_mul, rope, kv_cache_write, attention, logits, moe) are
+traced as the kernel ops.
 """
 
 from __future__ import annotations
@@ -309,3 +309,30 @@ def logits(x: Sym, norm_w: Sym, weight: Sym, last_idx: Sym, *, eps: float, softc
     attrs = {"eps": float(eps), **({"softcap": float(softcap)} if softcap else {})}
     return x.tracer.emit("logits", {"x": x, "norm_w": norm_w, "weight": weight, "last_idx": last_idx},
                          {"out": ("fp32", (last_idx.shape[0], weight.shape[0]))}, attrs, "logits")[0]
+
+
+def moe(x: Sym, router: Sym, w13: Sym, w2: Sym, residual: Sym, shared: Sym | None = None,
+        shared_gate: Sym | None = None, *, top_k: int, renormalize: bool, name: str | None = None) -> Sym:
+    """Mixture-of-experts SwiGLU MLP plus the residual: x [T, D] (normed), router [E, D], w13 [E, 2I, D] (each
+    expert's gate rows, then its up rows), w2 [E, D, I], residual [T, D] -> residual + sum over the top_k experts
+    of softmax(x @ router^T) (renormalised over the top_k with ``renormalize``) times down(silu(gate) * up): [T, D].
+    With shared [T, D] (a shared expert's output, Qwen2-MoE) and shared_gate [1, D], sigmoid(x @ shared_gate^T) *
+    shared is added too.
+    """
+    rows = _rows(x, "moe")
+    E, D = len(router.shape) == 2 and router.shape[0], x.shape[1]
+    _check(router.shape == (E, D), f"moe: router {router.name} {router.shape} does not take {x.name} {x.shape}")
+    _check(len(w13.shape) == 3 and w13.shape[0] == E and w13.shape[2] == D and w13.shape[1] % 2 == 0,
+           f"moe: w13 {w13.name} {w13.shape} is not [E={E}, 2I, D={D}]")
+    _check(w2.shape == (E, D, w13.shape[1] // 2), f"moe: w2 {w2.name} {w2.shape} is not [E, D, I] of w13 {w13.shape}")
+    _check(residual.shape == x.shape and residual.dtype == x.dtype, f"moe: residual {residual.shape} is not {x.shape}")
+    _check(isinstance(top_k, int) and 1 <= top_k <= E, f"moe: top_k {top_k!r} must be between 1 and {E} experts")
+    _check((shared is None) == (shared_gate is None), "moe: a shared expert needs both shared and shared_gate")
+    _check(shared is None or (shared.shape == x.shape and shared_gate.shape == (1, D)),
+           f"moe: shared must be [T, {D}] and shared_gate [1, {D}]")
+    attrs = {"top_k": top_k, "renormalize": bool(renormalize)}
+    if shared is not None:  # only then: the graphs and tuning keys of models without one stay as they were
+        attrs["has_shared"] = True
+    return x.tracer.emit("moe", {"x": x, "router": router, "w13": w13, "w2": w2, "residual": residual,
+                                 "shared": shared, "shared_gate": shared_gate},
+                         {"out": (x.dtype, (rows, D))}, attrs, name)[0]

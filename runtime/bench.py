@@ -71,19 +71,39 @@ def _nbytes(graph: Any, names: set[str]) -> int:
     return sum(math.prod(graph.tensor(n).shape) * DTYPE_BYTES[graph.tensor(n).dtype] for n in names)
 
 
-def weight_bytes_by_op(graph: Any) -> dict[str, int]:
-    """op -> weight bytes one decode step reads through that op's nodes (a tied lm_head counts under logits)."""
-    out: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op != "embedding":
-            out[node.op] = out.get(node.op, 0) + _nbytes(graph, _weights(graph, [node]))
+# The roles of an moe node whose weights hold one slice per expert, of which a token reads top_k (kernels/moe.py).
+EXPERT_ROLES = ("w13", "w2")
+
+
+def _expert_bytes_unread(graph: Any, nodes: Any, batch: int = 1) -> int:
+    """Bytes of the experts a decode step of ``batch`` sequences skips: one token reads top_k of each moe node's E
+    experts; ``batch`` tokens routed independently and uniformly leave each expert unread with probability
+    (1 - top_k / E) ** batch (the expected bytes; real routers are less uniform)."""
+    out = 0
+    for node in nodes:
+        if node.op == "moe":
+            nbytes = _nbytes(graph, {node.input(role) for role in EXPERT_ROLES})
+            experts, top_k = graph.tensor(node.input("w13")).shape[0], node.attr("top_k")
+            out += nbytes * (experts - top_k) // experts if batch == 1 else int(nbytes * (1 - top_k / experts) ** batch)
     return out
 
 
-def decode_weight_bytes(graph: Any) -> int:
-    """Weight bytes one decode step reads: every weight but the embedding table, each once (a tied lm_head still
-    counts, through the logits node)."""
-    return _nbytes(graph, _weights(graph, graph.nodes))
+def weight_bytes_by_op(graph: Any) -> dict[str, int]:
+    """op -> weight bytes one decode step of one sequence reads through that op's nodes (a tied lm_head counts under
+    logits; an moe node counts its router and the top_k experts one token reads)."""
+    out: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op != "embedding":
+            out[node.op] = (out.get(node.op, 0) + _nbytes(graph, _weights(graph, [node]))
+                            - _expert_bytes_unread(graph, [node]))
+    return out
+
+
+def decode_weight_bytes(graph: Any, batch: int = 1) -> int:
+    """Weight bytes one decode step of ``batch`` sequences reads: every weight but the embedding table, each once (a
+    tied lm_head still counts, through the logits node), of an MoE layer's experts those its tokens pick (batch 1:
+    top_k of E; more: the expected share, see _expert_bytes_unread)."""
+    return _nbytes(graph, _weights(graph, graph.nodes)) - _expert_bytes_unread(graph, graph.nodes, batch)
 
 
 def kv_bytes_per_token(graph: Any, block_size: int) -> int:
@@ -183,9 +203,10 @@ def run_bench(engine: Any, pp: int = 512, tg: int = 128, batch_sizes: Sequence[i
         rows.append(_row(f"pp{pp}", 1, tokens_per_s=pp / t, ms_per_token=1e3 * t / pp, first_token_s=first,
                          copy_gb_per_s=copy / 1e9))
 
-    weights, kv_token = decode_weight_bytes(graph), kv_bytes_per_token(graph, lim.block_size)
+    kv_token = kv_bytes_per_token(graph, lim.block_size)
     steps = min(tg, lim.max_seq_len)
     for batch in batch_sizes:
+        weights = decode_weight_bytes(graph, batch)
         tables = run.blocks(batch, steps) if batch <= lim.max_batch else None
         if tables is None:
             continue

@@ -21,10 +21,14 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # Configs written without `architectures` still name their model_type.
 _MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-                "gemma2": "gemma2", "gemma3_text": "gemma3"}
+                "gemma2": "gemma2", "gemma3_text": "gemma3", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe",
+                "qwen3_moe": "qwen3_moe"}
 
 
 class SourceError(ValueError):
@@ -70,7 +74,8 @@ class LazyTensors(Mapping):
 
 
 def family_of(config: dict) -> str:
-    """The model-definition family ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3") for an HF config;
+    """The model-definition family ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe",
+    "qwen3_moe") for an HF config;
     ValueError if unsupported."""
     archs = config.get("architectures") or []
     model_type = config.get("model_type")

@@ -120,6 +120,33 @@ PRESETS: dict[str, Preset] = {
                                             rope_local_base_freq=10000.0,
                                             rope_scaling={"rope_type": "linear", "factor": 4.0},
                                             final_logit_softcapping=None, attn_logit_softcapping=None))),
+    # MoE: routers of std 0.2 over a normed hidden of 64 give logits ~1.6 apart, so the tokens of one prompt pick
+    # different experts (the e2e test asserts it from HF's router). Mixtral renormalises its top 2; this Qwen3-MoE
+    # keeps the raw top-3 probabilities (norm_topk_prob false) and a dense MLP on layer 1 (mlp_only_layers).
+    "tiny-mixtral": Preset("random Mixtral: 8 experts, top 2 (renormalised), expert MLP 48, GQA 4:2, vocab 336",
+                           _tiny(31, _config("MixtralForCausalLM", "mixtral", intermediate_size=48, vocab_size=336,
+                                             num_local_experts=8, num_experts_per_tok=2, rope_theta=1000000.0,
+                                             sliding_window=None, router_jitter_noise=0.0,
+                                             output_router_logits=False))),
+    "tiny-qwen3-moe": Preset("random Qwen3-MoE: 6 experts, top 3 (not renormalised), expert MLP 40, q/k norms, "
+                             "dense layer 1, vocab 344",
+                             _tiny(35, _config("Qwen3MoeForCausalLM", "qwen3_moe", head_dim=16, vocab_size=344,
+                                               intermediate_size=96, moe_intermediate_size=40, num_experts=6,
+                                               num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=1,
+                                               mlp_only_layers=[1], rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                               use_sliding_window=False, sliding_window=None, max_window_layers=2,
+                                               output_router_logits=False, router_aux_loss_coef=0.0))),
+    # Qwen2-MoE: q/k/v biases, 4 experts (top 2, not renormalised) and a shared expert, sigmoid-gated, on layer 0.
+    "tiny-qwen2-moe": Preset("random Qwen2-MoE: q/k/v bias, 4 experts, top 2, shared expert 56 with its gate, "
+                             "dense layer 1, vocab 328",
+                             _tiny(44, _config("Qwen2MoeForCausalLM", "qwen2_moe", vocab_size=328,
+                                               intermediate_size=80, moe_intermediate_size=32, num_experts=4,
+                                               num_experts_per_tok=2, norm_topk_prob=False,
+                                               shared_expert_intermediate_size=56, decoder_sparse_step=1,
+                                               mlp_only_layers=[1], qkv_bias=True, rope_theta=1000000.0,
+                                               rms_norm_eps=1e-6, use_sliding_window=False, sliding_window=None,
+                                               max_window_layers=2, output_router_logits=False,
+                                               router_aux_loss_coef=0.0))),
     "tinyllama-1.1b": Preset("random weights in TinyLlama-1.1B's shape (bf16, for GPU benchmarks)",
                              _big(11, _config("LlamaForCausalLM", "llama", hidden_size=2048, intermediate_size=5632,
                                               num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -131,6 +158,22 @@ PRESETS: dict[str, Preset] = {
                                          head_dim=128, vocab_size=128256, max_position_embeddings=131072,
                                          rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE),
                                          torch_dtype="bfloat16"))),
+    # About 93 GB in bf16 (fits one H200's memory; the random directory takes as much disk).
+    "mixtral-8x7b": Preset("random weights in Mixtral-8x7B's shape: 8 experts, top 2 (bf16, for GPU benchmarks)",
+                           _big(13, _config("MixtralForCausalLM", "mixtral", hidden_size=4096, intermediate_size=14336,
+                                            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                            head_dim=128, vocab_size=32000, max_position_embeddings=32768,
+                                            rope_theta=1000000.0, num_local_experts=8, num_experts_per_tok=2,
+                                            sliding_window=None, router_jitter_noise=0.0, torch_dtype="bfloat16"))),
+    "qwen3-30b-a3b": Preset("random weights in Qwen3-30B-A3B's shape: 128 experts, top 8 (bf16, for GPU benchmarks)",
+                            _big(14, _config("Qwen3MoeForCausalLM", "qwen3_moe", hidden_size=2048,
+                                             intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                                             num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                             vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+                                             rms_norm_eps=1e-6, num_experts=128, num_experts_per_tok=8,
+                                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                                             use_sliding_window=False, sliding_window=None, max_window_layers=48,
+                                             torch_dtype="bfloat16"))),
 }
 
 

@@ -96,7 +96,8 @@ def parameter_shapes(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     h, v, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     hd = config.get("head_dim") or h // heads
-    bias = config["model_type"] == "qwen2" or config.get("attention_bias", False)
+    bias = (config["model_type"] == "qwen2" or config.get("attention_bias", False)
+            or (config["model_type"] == "qwen2_moe" and config.get("qkv_bias", True)))
     phi3 = config["model_type"] == "phi3"
     gemma = config["model_type"] in ("gemma2", "gemma3_text")
     norm = "offset_norm" if gemma else "norm"
@@ -110,13 +111,16 @@ def parameter_shapes(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
             out.append((p + f"self_attn.{proj}_proj.weight", (rows, h), "linear"))
             if bias:
                 out.append((p + f"self_attn.{proj}_proj.bias", (rows,), "bias"))
-        if config["model_type"] in ("qwen3", "gemma3_text"):
+        if config["model_type"] in ("qwen3", "qwen3_moe", "gemma3_text"):
             out += [(p + "self_attn.q_norm.weight", (hd,), norm), (p + "self_attn.k_norm.weight", (hd,), norm)]
         out.append((p + "self_attn.o_proj.weight", (h, heads * hd), "linear"))
         out.append((p + "post_attention_layernorm.weight", (h,), norm))
         if gemma:  # the sandwich norms around the MLP
             out += [(p + "pre_feedforward_layernorm.weight", (h,), norm),
                     (p + "post_feedforward_layernorm.weight", (h,), norm)]
+        if _sparse(config, i):
+            out += _experts(config, p)
+            continue
         if phi3:
             out.append((p + "mlp.gate_up_proj.weight", (2 * inter, h), "linear"))
         else:
@@ -125,6 +129,38 @@ def parameter_shapes(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
     out.append(("model.norm.weight", (h,), norm))
     if not config.get("tie_word_embeddings", False):
         out.append(("lm_head.weight", (v, h), "linear"))
+    return out
+
+
+def _sparse(config: dict, i: int) -> bool:
+    """Whether layer i's MLP is a mixture of experts (as the HF decoder layer decides)."""
+    if config["model_type"] == "mixtral":
+        return True
+    if config["model_type"] not in ("qwen2_moe", "qwen3_moe"):
+        return False
+    return i not in (config.get("mlp_only_layers") or ()) and (i + 1) % config.get("decoder_sparse_step", 1) == 0
+
+
+def _experts(config: dict, p: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """The router and per-expert matrices of a sparse layer, named as hub checkpoints name them."""
+    h = config["hidden_size"]
+    if config["model_type"] == "mixtral":
+        experts, inter, base, names = (config["num_local_experts"], config["intermediate_size"],
+                                       p + "block_sparse_moe.", ("w1", "w3", "w2"))
+    else:
+        experts, inter, base, names = (config["num_experts"], config["moe_intermediate_size"], p + "mlp.",
+                                       ("gate_proj", "up_proj", "down_proj"))
+    out = [(base + "gate.weight", (experts, h), "linear")]
+    for j in range(experts):
+        e = f"{base}experts.{j}."
+        out += [(e + f"{names[0]}.weight", (inter, h), "linear"), (e + f"{names[1]}.weight", (inter, h), "linear"),
+                (e + f"{names[2]}.weight", (h, inter), "linear")]
+    if config["model_type"] == "qwen2_moe":  # the shared expert and its gate
+        shared = config["shared_expert_intermediate_size"]
+        out += [(base + "shared_expert.gate_proj.weight", (shared, h), "linear"),
+                (base + "shared_expert.up_proj.weight", (shared, h), "linear"),
+                (base + "shared_expert.down_proj.weight", (h, shared), "linear"),
+                (base + "shared_expert_gate.weight", (1, h), "linear")]
     return out
 
 

@@ -21,6 +21,54 @@ _INPUT_SHAPES = {"ids": ("T",), "positions": ("T",), "slot_mapping": ("T",), "cu
                  "seq_lens": ("S",), "block_tables": ("S", "max_blocks"), "last_idx": ("R",)}
 
 
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# HF's defaults of the Qwen MoE configs: (num_experts, num_experts_per_tok, moe_intermediate_size).
+_QWEN_MOE_DEFAULTS = {"qwen2_moe": (60, 4, 1408), "qwen3_moe": (128, 8, 768)}
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The experts of a mixture-of-experts config.json: how many, how many per token, their MLP width, whether the
+    top-k routing weights are renormalised to sum to 1, and which layers are sparse (the others: a dense MLP)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+    sparse: tuple[bool, ...]
+    shared_intermediate_size: int = 0  # the shared expert's MLP width (Qwen2-MoE); 0: none
+
+    def __post_init__(self) -> None:
+        for key in ("num_experts", "top_k", "intermediate_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"config: MoE {key} must be a positive integer, not {getattr(self, key)!r}")
+        if not isinstance(self.shared_intermediate_size, int) or self.shared_intermediate_size < 0:
+            raise ValueError(f"config: shared_expert_intermediate_size must be a positive integer, not "
+                             f"{self.shared_intermediate_size!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"config: num_experts_per_tok {self.top_k} is more than the {self.num_experts} experts: "
+                             f"fix config.json")
+
+    @staticmethod
+    def from_hf(config: Mapping, family: str) -> MoeConfig:
+        layers = config["num_hidden_layers"]
+        if family == "mixtral":  # every layer sparse; the top-k weights always renormalised (MixtralTopKRouter)
+            return MoeConfig(config.get("num_local_experts", 8), config.get("num_experts_per_tok", 2),
+                             config["intermediate_size"], True, (True,) * layers)
+        # Qwen2/3-MoE: layer i is sparse unless listed in mlp_only_layers or off the decoder_sparse_step grid
+        # (Qwen3MoeDecoderLayer); renormalised where norm_topk_prob says (HF's default: False). Qwen2-MoE adds a
+        # shared expert to every sparse layer.
+        step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
+        if not isinstance(step, int) or step < 1:
+            raise ValueError(f"config: decoder_sparse_step must be a positive integer, not {step!r}")
+        experts, top_k, inter = _QWEN_MOE_DEFAULTS[family]
+        experts = config.get("num_experts", experts)
+        sparse = tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers))
+        shared = config.get("shared_expert_intermediate_size", 5632) if family == "qwen2_moe" else 0
+        return MoeConfig(experts, config.get("num_experts_per_tok", top_k), config.get("moe_intermediate_size", inter),
+                         bool(config.get("norm_topk_prob", False)), sparse, shared)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The facts of an HF config.json a model definition uses, checked."""
@@ -40,6 +88,7 @@ class ModelConfig:
     attn_scale: float = 0.0  # softmax scale of the attention scores; 0: head_dim ** -0.5
     attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2); 0: off
     final_softcap: float = 0.0  # the same on the logits (Gemma 2, some Gemma 3); 0: off
+    moe: MoeConfig | None = None  # the experts of a mixture-of-experts family (Mixtral, Qwen3-MoE)
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "intermediate_size", "num_layers", "num_q_heads", "num_kv_heads", "head_dim",
@@ -56,6 +105,8 @@ class ModelConfig:
         for key in ("attn_scale", "attn_softcap", "final_softcap"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"config: {key} must be >= 0 (0: off or default), not {getattr(self, key)!r}")
+        if self.moe is not None and len(self.moe.sparse) != self.num_layers:
+            raise ValueError(f"config: {len(self.moe.sparse)} MoE layer flags for {self.num_layers} layers")
 
     @property
     def scale(self) -> float:
@@ -84,6 +135,8 @@ class ModelConfig:
             final_cap = config.get("final_logit_softcapping", 30.0 if family == "gemma2" else None)
             extra = {"hidden_act": "gelu_tanh", "attn_scale": float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
                      "attn_softcap": float(attn_cap or 0.0), "final_softcap": float(final_cap or 0.0)}
+        if family in MOE_FAMILIES:
+            extra["moe"] = MoeConfig.from_hf(config, family)
         return ModelConfig(
             family=family, architecture=(config.get("architectures") or [family])[0],
             hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
@@ -137,6 +190,10 @@ class Model:
                              f"does config.json belong to these weights?")
         return self.tracer.weight(name, self._tensors[name])
 
+    def has(self, name: str) -> bool:
+        """Whether the checkpoint holds a tensor of that name (a family whose checkpoints come in two layouts)."""
+        return name in self._tensors
+
     def rope_table(self, i: int) -> Sym:
         """Layer i's cos_sin: the local table on a sliding layer where the model has one, else the global one."""
         return self.local_cos_sin if self.local_cos_sin is not None and self.sliding[i] else self.cos_sin
@@ -153,6 +210,38 @@ class Model:
             raise ValueError(f"the checkpoint has no tensor {name}, which a {self.cfg.family} model needs: "
                              f"does config.json belong to these weights?")
         return self.tracer.weight(f"{prefix}.offset.weight", 1.0 + self._tensors[name].float(), "fp32")
+
+    def experts(self, p: str, legacy: str, gate: str, up: str, down: str) -> tuple[Sym, Sym]:
+        """Layer p's experts as (w13 [E, 2I, D]: each expert's gate rows, then its up rows; w2 [E, D, I]), named
+        "{p}mlp.experts.gate_up_proj" / "down_proj" as HF's fused layout is: taken as they are where the checkpoint
+        has that layout, else stacked from per-expert matrices "{p}{legacy}.{j}.{gate|up|down}.weight" (the hub's).
+        """
+        fused = (f"{p}mlp.experts.gate_up_proj", f"{p}mlp.experts.down_proj")
+        if all(name in self._tensors for name in fused):
+            return tuple(self.tracer.weight(name, self._tensors[name]) for name in fused)
+        names = [[f"{p}{legacy}.{j}.{proj}.weight" for j in range(self.cfg.moe.num_experts)]
+                 for proj in (gate, up, down)]
+        missing = [name for group in names for name in group if name not in self._tensors]
+        if missing:
+            raise ValueError(f"the checkpoint has neither {fused[0]} nor {missing[0]}, which a {self.cfg.family} "
+                             f"model with {self.cfg.moe.num_experts} experts needs: does config.json belong to these "
+                             f"weights?")
+        return self.tracer.weight(fused[0], self._stack(names[0], names[1])), self.tracer.weight(fused[1],
+                                                                                                 self._stack(names[2]))
+
+    def _stack(self, *groups: list[str]) -> torch.Tensor:
+        """[E, sum of the groups' rows, K]: expert j's matrices of each group, one under the other; filled expert by
+        expert, so a checkpoint read lazily holds one matrix in memory beside the result."""
+        out = None
+        for j, parts in enumerate(zip(*groups)):
+            row = 0
+            for name in parts:
+                t = self._tensors[name]
+                if out is None:
+                    out = torch.empty(len(groups[0]), t.shape[0] * len(groups), t.shape[1], dtype=t.dtype)
+                out[j, row:row + t.shape[0]] = t
+                row += t.shape[0]
+        return out
 
     def bias(self, prefix: str) -> Sym | None:
         """The checkpoint tensor "{prefix}.bias", or None where the checkpoint has none."""

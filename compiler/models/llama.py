@@ -39,23 +39,31 @@ def attention_block(m: Model, p: str, i: int, hidden: Sym, residual: Sym | None)
 def mlp_block(m: Model, p: str, hidden: Sym, residual: Sym) -> tuple[Sym, Sym]:
     residual = ops.add(hidden, residual, name="mlp_in")
     h = ops.rms_norm(residual, m.weight(p + "post_attention_layernorm"), m.cfg.eps)
-    gate = ops.linear(h, m.weight(p + "mlp.gate_proj"), m.bias(p + "mlp.gate_proj"))
-    up = ops.linear(h, m.weight(p + "mlp.up_proj"), m.bias(p + "mlp.up_proj"))
-    return ops.linear(ops.mul(ops.silu(gate), up), m.weight(p + "mlp.down_proj"), m.bias(p + "mlp.down_proj")), residual
+    return swiglu(m, p + "mlp.", h), residual
 
 
-def logits(m: Model, hidden: Sym, residual: Sym) -> Sym:
-    """Final norm and lm_head on the rows last_idx asks for: [R, V] fp32."""
-    x = ops.rms_norm(ops.add(hidden, residual, name="final_in"), m.weight("model.norm"), m.cfg.eps)
+def swiglu(m: Model, a: str, h: Sym) -> Sym:
+    """down(silu(gate(h)) * up(h)) of the MLP under prefix a (e.g. "model.layers.0.mlp."): [T, D]."""
+    gate = ops.linear(h, m.weight(a + "gate_proj"), m.bias(a + "gate_proj"))
+    up = ops.linear(h, m.weight(a + "up_proj"), m.bias(a + "up_proj"))
+    return ops.linear(ops.mul(ops.silu(gate), up), m.weight(a + "down_proj"), m.bias(a + "down_proj"))
+
+
+def logits(m: Model, hidden: Sym, residual: Sym | None) -> Sym:
+    """Final norm and lm_head on the rows last_idx asks for: [R, V] fp32 (residual None: hidden is the stream)."""
+    x = hidden if residual is None else ops.add(hidden, residual, name="final_in")
+    x = ops.rms_norm(x, m.weight("model.norm"), m.cfg.eps)
     return ops.linear(ops.gather(x, m.last_idx), m.lm_head(), out_dtype="fp32", name="logits")
 
 
 def forward(m: Model, attention_block=attention_block, mlp_block=mlp_block) -> Sym:
-    """The whole step: ids [T] -> logits [R, V]; the blocks are what a family swaps (Qwen3, Phi-3)."""
+    """The whole step: ids [T] -> logits [R, V]; the blocks are what a family swaps (Qwen3, Phi-3), mlp_block may
+    be a sequence of one block per layer (MoE families with dense layers between the sparse ones)."""
+    mlp_blocks = mlp_block if isinstance(mlp_block, (list, tuple)) else (mlp_block,) * m.cfg.num_layers
     hidden, residual = ops.embedding(m.ids, m.weight("model.embed_tokens")), None
     for i in range(m.cfg.num_layers):
         p = f"model.layers.{i}."
         with m.scope(f"layers.{i}"):
             hidden, residual = attention_block(m, p, i, hidden, residual)
-            hidden, residual = mlp_block(m, p, hidden, residual)
+            hidden, residual = mlp_blocks[i](m, p, hidden, residual)
     return logits(m, hidden, residual)

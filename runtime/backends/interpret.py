@@ -31,8 +31,9 @@ from runtime.step import StepInput
 # ``module`` is looked up here, never passed to import_module, so a crafted index cannot run other code.
 KERNEL_MODULES = {m: m for m in (  # index name -> the string imported, this table's own
     "kernels.add_rms_norm", "kernels.attention_decode", "kernels.attention_prefill", "kernels.embedding",
-    "kernels.gelu_tanh_mul", "kernels.kv_cache_write", "kernels.linear", "kernels.logits", "kernels.rms_norm",
-    "kernels.rms_norm_gated", "kernels.rms_norm_linear", "kernels.rope", "kernels.sampling", "kernels.silu_mul")}
+    "kernels.gelu_tanh_mul", "kernels.kv_cache_write", "kernels.linear", "kernels.logits", "kernels.moe",
+    "kernels.moe_grouped", "kernels.moe_router", "kernels.rms_norm", "kernels.rms_norm_gated",
+    "kernels.rms_norm_linear", "kernels.rope", "kernels.sampling", "kernels.silu_mul")}
 _KERNELS: dict[tuple[str, str], Any] = {}
 
 

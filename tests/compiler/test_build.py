@@ -116,5 +116,6 @@ def test_unsupported_architecture(tmp_path):
 def test_models_lists_presets_and_architectures():
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0
-    for word in ("smollm2-135m", "tiny-llama", "tinyllama-1.1b", "Qwen3ForCausalLM"):
+    for word in ("smollm2-135m", "tiny-llama", "tinyllama-1.1b", "Qwen3ForCausalLM", "MixtralForCausalLM",
+                 "Qwen3MoeForCausalLM", "tiny-mixtral", "tiny-qwen3-moe", "mixtral-8x7b", "qwen3-30b-a3b"):
         assert word in result.output

@@ -111,8 +111,22 @@ def test_tiny_preset_shapes_and_weights(name):
         assert src.tensors["model.layers.1.self_attn.q_proj.weight"].shape == (c["num_attention_heads"] * hd, h)
         assert src.tensors["model.layers.0.self_attn.k_proj.weight"].shape == (c["num_key_value_heads"] * hd, h)
     assert ("lm_head.weight" in src.tensors) != c["tie_word_embeddings"]
-    assert ("model.layers.0.self_attn.q_proj.bias" in src.tensors) == (name == "tiny-qwen2")
-    assert ("model.layers.0.self_attn.k_norm.weight" in src.tensors) == (name in ("tiny-qwen3", "tiny-gemma3"))
+    assert ("model.layers.0.self_attn.q_proj.bias" in src.tensors) == (name in ("tiny-qwen2", "tiny-qwen2-moe"))
+    assert ("model.layers.0.self_attn.k_norm.weight" in src.tensors) == (name in ("tiny-qwen3", "tiny-gemma3",
+                                                                              "tiny-qwen3-moe"))
+    if name == "tiny-mixtral":  # the hub's layout: a router and w1 (gate), w3 (up), w2 (down) per expert
+        e, inter = "model.layers.1.block_sparse_moe.experts.7.", c["intermediate_size"]
+        assert src.tensors["model.layers.1.block_sparse_moe.gate.weight"].shape == (c["num_local_experts"], h)
+        assert src.tensors[e + "w3.weight"].shape == (inter, h) and src.tensors[e + "w2.weight"].shape == (h, inter)
+    if name == "tiny-qwen3-moe":  # layer 0 sparse, layer 1 dense (mlp_only_layers)
+        e, inter = "model.layers.0.mlp.experts.5.", c["moe_intermediate_size"]
+        assert src.tensors["model.layers.0.mlp.gate.weight"].shape == (c["num_experts"], h)
+        assert src.tensors[e + "up_proj.weight"].shape == (inter, h)
+        assert src.tensors["model.layers.1.mlp.down_proj.weight"].shape == (h, c["intermediate_size"])
+    if name == "tiny-qwen2-moe":  # and a shared expert with its gate
+        shared = c["shared_expert_intermediate_size"]
+        assert src.tensors["model.layers.0.mlp.shared_expert.up_proj.weight"].shape == (shared, h)
+        assert src.tensors["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, h)
     gemma = name.startswith("tiny-gemma")
     for key, t in src.tensors.items():
         assert t.dtype == torch.float32 and torch.isfinite(t).all(), key
@@ -318,3 +332,16 @@ def test_smollm2_gguf_matches_transformers():
     assert set(want) - set(src.tensors) == {"lm_head.weight"}  # tied: transformers lists the shared tensor twice
     for name in src.tensors:
         torch.testing.assert_close(src.tensors[name], want[name], atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"num_experts_per_tok": 9}, "num_experts_per_tok 9 is more than the 8 experts: fix config.json"),
+    ({"num_local_experts": 0}, "MoE num_experts must be a positive integer, not 0"),
+])
+def test_moe_config_we_cannot_serve_is_one_line(edit, message):
+    from compiler.frontends.presets import PRESETS
+    from compiler.models import ModelConfig
+
+    config = {**PRESETS["tiny-mixtral"].random.config, **edit}
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(config, has_lm_head=True)

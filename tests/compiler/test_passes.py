@@ -296,3 +296,99 @@ def test_each_gemma_layer_is_seven_or_eight_kernels(name):
         assert attn.attr("softcap") == (2.0 if name == "tiny-gemma2" else None)
         table = "rope.local_cos_sin" if name == "tiny-gemma3" and i == 0 else "rope.cos_sin"
         assert rope.input("cos_sin") == table
+
+
+# A sparse layer: the qkv matmul (rope in its epilogue; Qwen3-MoE keeps its rope kernel for the q/k norms),
+# attention, o (+residual), the post-attention norm (a known non-fusion: the router and the experts both read the
+# normed hidden, so it stays a kernel), moe (router, gate_up, down + residual: three launches of one node).
+MIXTRAL_LAYER = ["rms_norm_linear", "attention", "linear", "rms_norm", "moe"]
+QWEN3_MOE_LAYER = ["rms_norm_linear", "rope", "attention", "linear", "rms_norm", "moe"]
+# Qwen2-MoE's shared expert reads the same normed hidden, so its gate_up is a plain linear with a separate silu_mul
+# (a known non-fusion: the norm cannot fold into it), then its down projection, read by the moe node.
+QWEN2_MOE_LAYER = ["rms_norm_linear", "attention", "linear", "rms_norm", "linear", "silu_mul", "linear", "moe"]
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe"])
+def test_each_moe_layer_is_five_or_six_kernels(name):
+    from artifact_format.graph import Limits
+    from compiler.frontends import load_source
+    from compiler.trace import trace
+
+    src = load_source(name)
+    graph, weights = trace(src.config, src.tensors, "fp32", Limits(max_seq_len=64, max_batch=4, max_num_tokens=64))
+    g, w, _ = optimize(graph, weights, "fp32")
+    if name == "tiny-mixtral":
+        layers, legacy, top_k, renormalize = [MIXTRAL_LAYER] * 2, "block_sparse_moe.experts", 2, True
+    elif name == "tiny-qwen3-moe":  # layer 1 is dense (mlp_only_layers): Qwen3's six kernels
+        layers, legacy, top_k, renormalize = [QWEN3_MOE_LAYER, QWEN3_LAYER], "mlp.experts", 3, False
+    else:  # Qwen2's five kernels on the dense layer 1
+        layers, legacy, top_k, renormalize = [QWEN2_MOE_LAYER, FUSED_LAYER], "mlp.experts", 2, False
+    assert [n.op for n in g.nodes] == ["embedding", *layers[0], *layers[1], "logits"]
+    moe = layer(g, 0)[-1]
+    o, norm = layer(g, 0)[2:4] if name == "tiny-qwen2-moe" else layer(g, 0)[-3:-1]
+    if name == "tiny-qwen2-moe":
+        down = layer(g, 0)[-2]
+        assert moe.input("shared") == down.output("out") and moe.attr("has_shared") is True
+        assert layer(g, 0)[4].input("x") == norm.output("out")
+        assert moe.input("shared_gate") == "model.layers.0.mlp.shared_expert_gate.weight"
+    assert o.attr("has_residual") and norm.input("x") == o.output("out") == moe.input("residual")
+    assert moe.input("x") == norm.output("out") and (moe.attr("top_k"), moe.attr("renormalize")) == (top_k, renormalize)
+    # The next block (or the final norm) starts from the moe output: the residual stream, no add in between.
+    assert layer(g, 1)[0].input("x") == moe.output("out")
+    # w13 stacks each expert's gate rows over its up rows, w2 the down matrices, in expert order.
+    gate, up, down = ("w1", "w3", "w2") if name == "tiny-mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for j in (0, 3):
+        e = f"model.layers.0.{legacy}.{j}."
+        want13 = torch.cat([src.tensors[e + f"{gate}.weight"], src.tensors[e + f"{up}.weight"]])
+        torch.testing.assert_close(w[moe.input("w13")][j], want13, rtol=0, atol=0)
+        torch.testing.assert_close(w[moe.input("w2")][j], src.tensors[e + f"{down}.weight"], rtol=0, atol=0)
+
+
+def test_decode_reads_top_k_of_the_experts():
+    """The bandwidth floor's bytes: one token reads its top_k of each sparse layer's E experts (all the rest once)."""
+    from artifact_format.graph import Limits
+    from compiler.frontends import load_source
+    from compiler.trace import trace
+    from runtime.bench import decode_weight_bytes
+
+    src = load_source("tiny-mixtral")
+    c = src.config
+    graph, weights = trace(c, src.tensors, "fp32", Limits(max_seq_len=64, max_batch=4, max_num_tokens=64))
+    g, w, _ = optimize(graph, weights, "fp32")
+    experts = c["num_hidden_layers"] * c["num_local_experts"] * 3 * c["intermediate_size"] * c["hidden_size"] * 4
+    # the input norms fold into the qkv weights; the embedding table is left out (a few rows of it are read)
+    rest = sum(t.numel() * 4 for name, t in src.tensors.items()
+               if ".experts." not in name and "input_layernorm" not in name and name != "model.embed_tokens.weight")
+    # the fp32 rope table is a weight of the graph too
+    rest += w["rope.cos_sin"].numel() * 4
+    assert decode_weight_bytes(g) == rest + experts * c["num_experts_per_tok"] // c["num_local_experts"]
+    # four tokens routed uniformly touch an expert with probability 1 - (1 - 2/8)^4
+    assert abs(decode_weight_bytes(g, batch=4) - rest - experts * (1 - 0.75 ** 4)) <= 2
+
+
+def test_fused_expert_checkpoints_trace_as_per_expert_ones():
+    """HF's in-memory layout (mlp.gate, mlp.experts.gate_up_proj [E, 2I, D], down_proj [E, D, I]) is taken as it is
+    and gives the very graph and weights the hub's per-expert w1 / w3 / w2 give once stacked."""
+    from artifact_format.graph import Limits
+    from compiler.frontends import load_source
+    from compiler.trace import trace
+
+    src = load_source("tiny-mixtral")
+    legacy = dict(src.tensors)
+    fused = {k: v for k, v in legacy.items() if "block_sparse_moe" not in k}
+    for i in range(src.config["num_hidden_layers"]):
+        p, e = f"model.layers.{i}.", range(src.config["num_local_experts"])
+        moe = p + "block_sparse_moe."
+        fused[p + "mlp.gate.weight"] = legacy[moe + "gate.weight"]
+        fused[p + "mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([legacy[f"{moe}experts.{j}.w1.weight"], legacy[f"{moe}experts.{j}.w3.weight"]]) for j in e])
+        fused[p + "mlp.experts.down_proj"] = torch.stack([legacy[f"{moe}experts.{j}.w2.weight"] for j in e])
+    limits = Limits(max_seq_len=64, max_batch=4, max_num_tokens=64)
+    (g1, w1), (g2, w2) = (trace(src.config, t, "fp32", limits) for t in (legacy, fused))
+    renamed = {n.input("router") for n in g2.nodes if n.op == "moe"}
+    assert renamed == {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"}
+    assert [(n.op, n.attrs) for n in g1.nodes] == [(n.op, n.attrs) for n in g2.nodes]
+    for n1, n2 in zip(g1.nodes, g2.nodes):
+        for (role, a), (_, b) in zip(n1.inputs, n2.inputs):
+            if a in w1:
+                assert torch.equal(w1[a], w2[b]), (n1.name, role)

@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+import re
 import shutil
 
 import pytest
@@ -30,13 +31,31 @@ def test_reference_logits_shape_finite_deterministic_causal(name):
     assert logits.softmax(-1).max(dim=-1).values.mean() < 0.9
 
 
+# A hub checkpoint's per-expert matrix, and where transformers keeps it: one slice of its fused expert tensors
+# (gate_up_proj [E, 2I, D]: gate rows, then up rows; down_proj [E, D, I]), the router renamed from block_sparse_moe.
+_EXPERT = re.compile(r"(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight")
+
+
+def _loaded(state: dict, key: str) -> torch.Tensor:
+    """The reference model's value for checkpoint tensor ``key``."""
+    match = _EXPERT.fullmatch(key)
+    if match is None:
+        return state[key.replace(".block_sparse_moe.gate.", ".mlp.gate.")]
+    layer, j, proj = match.group(1), int(match.group(2)), match.group(3)
+    if proj in ("w2", "down_proj"):
+        return state[f"{layer}.mlp.experts.down_proj"][j]
+    gate_up = state[f"{layer}.mlp.experts.gate_up_proj"][j]
+    half = gate_up.shape[0] // 2
+    return gate_up[:half] if proj in ("w1", "gate_proj") else gate_up[half:]
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_reference_model_holds_the_source_weights(name):
     src = load_source(name)
     model = load_reference_model(src)
     state = model.state_dict()
     for key in src.tensors:
-        assert torch.equal(state[key], src.tensors[key]), key
+        assert torch.equal(_loaded(state, key), src.tensors[key]), key
     if src.config["tie_word_embeddings"]:
         assert torch.equal(state["lm_head.weight"], src.tensors["model.embed_tokens.weight"])
 

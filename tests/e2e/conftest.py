@@ -26,7 +26,8 @@ from compiler.build import DEFAULT_TARGETS
 from runtime.sampling import SamplingParams
 
 TINY_PRESETS = ("tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-mqa", "tiny-hd80",
-                "tiny-phi3", "tiny-mistral-swa", "tiny-gemma2", "tiny-gemma3")
+                "tiny-phi3", "tiny-mistral-swa", "tiny-gemma2", "tiny-gemma3", "tiny-mixtral", "tiny-qwen3-moe",
+                "tiny-qwen2-moe")
 # Small limits keep the interpreter fast. max_batch 4 also makes Engine.logits() prefill in chunks of 4 tokens,
 # so every chunk after the first attends to a prefix already in the paged KV cache.
 TINY_LIMITS = {"max_seq_len": 64, "max_batch": 4}

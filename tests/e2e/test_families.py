@@ -76,7 +76,8 @@ def test_presets_cover_every_supported_variant():
     configs = {n: json.loads((preset_dir(n) / "config.json").read_text()) for n in TINY_PRESETS}
     archs = {c["architectures"][0] for c in configs.values()}
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-            "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"} <= archs
+            "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM",
+            "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"} <= archs
     rope = [c.get("rope_scaling") or c.get("rope_parameters") or {} for c in configs.values()]
     assert any(r.get("rope_type") == "llama3" for r in rope)
     assert any(r.get("type") == "longrope" and set(r["short_factor"]) != {1.0} for r in rope)
@@ -96,6 +97,12 @@ def test_presets_cover_every_supported_variant():
     assert gemma2["query_pre_attn_scalar"] != gemma2["head_dim"]
     assert gemma3["sliding_window_pattern"] <= gemma3["num_hidden_layers"] and gemma3["rope_scaling"]
     assert gemma3["rope_local_base_freq"] != gemma3["rope_theta"]
+    # MoE: top-k renormalised (Mixtral) and not (Qwen3-MoE, with a dense layer among the sparse ones), a shared
+    # expert (Qwen2-MoE)
+    qwen3_moe = configs["tiny-qwen3-moe"]
+    assert not qwen3_moe["norm_topk_prob"] and 1 < qwen3_moe["num_experts_per_tok"] < qwen3_moe["num_experts"]
+    assert 0 < len(qwen3_moe["mlp_only_layers"]) < qwen3_moe["num_hidden_layers"]
+    assert configs["tiny-qwen2-moe"]["shared_expert_intermediate_size"] > 0
     # q/k/v bias (Qwen2), q/k norm (Qwen3) and fused qkv/gate_up (Phi-3) are checked on the artifacts' weights below
 
 
@@ -113,6 +120,24 @@ def test_transformers_applies_the_sliding_window():
                                                           use_safetensors=True, sliding_window=None).eval(), ids)
     torch.testing.assert_close(windowed[:window], full[:window], rtol=1e-5, atol=1e-5)
     assert rel_err(windowed[window:], full[window:]) > 0.1
+
+
+@pytest.mark.parametrize("name", [n for n in TINY_PRESETS if "mixtral" in n or "moe" in n])
+def test_tokens_of_one_prompt_take_different_experts(name):
+    """HF's own routers send the test prompt's tokens to different experts in every sparse layer, so one kernel
+    reading a single expert for the whole step (or ignoring the routing) cannot match HF's logits."""
+    model = hf_model(name)
+    chosen = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, args, out: chosen.append(out[2]))
+             for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    ids = random_prompt(model.config.vocab_size, LOGITS_LEN, seed=100 + TINY_PRESETS.index(name))
+    hf_logits(model, ids)
+    for hook in hooks:
+        hook.remove()
+    assert chosen, f"{name}: no sparse layer ran"
+    for layer_ids in chosen:  # [tokens, top_k]: the first choices alone differ, and most experts get a token
+        assert len(set(layer_ids[:, 0].tolist())) >= 3 and len(set(layer_ids.flatten().tolist())) > \
+            model.config.num_experts_per_tok, layer_ids.tolist()
 
 
 def test_artifact_has_binaries_for_every_default_target(case):
@@ -134,6 +159,11 @@ def test_artifact_has_binaries_for_every_default_target(case):
     if case.name in ("tiny-gemma2", "tiny-gemma3"):  # GeGLU in the gate_up epilogue, both rope tables for Gemma 3
         assert "model.layers.0.mlp.gate_up_proj.folded.geglu.weight" in weights
         assert ("rope.local_cos_sin" in weights) == (case.name == "tiny-gemma3")
+    if case.name in ("tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe"):  # per-expert matrices stacked
+        assert weights["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3
+        moe = [node for node in artifact.graph.nodes if node.op == "moe"]
+        assert len(moe) == (2 if case.name == "tiny-mixtral" else 1)
+        assert moe[0].attr("has_shared") == (True if case.name == "tiny-qwen2-moe" else None)
     if case.name == "tiny-phi3":  # the checkpoint's fused matrices, folded (and paired, interleaved) but never split
         assert "model.layers.0.self_attn.qkv_proj.folded.rope.weight" in weights
         assert "model.layers.0.mlp.gate_up_proj.folded.swiglu.weight" in weights

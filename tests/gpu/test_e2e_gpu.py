@@ -46,8 +46,10 @@ TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 # nor in 8 at NEAR_TIE["bf16"]: the first such seed in 0..199 for each preset (found on the CPU).
 GREEDY_SEEDS = {"tiny-llama": 118, "tiny-llama3": 19, "tiny-mistral": 101, "tiny-qwen2": 24, "tiny-qwen3": 61,
                 "tiny-mqa": 39, "tiny-hd80": 20, "tiny-phi3": 162, "tiny-mistral-swa": 179,
-                "tiny-gemma2": 105, "tiny-gemma3": 0}
+                "tiny-gemma2": 105, "tiny-gemma3": 0, "tiny-mixtral": 84, "tiny-qwen3-moe": 69,
+                "tiny-qwen2-moe": 34}
 SMOLLM2_GREEDY_TEXT = "1, 2, 3, 4, 5,"  # its fp32 top-two gaps stay >= 0.28 RMS over 12 tokens, 0.13 over 16
+MOE_PRESETS = ("tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe")
 KV_GB = {"tiny": 0.05, SMOLLM2: 0.5}  # explicit: by default a backend takes 90% of the free memory for KV blocks
 CASES = [*((p, d) for p in TINY_PRESETS for d in ("bf16", "fp16")),
          *(pytest.param((SMOLLM2, d), marks=needs_smollm2, id=f"{SMOLLM2}-{d}") for d in ("bf16", "fp16"))]
@@ -118,12 +120,27 @@ def _logits_prompt(name: str, eng) -> list[int]:
     return random_prompt(eng.vocab_size, 40, seed=7)  # five prefill chunks of max_batch 8
 
 
+def _row_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (out.float() - ref.float()).norm(dim=-1) / ref.float().norm(dim=-1)
+
+
 def test_logits_match_transformers(case):
     name, dtype, eng, hf32, hfh = case
     ids = _logits_prompt(name, eng)
     out, ref32, refh = eng.logits(ids), hf_logits(hf32, ids), hf_logits(hfh, ids)
     err32, err_same, hf_err32 = rel_err(out, ref32), rel_err(out, refh), rel_err(refh, ref32)
     report = f"{name} {dtype}: vs fp32 {err32:.2e}, vs HF {dtype} {err_same:.2e}, HF {dtype} vs fp32 {hf_err32:.2e}"
+    if name in MOE_PRESETS:
+        # A token whose k-th and (k+1)-th experts lie within the dtype's rounding routes either way, and its row then
+        # differs wholesale (on the CPU in bf16, HF's own run has 6-8 of these 40 rows over 6e-2 from fp32; trilite's
+        # torch backend 1-8, its median row 0.016-0.021 against HF's 0.032-0.034). So: the median row within half
+        # the bound, and no more rows over it than HF's own run has plus a tenth of the rows.
+        rows, hf_rows = _row_errors(out, ref32), _row_errors(refh, ref32)
+        tol = TOL[dtype]["fp32"]
+        off, hf_off = int((rows > tol).sum()), int((hf_rows > tol).sum())
+        report += f"; median row {float(rows.median()):.2e}, rows over {tol}: {off} (HF {hf_off}) of {len(rows)}"
+        assert float(rows.median()) <= tol / 2 and off <= hf_off + len(rows) // 10, report
+        return
     assert err32 <= TOL[dtype]["fp32"] and err_same <= TOL[dtype]["same"], report
     assert err32 <= NO_WORSE_THAN_HF * hf_err32, report
 

@@ -1,0 +1,172 @@
+"""The grouped form of the moe op (kernels/moe.py) for steps of more than one token: tokens grouped by expert,
+tl.dot tiles over each expert's tokens, so an expert's weights are read once per tile of BLOCK_M of its tokens
+instead of once per token.
+
+After the router (kernels/moe_router.py) writes ids [T, TOP_K]:
+  1. align, one program (vLLM's moe_align_block_size on the device, no host sync): counts each expert's (token, k)
+     pairs, gives each expert a run of whole BLOCK_M blocks, and writes every pair's index t * TOP_K + k into its
+     expert's run (sorted), with each block's expert and its number of filled slots (block_expert -1: unused).
+     The grid of what follows is fixed by T alone: at most cdiv(T * TOP_K, BLOCK_M) + E blocks are filled, and
+     cdiv(T, BLOCK_M) * TOP_K + E bounds that; blocks past the last filled one exit at once.
+  2. gate_up: one program per (block, BLOCK_N columns of I): act[pair] = silu(x[t] @ gate^T) * (x[t] @ up^T).
+  3. down: the same tiles over w2, each pair's expert output (rounded to the activation dtype, as HF rounds it)
+     to y [T * TOP_K, D].
+  4. combine: kernels/moe.py's down kernel reading y (FROM_Y): one program owns out[t, BLOCK_N columns], residual
+     + sum_k weight[t, k] * y[t * TOP_K + k]. No atomics.
+Slots of a block past its filled rows are masked on load and store, so they are never read uninitialised.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.spec import Config, GridDim, Launch, grid_dim, make_launch, ptr
+
+
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr,  # [T * TOP_K] i32, each < E
+    sorted_ptr,  # [NB * BLOCK_M] i32: pair indices, expert by expert, each expert's run padded to whole blocks
+    block_expert_ptr,  # [NB] i32: the expert of each block; -1 for blocks past the last filled one
+    block_rows_ptr,  # [NB] i32: the filled slots of each block (its first ones)
+    T,
+    E: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    n = T * TOP_K
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c0 in range(0, n, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + idx, mask=idx < n, other=-1)
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    first = tl.cumsum(blocks, axis=0) - blocks  # each expert's first block
+    num_blocks = tl.cdiv(T, BLOCK_M) * TOP_K + E  # the grid's bound (NB)
+    for b0 in range(0, num_blocks, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        inside = (b[:, None] >= first[None, :]) & (b[:, None] < (first + blocks)[None, :])  # [CHUNK, BLOCK_E]
+        expert = tl.max(tl.where(inside, experts[None, :], -1), axis=1)
+        filled = tl.minimum(counts[None, :] - (b[:, None] - first[None, :]) * BLOCK_M, BLOCK_M)
+        rows = tl.sum(tl.where(inside, filled, 0), axis=1)
+        tl.store(block_expert_ptr + b, expert, mask=b < num_blocks)
+        tl.store(block_rows_ptr + b, rows, mask=b < num_blocks)
+    # Pair p goes to slot first[e] * BLOCK_M + (pairs of expert e before p): chunk by chunk, an exclusive running
+    # count per expert plus the rank within the chunk (a cumulative sum of the one-hot rows).
+    running = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c0 in range(0, n, CHUNK):
+        idx = c0 + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + idx, mask=idx < n, other=-1)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)
+        rank = tl.cumsum(onehot, axis=0) - onehot
+        slot = tl.sum(onehot * ((first * BLOCK_M + running)[None, :] + rank), axis=1)
+        tl.store(sorted_ptr + slot, idx, mask=idx < n)
+        running += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    # fp32 models expect fp32 results; the default tf32 would round operands to 10 mantissa bits.
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _moe_grouped_kernel(
+    a_ptr,  # gate_up: x [T, D] (row of pair p: t = p // TOP_K); down: act [T * TOP_K, I] (row p)
+    w_ptr,  # gate_up: w13 [E, 2 * N, K]; down: w2 [E, N, K]
+    sorted_ptr,  # [NB * BLOCK_M] i32
+    block_expert_ptr,  # [NB] i32
+    block_rows_ptr,  # [NB] i32
+    out_ptr,  # gate_up: act [T * TOP_K, N]; down: y [T * TOP_K, N]
+    T,
+    stride_a,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GATE_UP: tl.constexpr,  # A rows are tokens, w holds gate rows then up rows, out = silu(gate) * up
+):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert >= 0:
+        slots = tl.arange(0, BLOCK_M)
+        m_mask = slots < tl.load(block_rows_ptr + block)
+        pairs = tl.load(sorted_ptr + block * BLOCK_M + slots, mask=m_mask, other=0).to(tl.int64)
+        a_rows = pairs // TOP_K if GATE_UP else pairs
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = cols < N
+        # The weight tile is read transposed, [BLOCK_K, BLOCK_N]: element (k, n) of row n at n * K + k.
+        w_tile = w_ptr + expert.to(tl.int64) * ((2 if GATE_UP else 1) * N * K) + cols[None, :].to(tl.int64) * K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < K
+            a = tl.load(a_ptr + a_rows[:, None] * stride_a + ks[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            acc = _dot(a, tl.load(w_tile + ks[:, None], mask=w_mask, other=0.0), acc)
+            if GATE_UP:
+                acc_up = _dot(a, tl.load(w_tile + N * K + ks[:, None], mask=w_mask, other=0.0), acc_up)
+        # Rounded to the activation dtype where HF rounds: the gate_up product, the expert's down output.
+        res = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        if GATE_UP:
+            up = acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
+            res = res / (1.0 + tl.exp(-res)) * up  # silu(g) * up; -0, never NaN, for g -> -inf
+        tl.store(out_ptr + pairs[:, None] * N + cols[None, :], res.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+def tile_config(block_m: int, block_n: int, block_k: int, warps: int, stages: int = 2) -> Config:
+    return Config.make(num_warps=warps, num_stages=stages, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def _blocks_grid(top_k: int, E: int, block_m: int) -> GridDim:
+    """cdiv(T, BLOCK_M) * TOP_K + E: a bound on the blocks align fills, fixed by T."""
+    return grid_dim(("T", block_m, top_k), E)
+
+
+def scratch(meta: dict, tokens: int, config: Config, act_dtype: str) -> tuple[tuple[str, tuple[int, str]], ...]:
+    """Scratch of the grouped launches for steps of up to ``tokens`` tokens (besides moe.py's act, ids, weights)."""
+    bm = config["BLOCK_M"]
+    blocks = -(-tokens // bm) * meta["top_k"] + meta["E"]
+    return (("sorted", (blocks * bm, "i32")), ("block_expert", (blocks, "i32")), ("block_rows", (blocks, "i32")),
+            ("y", (tokens * meta["top_k"] * meta["D"], act_dtype)))
+
+
+def launches(meta: dict, dtypes: dict, config: Config) -> tuple[Launch, ...]:
+    """align, gate_up, down for a tile config (BLOCK_M, BLOCK_N, BLOCK_K); moe.py's down kernel combines after."""
+    E, D, I, top_k = meta["E"], meta["D"], meta["I"], meta["top_k"]
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    dtypes = {**dtypes, "act": dtypes["out"], "y": dtypes["out"]}
+    index = {"sorted_ptr": ("tensor", "sorted"), "block_expert_ptr": ("tensor", "block_expert"),
+             "block_rows_ptr": ("tensor", "block_rows")}
+    index_types = {"sorted_ptr": "*i32", "block_expert_ptr": "*i32", "block_rows_ptr": "*i32"}
+    align = make_launch(
+        _moe_align_kernel, types={"ids_ptr": "*i32", **index_types, "T": "i32"},
+        constexprs={"E": E, "TOP_K": top_k, "BLOCK_E": triton.next_power_of_2(E), "BLOCK_M": bm,
+                    "CHUNK": max(16, min(128, 8192 // triton.next_power_of_2(E)))},
+        args={"ids_ptr": ("tensor", "topk_ids"), **index, "T": ("sym", "T")},
+        grid=[grid_dim(1)], config=Config.make(num_warps=4, num_stages=1))
+
+    def grouped(a: str, w: str, out: str, N: int, K: int, stride_a: int, gate_up: bool) -> Launch:
+        return make_launch(
+            _moe_grouped_kernel,
+            types={"a_ptr": ptr(dtypes[a]), "w_ptr": ptr(dtypes[w]), **index_types, "out_ptr": ptr(dtypes[out]),
+                   "T": "i32", "stride_a": "i64"},
+            constexprs={"N": N, "K": K, "TOP_K": top_k, "BLOCK_M": bm, "BLOCK_N": min(bn, triton.next_power_of_2(N)),
+                        "BLOCK_K": min(bk, triton.next_power_of_2(K)), "GATE_UP": gate_up},
+            args={"a_ptr": ("tensor", a), "w_ptr": ("tensor", w), **index, "out_ptr": ("tensor", out),
+                  "T": ("sym", "T"), "stride_a": ("int", stride_a)},
+            grid=[_blocks_grid(top_k, E, bm), grid_dim(-(-N // min(bn, triton.next_power_of_2(N))))], config=config)
+
+    return (align, grouped("x", "w13", "act", I, D, meta.get("stride_x", D), True),
+            grouped("act", "w2", "y", D, I, I, False))
