@@ -43,9 +43,11 @@ def test_rms_norm_linear_norm_w(dtype, scheme, T, K, N, act):
     config = rnl_op.default(meta)
     out = torch.full((T, N // 2 if act else N), float("nan"), dtype=dtype, device="cuda")
     rnl_op.rms_norm_linear(x, q, None, scale=scale, norm_w=norm_w, eps=EPS, act=act, out=out, config=config)
-    xs, w = x.float() * norm_w.float(), dequantize(q, scale)
-    if config["USE_DOT"]:  # the kernel's operands: x * norm_w and the dequantized weight, each in the activation dtype
-        xs, w = xs.to(dtype).float(), w.to(dtype).float()
+    # The kernel's operands (kernels/matmul_helpers.apply_norm_w): x * norm_w in fp32, rounded back to the activation
+    # dtype in every layout; the tensor-core layouts also round the dequantized weight to it.
+    xs, w = (x.float() * norm_w.float()).to(dtype).float(), dequantize(q, scale)
+    if config["USE_DOT"]:
+        w = w.to(dtype).float()
     want = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + EPS) * (xs @ w.T)  # rstd over the raw x
     if act:
         want = torch.nn.functional.silu(want[:, 0::2]) * want[:, 1::2]
