@@ -113,6 +113,26 @@ def test_configs_follow_token_bucket():
     assert 1 in SPEC.tune_buckets and max(SPEC.tune_buckets) > 64
 
 
+@pytest.mark.parametrize("name", ["gemv1", "gemv4_split3", "default"])
+def test_token_bucket_one_takes_T_as_the_constant_1(name):
+    """The bucket-1 variant (only ever run with one token) binds T to 1 at compile time, as Triton's JIT would
+    specialise it; other buckets keep it a step symbol. The specialised launch still matches the reference."""
+    K, N = 100, 70
+    meta = {"K": K, "N": N, "has_bias": True, "has_residual": True, "max_T": 64, "max_S": 8}
+    dtypes = {"x": "fp32", "w": "fp32", "bias": "fp32", "residual": "fp32", "out": "fp32"}
+    config = CONFIGS[name] or SPEC.default({**meta, "T_bucket": 1})
+    (one,) = SPEC.plan({**meta, "T_bucket": 1}, dtypes, config).launches
+    (many,) = SPEC.plan({**meta, "T_bucket": 16}, dtypes, config).launches
+    assert dict(one.constexprs)["T"] == 1 and "T" not in dict(one.args)
+    assert dict(many.args)["T"] == ("sym", "T") and "T" not in dict(many.constexprs)
+    x, w, bias, residual = _inputs(1, K, N, torch.float32, seed=5)
+    out = _poisoned(1, N, torch.float32)
+    plan = SPEC.plan({**meta, "T_bucket": 1}, dtypes, config)
+    run(plan, {"x": x, "w": w, "bias": bias, "residual": residual, "out": out, **alloc_scratch(plan, "cpu")},
+        {"T": 1, "S": 1})
+    torch.testing.assert_close(out, reference(x, w, bias, residual), atol=1e-4, rtol=1e-4)
+
+
 def test_split_k_is_one_launch_with_partials_and_semaphores():
     meta = {"K": 4096, "N": 1024, "has_bias": True, "has_residual": True, "max_T": 64, "max_S": 8, "T_bucket": 16}
     dtypes = {"x": "bf16", "w": "bf16", "bias": "bf16", "residual": "bf16", "out": "bf16"}
