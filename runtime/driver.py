@@ -155,6 +155,11 @@ class Driver:
         if api.platform == "cuda":
             self._bind_context(device)
 
+    @property
+    def supports_pdl(self) -> bool:
+        """Whether kernels can be launched with programmatic dependent launch here (cuLaunchKernelEx, CUDA)."""
+        return self._launch_ex is not None
+
     def _bind_context(self, device: int) -> None:
         """Make the device's primary context (the one torch uses) current on this thread if none is."""
         ctx = ctypes.c_void_p()

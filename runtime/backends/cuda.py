@@ -73,8 +73,8 @@ class CudaBackend(Backend):
         weights = {k: v.to(self.device) for k, v in artifact.weights().items()}
         self.program = Program(artifact, index, self.device, weights)
         self.driver = Driver(self.api, self.device.index)
-        if pdl is None:
-            pdl = os.environ.get("TRILITE_PDL", "1") != "0"
+        if pdl is None:  # on by default where the driver can launch it (the binaries are correct either way)
+            pdl = os.environ.get("TRILITE_PDL", "1") != "0" and self.driver.supports_pdl
         for b in index.binaries.values():
             if b.num_ctas != 1:
                 raise ArtifactError(f"kernel {b.name} uses thread-block clusters (num_ctas={b.num_ctas}), "

@@ -141,9 +141,12 @@ def test_pdl_kernels_launch_through_cuLaunchKernelEx_with_the_attribute(monkeypa
 
 def test_pdl_needs_cuLaunchKernelEx(monkeypatch):
     fake = FakeCuda()
+    assert _driver(monkeypatch, fake).supports_pdl  # what the cuda backend's default (PDL on) asks first
     del fake.cuLaunchKernelEx
+    d = _driver(monkeypatch, fake)
+    assert not d.supports_pdl
     with pytest.raises(DriverError, match="programmatic dependent launch"):
-        _driver(monkeypatch, fake).load(b"x", "k", 1, 0, pdl=True)
+        d.load(b"x", "k", 1, 0, pdl=True)
 
 
 def test_hip_api_shares_the_sequence(monkeypatch):
