@@ -158,10 +158,14 @@ def matmul_default(meta: dict) -> Config:
     """Heuristic when nothing was tuned: stream W once with enough programs in flight, tensor-core tiles above 64."""
     N, K, T = meta["N"], meta["K"], t_bucket(meta)
     if T <= 4:
-        # What won most decode shapes on an H200: 8 KB of weights per K step, the longest K chunk up to 2048.
+        # What won most decode shapes on an H200: 8 KB of weights per K step, the longest K chunk up to 2048; at one
+        # row, 16 KB once that would leave 2,048 programs or more (several waves: Llama-3-8B's gate_up 57.4 µs
+        # against 66.8, its qkv 15.9 against 16.5, TinyLlama's gate_up the tuner's pick; benchmarks/gemv.py).
         bm = triton.next_power_of_2(T)
         bk = min(2048, triton.next_power_of_2(K))
         bn = max(_min_block_n(meta), 4096 // (bk * bm))
+        if bm == 1 and N // bn >= 2048:
+            bn *= 2
         return gemv(bm, bn, bk, 1, False, 4, 1)
     if T <= 64:
         bm = max(16, triton.next_power_of_2(T))
