@@ -23,7 +23,13 @@ import click
 import torch
 
 import runtime
-from runtime.bench import copy_bandwidth, decode_weight_bytes, kv_bytes_per_token, weight_bytes_by_op
+from runtime.bench import (
+    copy_bandwidth,
+    decode_weight_bytes,
+    kv_bytes_per_token,
+    node_weight_bytes,
+    weight_bytes_by_op,
+)
 
 PROMPT, NEW = 128, 256
 
@@ -61,13 +67,11 @@ def role_profile(engine, kernels: list[tuple[str, float, float]]) -> list[tuple[
     launch's start, weight bytes per step). ``kernels``: the profile's kernels in start order (name, start µs,
     duration µs); the batch-1 decode steps are found as runs of the program's decode launch sequence. With PDL a
     kernel starts before the previous one ends and waits: the start-to-start time is what the launch costs."""
-    from runtime.bench import _nbytes, _weights
-
     graph = engine.artifact.graph
     seq = engine.backend.program.launches("decode", {"T": 1, "S": 1, "R": 1})
     names = [b.binary.kernel for b in seq]
     node_of = {n.name: n for n in graph.nodes}
-    wbytes = {b.node: _nbytes(graph, _weights(graph, [node_of[b.node]])) if b.node in node_of else 0 for b in seq}
+    wbytes = {b.node: node_weight_bytes(graph, node_of[b.node]) if b.node in node_of else 0 for b in seq}
     agg: dict[str, list] = {}
     steps, i, got = 0, 0, [k[0] for k in kernels]
     while i + len(names) <= len(kernels):

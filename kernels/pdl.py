@@ -36,7 +36,7 @@ def launch_dependents():
 
 @triton.jit
 def enter(USE_PDL: tl.constexpr):
-    """The start of a kernel that has nothing to prefetch: wait, then let the next kernel be scheduled."""
+    """The start of a kernel that streams no weights: wait, then let the next kernel be scheduled."""
     if USE_PDL:
         wait()
         launch_dependents()

@@ -36,10 +36,13 @@ USE_PDL = "USE_PDL"
 # Where PDL-built kernels let their dependents be scheduled: 1 right after their wait, 2 once their weights are
 # read (kernels/pdl.py). A build setting (TRILITE_PDL_TRIGGER), part of every binary's cache key.
 PDL_TRIGGER = int(os.environ.get("TRILITE_PDL_TRIGGER", "2"))
+
+
 def with_pdl(constexprs: dict) -> dict:
     """A launch's constexprs as built for a GPU with programmatic dependent launch (sm_90): USE_PDL on with the
     build's trigger. Kernels without USE_PDL: unchanged."""
     return {**constexprs, USE_PDL: PDL_TRIGGER} if USE_PDL in constexprs else constexprs
+
 
 TORCH_TO_TRITON = {
     torch.float32: "fp32",

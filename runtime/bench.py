@@ -88,14 +88,18 @@ def _expert_bytes_unread(graph: Any, nodes: Any, batch: int = 1) -> int:
     return out
 
 
+def node_weight_bytes(graph: Any, node: Any) -> int:
+    """Weight bytes one decode step of one sequence reads through ``node`` (a tied lm_head counts under logits; an
+    moe node counts its router and the top_k experts one token reads; the embedding's few rows are left out)."""
+    return _nbytes(graph, _weights(graph, [node])) - _expert_bytes_unread(graph, [node])
+
+
 def weight_bytes_by_op(graph: Any) -> dict[str, int]:
-    """op -> weight bytes one decode step of one sequence reads through that op's nodes (a tied lm_head counts under
-    logits; an moe node counts its router and the top_k experts one token reads)."""
+    """op -> weight bytes one decode step of one sequence reads through that op's nodes (node_weight_bytes)."""
     out: dict[str, int] = {}
     for node in graph.nodes:
         if node.op != "embedding":
-            out[node.op] = (out.get(node.op, 0) + _nbytes(graph, _weights(graph, [node]))
-                            - _expert_bytes_unread(graph, [node]))
+            out[node.op] = out.get(node.op, 0) + node_weight_bytes(graph, node)
     return out
 
 

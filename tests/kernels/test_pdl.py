@@ -50,8 +50,17 @@ def _cases():
                 yield pytest.param(op, meta, config, id=name)
 
 
-def _wait_line(lines: list[str]) -> int:
-    return next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+def _assert_waits_first(launch) -> None:
+    """Built for sm_90, the launch has USE_PDL on with the build's trigger (its plan has it off); its PTX makes no
+    memory access before griddepcontrol.wait and triggers its dependents after it."""
+    assert dict(launch.constexprs)[USE_PDL] is False, "plans build without PDL; the compiler turns it on per target"
+    built = for_target(launch, SM90)
+    assert dict(built.constexprs)[USE_PDL] == PDL_TRIGGER
+    lines = _ptx(built, SM90).splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    early = [line.strip() for line in lines[:wait] if LOAD.search(line)]
+    assert not early, f"{launch.kernel.fn.__name__}: memory accesses before griddepcontrol.wait: {early[:3]}"
+    assert any("griddepcontrol.launch_dependents" in line for line in lines[wait:])
 
 
 @pytest.mark.parametrize("op,meta,config", list(_cases()))
@@ -59,14 +68,7 @@ def test_no_load_before_gdc_wait(op, meta, config):
     dtypes = {"x": "bf16", "w": "bf16", "bias": "bf16", "residual": "bf16", "out": "bf16", "positions": "i32",
               "cos_sin": "fp32", "slot_mapping": "i32", "k_cache": "bf16", "v_cache": "bf16"}
     (launch,) = op.SPEC.plan(meta, dtypes, config).launches
-    assert dict(launch.constexprs)[USE_PDL] is False, "plans build without PDL; the compiler turns it on per target"
-    built = for_target(launch, SM90)
-    assert dict(built.constexprs)[USE_PDL] == PDL_TRIGGER
-    lines = _ptx(built, SM90).splitlines()
-    wait = _wait_line(lines)
-    early = [line.strip() for line in lines[:wait] if LOAD.search(line)]
-    assert not early, f"{config}: memory accesses before griddepcontrol.wait: {early[:3]}"
-    assert any("griddepcontrol.launch_dependents" in line for line in lines[wait:])
+    _assert_waits_first(launch)
 
 
 def _decode_kernels():
@@ -99,14 +101,7 @@ def test_decode_kernels_wait_before_any_access(op, meta, dtypes):
     launches = [launch for config in dict.fromkeys([op.SPEC.default(meta), *op.SPEC.configs(meta)])
                 for launch in op.SPEC.plan(meta, dtypes, config).launches]
     for launch in launches:
-        assert dict(launch.constexprs)[USE_PDL] is False
-        built = for_target(launch, SM90)
-        assert dict(built.constexprs)[USE_PDL] == PDL_TRIGGER
-        lines = _ptx(built, SM90).splitlines()
-        wait = _wait_line(lines)
-        early = [line.strip() for line in lines[:wait] if LOAD.search(line)]
-        assert not early, f"{launch.kernel.fn.__name__}: memory accesses before griddepcontrol.wait: {early[:3]}"
-        assert any("griddepcontrol.launch_dependents" in line for line in lines[wait:])
+        _assert_waits_first(launch)
 
 
 @pytest.mark.parametrize("target", ["cuda:80", "hip:gfx942"])
