@@ -36,7 +36,7 @@ import triton  # noqa: E402
 
 from kernels import linear as lin  # noqa: E402
 from kernels import rms_norm_linear as rnl  # noqa: E402
-from kernels.matmul_configs import gemv  # noqa: E402
+from kernels.matmul_configs import gemm, gemv  # noqa: E402
 from kernels.spec import Config, alloc_scratch, run  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
 
@@ -99,7 +99,7 @@ def wide_space(shape: Shape, T: int) -> list[Config]:
                     if K // split >= bk and triton.cdiv(N, bn) * split <= 32768:
                         out.append(gemv(bm, bn, bk, split, False, warps, 1))
     bm = max(16, triton.next_power_of_2(T))
-    if T >= 4:
+    if 4 <= T <= 64:
         for bn, bk in ((64, 64), (64, 128), (128, 64), (32, 128)):
             for stages in (3, 4):
                 for split in (1, 2, 4, 8):
@@ -108,11 +108,27 @@ def wide_space(shape: Shape, T: int) -> list[Config]:
     return out
 
 
-def candidates(shape: Shape, T: int, space: str) -> list[Config]:
+def gemm_space(T: int) -> list[Config]:
+    """Prefill tiles (T >= 128): wgmma-sized tiles with 64-wide K steps and 3-4 stages (sm_90's 227 KB of shared
+    memory), next to the pack's own smaller ones."""
+    if T < 128:
+        return []
+    tiles = ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
+             (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+             (64, 256, 64, 4, 4), (128, 256, 32, 8, 4), (128, 128, 128, 8, 3), (256, 128, 32, 8, 4))
+    return [gemm(bm, bn, bk, w, st) for bm, bn, bk, w, st in tiles]
+
+
+def pack_configs(shape: Shape, T: int) -> list[Config]:
+    """What the compiler tries for this shape and bucket, and its default."""
     spec = rnl.SPEC if shape.op == "rms_norm_linear" else lin.SPEC
     meta = shape.meta(T)
-    pack = [*spec.configs(meta), spec.default(meta)]
-    return list(dict.fromkeys(pack + (wide_space(shape, T) if space == "wide" else [])))
+    return [*spec.configs(meta), spec.default(meta)]
+
+
+def candidates(shape: Shape, T: int, space: str) -> list[Config]:
+    pack = pack_configs(shape, T)
+    return list(dict.fromkeys(pack + (wide_space(shape, T) + gemm_space(T) if space == "wide" else [])))
 
 
 def make_inputs(shape: Shape, T: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -246,6 +262,8 @@ def time_all(args) -> None:
                 continue
             rec = {"model": shape.model, "shape": shape.name, "K": shape.K, "N": shape.N, "T": T,
                    "config": config.to_json(), "us": round(us, 2), "gbps": round(nbytes / us / 1e3, 1),
+                   "tflops": round(2 * T * shape.N * shape.K / us / 1e6, 1),
+                   "cublas_tflops": round(2 * T * shape.N * shape.K / cublas / 1e6, 1),
                    "pct": round(100 * nbytes / us / 1e3 / bw, 1), "err": err, "ok": ok, "cublas_us": round(cublas, 2)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -259,16 +277,20 @@ def time_all(args) -> None:
             cc = c["constexprs"]
             desc = (f"{'dot' if cc['USE_DOT'] else 'bc'} M{cc['BLOCK_M']} N{cc['BLOCK_N']} K{cc['BLOCK_K']} "
                     f"s{cc['SPLIT_K']} w{c['num_warps']} st{c['num_stages']}")
+            pack = [r for r in results if Config.from_json(r["config"]) in pack_configs(shape, T)]
+            pack_us = pack[0]["us"] if pack else float("nan")
             line = (f"| {shape.model} | {shape.name} {shape.K}->{shape.N} | {T} | {nbytes / 1e6:.1f} | {b['us']} | "
-                    f"{b['gbps']} | {b['pct']}% | {cublas:.2f} | {desc} | {len(results)}/{len(configs)} |")
+                    f"{b['gbps']} | {b['pct']}% | {b['tflops']} | {cublas:.2f} | {cublas / b['us']:.2f} | "
+                    f"{pack_us} | {desc} | {len(results)}/{len(configs)} |")
             rows.append(line)
             print(line, flush=True)
         sets.clear()
         torch.cuda.empty_cache()
     head = (f"GEMVs on {torch.cuda.get_device_name()}, bf16, copy bandwidth {bw:.0f} GB/s (read + written), "
             f"PDL {'on' if args.pdl else 'off'}\n\n"
-            "| model | shape | T | MB moved | µs | GB/s | % of copy | cuBLAS µs | best config | ok/tried |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+            "| model | shape | T | MB moved | µs | GB/s | % of copy | TFLOP/s | cuBLAS µs | × cuBLAS "
+            "| best of the pack µs | best config | ok/tried |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     with open(os.path.join(args.out, "gemv.md"), "w") as f:
         f.write(head + "\n".join(rows) + "\n")
     print(head + "\n".join(rows))

@@ -17,6 +17,11 @@ from kernels.spec import USE_PDL, Launch, with_pdl
 # would fail deep inside triton.compile with a PTXAS or LLVM traceback, so it is refused before any work.
 CUDA_ARCHS = ("75", "80", "86", "87", "89", "90", "100", "103", "120", "121")
 HIP_ARCHS = ("gfx90a", "gfx942", "gfx950", "gfx1100", "gfx1101", "gfx1200", "gfx1201")
+# Shared memory one block may opt in to (bytes), per architecture: a config tuned on one GPU that asks for more than a
+# cross-compiled target has cannot run there (compiler/build.py then builds that target with the op's default).
+_CUDA_SHARED = {"75": 65536, "80": 166912, "86": 101376, "87": 166912, "89": 101376, "90": 232448, "100": 232448,
+                "103": 232448, "120": 101376, "121": 101376}
+_HIP_SHARED = {"gfx950": 163840}  # the others: 64 KB of LDS
 TARGET_HELP = ("targets look like cuda:80, cuda:90 or hip:gfx942 (known: "
                + ", ".join([*(f"cuda:{a}" for a in CUDA_ARCHS), *(f"hip:{a}" for a in HIP_ARCHS)]) + ")")
 
@@ -47,6 +52,11 @@ class Target:
     @property
     def binary_ext(self) -> str:
         return "cubin" if self.backend == "cuda" else "hsaco"
+
+    @property
+    def max_shared(self) -> int:
+        """Bytes of shared memory (LDS) one block may use."""
+        return _CUDA_SHARED[self.arch] if self.backend == "cuda" else _HIP_SHARED.get(self.arch, 65536)
 
     @property
     def has_pdl(self) -> bool:

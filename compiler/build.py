@@ -23,7 +23,7 @@ from compiler.emit import manifest_fields, write_files, write_reference
 from compiler.kcache import BinaryCache
 from compiler.lower import VariantSpec, node_variants, sampling_variant
 from compiler.progress import Progress
-from kernels.spec import USE_PDL, Config, Plan
+from kernels.spec import USE_PDL, Config, Launch, Plan
 
 DEFAULT_TARGETS = ("cuda:80", "cuda:90", "hip:gfx942")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -137,6 +137,22 @@ def index_variant(v: VariantSpec, plan: Plan, keys: list[str]) -> ki.Variant:
     return ki.Variant(v.step, v.max_T, {r: tuple(s) for r, s in plan.scratch}, tuple(launches))
 
 
+def _compile_plan(v: VariantSpec, plan: Plan, target: Target, cache: BinaryCache
+                  ) -> tuple[list[tuple[str, bytes, dict, Launch]], bool]:
+    """Each launch of the plan compiled for the target, and whether all of them fit its shared memory."""
+    out = []
+    for launch in plan.launches:
+        launch = for_target(launch, target)
+        try:
+            key, binary, md = cache.get(launch, target)
+        except Exception as e:  # ptxas / LLVM failures arrive as assorted exception types, many lines long
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"Triton could not compile {launch.kernel.fn.__name__} for {target} ({first}): "
+                             f"try another --target, or rerun with --debug for the details") from e
+        out.append((key, binary, md, launch))
+    return out, all(md["shared"] <= target.max_shared for _, _, md, _ in out)
+
+
 def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Target], stage: Path, cache: BinaryCache,
                     bar: Progress) -> dict[str, int]:
     counts = {}
@@ -149,25 +165,29 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
         nodes: list[ki.Entry] = []
         sampling: list[ki.Variant] = []
         for v in variants:
+            config, plan = chosen[v], plans[v]
+            compiled, fits = _compile_plan(v, plan, target, cache)
+            if not fits:
+                # A config tuned on this machine's GPU (e.g. sm_90's 227 KB tiles) that a cross-compiled target
+                # cannot hold: that target gets the op's default, which every target's shared memory holds.
+                config = v.spec.default(v.meta_dict())
+                plan = v.plan(config)
+                compiled, fits = _compile_plan(v, plan, target, cache)
+                if not fits:
+                    raise ValueError(f"{v.op} ({v.node}): its default config needs more shared memory than {target} "
+                                     f"has ({target.max_shared} bytes): try another --target")
             keys = []
-            for launch in plans[v].launches:
-                launch = for_target(launch, target)
-                try:
-                    key, binary, md = cache.get(launch, target)
-                except Exception as e:  # ptxas / LLVM failures arrive as assorted exception types, many lines long
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                    raise ValueError(f"Triton could not compile {launch.kernel.fn.__name__} for {target} ({first}): "
-                                     f"try another --target, or rerun with --debug for the details") from e
+            for key, binary, md, launch in compiled:
                 if key not in binaries:
                     (tdir / f"{key}.{target.binary_ext}").write_bytes(binary)
                     binaries[key] = ki.Binary(
                         file=f"{key}.{target.binary_ext}", source_hash=launch.kernel.cache_key,
-                        config=chosen[v].to_json(), module=launch.kernel.fn.__module__,
+                        config=config.to_json(), module=launch.kernel.fn.__module__,
                         kernel=launch.kernel.fn.__name__, constexprs=dict(launch.constexprs),
                         pdl=bool(dict(launch.constexprs).get(USE_PDL, False)), **md)
                 keys.append(key)
-                bar.advance(task)
-            variant = index_variant(v, plans[v], keys)
+            bar.advance(task, len(plans[v].launches))
+            variant = index_variant(v, plan, keys)
             if v.op == "sampling":
                 sampling.append(variant)
             elif nodes and nodes[-1].node == v.node:

@@ -93,7 +93,22 @@ def _attention_prefill_kernel(
         # The tile's first query has the earliest window; later rows mask their own starts below.
         kv_start = tl.maximum(prefix + tile * BLOCK_Q - WINDOW + 1, 0)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(kv_start, kv_end, BLOCK_N):
+    # Key tiles that every row of the tile sees whole (all keys at or before the tile's first position) need no
+    # mask: they run first, without one (as FlashAttention's off-diagonal blocks), and only the tiles around the
+    # diagonal compare positions. A window masks every tile, so with one all of them take the masked loop.
+    interior_end = kv_start
+    if not USE_WINDOW:
+        interior_end = (prefix + tile * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
+    for start in range(kv_start, interior_end, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        offs = paged_kv_offsets(table, n, n < kv_end, BLOCK_SIZE, NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
+        k = tl.load(k_cache_ptr + offs[:, None] + dims[None, :], mask=dim_ok[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + offs[:, None] + dims[None, :], mask=dim_ok[None, :], other=0.0)
+        scores = mma(q, tl.trans(k)) * qk_scale
+        if USE_SOFTCAP:
+            scores = soft_cap(scores, SOFTCAP)
+        m_i, l_i, acc = online_softmax_step(scores, m_i, l_i, acc, v)
+    for start in range(interior_end, kv_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_end
         offs = paged_kv_offsets(table, n, n_ok, BLOCK_SIZE, NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM

@@ -119,3 +119,32 @@ def test_models_lists_presets_and_architectures():
     for word in ("smollm2-135m", "tiny-llama", "tinyllama-1.1b", "Qwen3ForCausalLM", "MixtralForCausalLM",
                  "Qwen3MoeForCausalLM", "tiny-mixtral", "tiny-qwen3-moe", "mixtral-8x7b", "qwen3-30b-a3b"):
         assert word in result.output
+
+
+def test_a_config_too_big_for_a_target_gets_the_default_there(artifact, tmp_path, monkeypatch):
+    """A tile tuned on one GPU that needs more shared memory than a cross-compiled target has is kept for the targets
+    that hold it and replaced by the op's default for the others. Real compiles and their real shared-memory sizes;
+    cuda:80's limit is lowered here (from 163 KB) so that a tile cheap to compile already exceeds it."""
+    import compiler.aot as aot
+    import compiler.build as cb
+    from kernels.matmul_configs import gemm
+
+    big = gemm(64, 256, 64, 4, 2)  # fp32 operands: one (64 + 256) * 64 * 4-byte buffer, 80 KB
+    monkeypatch.setitem(aot._CUDA_SHARED, "80", 50000)
+    choose = cb.choose_configs
+
+    def choose_big(graph, variants, *args, **kwargs):
+        chosen, *rest = choose(graph, variants, *args, **kwargs)
+        return ({v: big if v.op == "linear" and v.meta_dict()["T_bucket"] >= 16 else c for v, c in chosen.items()},
+                *rest)
+
+    monkeypatch.setattr(cb, "choose_configs", choose_big)
+    out = tmp_path / "big"
+    build("tiny-qwen2", out, targets=["cuda:90", "cuda:80"], dtype="fp32", max_seq_len=64, max_batch=4)
+    linear = {}
+    for target in ("cuda-90", "cuda-80"):
+        index = json.loads((out / "kernels" / target / "index.json").read_text())
+        linear[target] = {(b["config"]["constexprs"]["BLOCK_N"], b["shared"]) for b in index["binaries"].values()
+                          if b["kernel"] == "_linear_kernel"}
+    assert any(bn == 256 and shared > 50000 for bn, shared in linear["cuda-90"]), linear
+    assert linear["cuda-80"] and all(bn != 256 and shared <= 50000 for bn, shared in linear["cuda-80"]), linear
