@@ -105,6 +105,14 @@ def wide_space(shape: Shape, T: int) -> list[Config]:
                 for split in (1, 2, 4, 8):
                     if K // split >= bk:
                         out.append(gemv(bm, bn, bk, split, True, 4, stages))
+    elif 64 < T <= 256:
+        # A mixed step's few hundred rows: as the decode layout with tl.dot, split K so that a shape of few column
+        # blocks still fills every SM (a 128-row GEMM tile grid has only N / BLOCK_N programs).
+        for bn, bk in ((64, 64), (64, 128), (128, 64)):
+            for stages in (3, 4):
+                for split in (1, 2, 4, 8):
+                    if K // split >= bk:
+                        out.append(gemv(bm, bn, bk, split, True, 8, stages))
     return out
 
 

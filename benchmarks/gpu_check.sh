@@ -14,7 +14,7 @@
 #   serveload  `runtime serve` on artifacts/$MODEL, benchmarks/serve_load.py at 1/8/32 clients, `runtime bench` beside
 #   quant      compile $MODEL with each --quant of $QUANT (int8), verify each on cuda, decode.py on all in one process
 #   gemv       benchmarks/gemv.py over the pack's own GEMV candidates (every decode shape, T = 1, 4, 16, 32)
-#   gemm       benchmarks/gemv.py over the prefill shapes (T = $GEMM_ROWS, default 512,2048), the wide tile space
+#   gemm       benchmarks/gemv.py over the prefill shapes (T = $GEMM_ROWS, default 128,512,2048), the wide tile space
 #   attnprefill benchmarks/attention_prefill.py, every config against torch's SDPA
 #   pdlbuilds  $MODEL built per PDL trigger of $PDL_BUILDS, verified on cuda, decode.py over all
 set -uo pipefail
@@ -81,7 +81,7 @@ for _ in range(120):
       python3 -m benchmarks.decode "$A" "${QS[@]}" --batch "${BATCH:-1}" --no-hf --modes async --out "$OUT/quant-${MODEL:-tinyllama-1.1b}.md" \
         2>&1 | tee "$OUT/quant.log" ;;
     gemv) python3 benchmarks/gemv.py --out "$OUT" --space pack --pdl 2>&1 | grep -v "^  fail" | tail -40 ;;
-    gemm) python3 benchmarks/gemv.py --out "$OUT/gemm" --rows "${GEMM_ROWS:-512,2048}" --space wide --pdl \
+    gemm) python3 benchmarks/gemv.py --out "$OUT/gemm" --rows "${GEMM_ROWS:-128,512,2048}" --space wide --pdl \
         --budget "${GEMM_BUDGET:-300}" 2>&1 | grep -v "^  fail" | tail -40 ;;
     attnprefill) python3 benchmarks/attention_prefill.py --out "$OUT/attention_prefill.md" 2>&1 | grep -v "^  [0-9a-z]" \
         | tail -30 ;;

@@ -167,15 +167,18 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
         for v in variants:
             config, plan = chosen[v], plans[v]
             compiled, fits = _compile_plan(v, plan, target, cache)
-            if not fits:
-                # A config tuned on this machine's GPU (e.g. sm_90's 227 KB tiles) that a cross-compiled target
-                # cannot hold: that target gets the op's default, which every target's shared memory holds.
-                config = v.spec.default(v.meta_dict())
+            # A config tuned on this machine's GPU (e.g. sm_90's 227 KB tiles) that a cross-compiled target cannot
+            # hold: that target gets the same tiles with fewer pipeline stages (shared memory grows with them), and
+            # failing that the op's default, which every target's shared memory holds.
+            fallbacks = [Config(config.constexprs, config.num_warps, s) for s in range(config.num_stages - 1, 0, -1)]
+            for config in fallbacks + [v.spec.default(v.meta_dict())] if not fits else []:
                 plan = v.plan(config)
                 compiled, fits = _compile_plan(v, plan, target, cache)
-                if not fits:
-                    raise ValueError(f"{v.op} ({v.node}): its default config needs more shared memory than {target} "
-                                     f"has ({target.max_shared} bytes): try another --target")
+                if fits:
+                    break
+            if not fits:
+                raise ValueError(f"{v.op} ({v.node}): its default config needs more shared memory than {target} "
+                                 f"has ({target.max_shared} bytes): try another --target")
             keys = []
             for key, binary, md, launch in compiled:
                 if key not in binaries:
