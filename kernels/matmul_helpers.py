@@ -413,8 +413,12 @@ def matmul_program(
     W_INT4: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     USE_NORM_W: tl.constexpr,
+    RMS_PREPASS: tl.constexpr = False,
+    row_sumsq_ptr=None,  # [ROWS] fp32: each row's sum of x^2, written by rms_norm_linear's pre-pass (RMS_PREPASS)
 ):
     """One program of the launch, either layout (see the module docstring)."""
+    # With the pre-pass the tiles compute no sum of squares of their own; the epilogue loads each row's.
+    TILE_RMS: tl.constexpr = USE_RMS and not RMS_PREPASS
     if USE_PDL:
         # Programmatic dependent launch (kernels/pdl.py): every program waits for the previous kernel before its
         # first load, weights included. Triton's passes move loads (cp.async above all) across the wait's inline
@@ -431,8 +435,10 @@ def matmul_program(
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             acc, sumsq = gemv_tile(x_ptr, w_ptr, scale_ptr, norm_w_ptr, rows, cols, T, stride_x, pid_k * K_SPAN,
                                    N=N, K=K, K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                   EVEN_K=EVEN_K, USE_DOT=USE_DOT, USE_RMS=USE_RMS, W_INT8=W_INT8, W_INT4=W_INT4,
+                                   EVEN_K=EVEN_K, USE_DOT=USE_DOT, USE_RMS=TILE_RMS, W_INT8=W_INT8, W_INT4=W_INT4,
                                    GROUP_SIZE=GROUP_SIZE, USE_NORM_W=USE_NORM_W)
+            if RMS_PREPASS:
+                sumsq = tl.load(row_sumsq_ptr + rows, mask=rows < T, other=0.0)
             if SPLIT_K == 1:
                 store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,
                            cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps,
@@ -442,7 +448,7 @@ def matmul_program(
             else:
                 mask = (rows < T)[:, None] & (cols < N)[None, :]
                 tl.store(partial_ptr + pid_k * rows_cap * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
-                if USE_RMS:
+                if TILE_RMS:
                     tl.store(sumsq_ptr + (pid_n * SPLIT_K + pid_k) * rows_cap + rows, sumsq, mask=rows < T)
         if USE_PDL == PDL_LATE:  # the weights are read: the next kernel's programs may take this one's place
             launch_dependents()
@@ -462,9 +468,11 @@ def matmul_program(
                         # .cg: from L2, where the other programs' partials are, never a stale L1 line.
                         acc += tl.load(partial_ptr + s * rows_cap * N + rows[:, None] * N + cols[None, :], mask=mask,
                                        other=0.0, cache_modifier=".cg")
-                        if USE_RMS:
+                        if TILE_RMS:
                             sumsq += tl.load(sumsq_ptr + (pid_n * SPLIT_K + s) * rows_cap + rows, mask=rows < T,
                                              other=0.0, cache_modifier=".cg")
+                    if RMS_PREPASS:
+                        sumsq = tl.load(row_sumsq_ptr + rows, mask=rows < T, other=0.0)
                     store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,
                                cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, stride_res, stride_out, eps,
                                N=N, K=K, W_INT8=W_INT8, USE_RMS=USE_RMS, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
@@ -477,8 +485,10 @@ def matmul_program(
         cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc, sumsq = mm_tile(x_ptr, w_ptr, scale_ptr, norm_w_ptr, rows, cols, T, stride_x, 0, N=N, K=K,
                              K_SPAN=K_SPAN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
-                             USE_DOT=USE_DOT, USE_RMS=USE_RMS, W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE,
+                             USE_DOT=USE_DOT, USE_RMS=TILE_RMS, W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE,
                              USE_NORM_W=USE_NORM_W)
+        if RMS_PREPASS:
+            sumsq = tl.load(row_sumsq_ptr + rows, mask=rows < T, other=0.0)
         if USE_PDL == PDL_LATE:
             launch_dependents()
         store_rows(acc, sumsq, rows, cols, T, scale_ptr, bias_ptr, residual_ptr, out_ptr, positions_ptr,

@@ -36,9 +36,10 @@ from kernels.matmul_configs import (
     weight_launch_pieces,
 )
 from kernels.matmul_helpers import ACT_GELU_TANH, matmul_program
+from kernels.pdl import enter
 from kernels.rope_epilogue import RopeEpilogue, rope_inputs, rope_launch_pieces
 from kernels.rope_epilogue import reference as rope_epilogue_reference
-from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, make_launch, ptr, run
+from kernels.spec import SEMAPHORES, Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 from kernels.weight_quant import dequantize, is_int4
 
 
@@ -91,6 +92,8 @@ def _rms_norm_linear_kernel(
     # Last and with defaults for the same reason (an index from before USE_NORM_W binds no norm_w_ptr).
     USE_NORM_W: tl.constexpr = False,
     norm_w_ptr=None,  # [K], the norm weight applied to x (USE_NORM_W); without it bound to w and never read
+    RMS_PREPASS: tl.constexpr = False,
+    row_sumsq_ptr=None,  # [ROWS] fp32, written by _row_sumsq_kernel (RMS_PREPASS); without it bound to out, unread
 ):
     matmul_program(x_ptr, w_ptr, scale_ptr, norm_w_ptr, bias_ptr, out_ptr, out_ptr, partial_ptr, sumsq_ptr, sem_ptr,
                    positions_ptr, cos_sin_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr, T, stride_x, stride_out,
@@ -99,7 +102,43 @@ def _rms_norm_linear_kernel(
                    W_INT8=W_INT8, USE_RMS=True, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=False, ACT_SILU_MUL=ACT_SILU_MUL,
                    ACT_ROPE=ACT_ROPE, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
                    WRITE_CACHE=WRITE_CACHE, USE_PDL=USE_PDL, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE,
-                   USE_NORM_W=USE_NORM_W)
+                   USE_NORM_W=USE_NORM_W, RMS_PREPASS=RMS_PREPASS, row_sumsq_ptr=row_sumsq_ptr)
+
+
+@triton.jit
+def _row_sumsq_kernel(
+    x_ptr,  # [T, K]
+    row_sumsq_ptr,  # [ROWS] fp32 out: sum of x^2 per row
+    T,
+    stride_x,
+    K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """The pre-pass of a many-row rms_norm_linear: each row's sum of squares, once, for every tile of the matmul
+    to read (kernels/matmul_helpers.py, RMS_PREPASS)."""
+    enter(USE_PDL)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.full((BLOCK_R, BLOCK_K), 0.0, tl.float32)
+    for k in range(0, K, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=(rows < T)[:, None] & (ks < K)[None, :],
+                    other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(row_sumsq_ptr + rows, tl.sum(acc, axis=1), mask=rows < T)
+
+
+# Rows of a step from which the matmul's tiles (GEMM layout, or the tl.dot layout of 128-row and larger blocks) take
+# each row's sum of squares from a pre-pass launch instead of a pass of their own over their x rows: every tile
+# re-read its BLOCK_M x K slice of x, latency-bound, ahead of its product. On an H200 that made Llama-3-8B's gate_up
+# at 2,048 rows 1.9x slower than cuBLAS while the same tiles without the norm ran at 0.9x (benchmarks/gemv.py).
+PREPASS_MIN_ROWS = 128
+_PREPASS_ROWS, _PREPASS_K = 4, 1024
+
+
+def uses_prepass(meta: dict, config: Config) -> bool:
+    return not config["LOOP_M"] or (config["USE_DOT"] and config["BLOCK_M"] >= PREPASS_MIN_ROWS)
 
 
 def configs(meta: dict) -> list[Config]:
@@ -137,25 +176,41 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     t_types, t_args, t_constexprs = token_count(meta)
     use_norm_w = bool(meta.get("use_norm_w"))
     norm_w = ("norm_w", dtypes["norm_w"]) if use_norm_w else ("w", dtypes["w"])
+    prepass = uses_prepass(meta, config)
+    row_sumsq = ("row_sumsq", "fp32") if prepass else out
     launch = make_launch(
         _rms_norm_linear_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), **w_types, "bias_ptr": ptr(bias[1]),
                "out_ptr": ptr(dtypes["out"]), "partial_ptr": ptr(partial[1]), "sumsq_ptr": ptr(sumsq[1]),
                "sem_ptr": ptr(sem[1]), **rope_types, **t_types, "stride_x": "i64", "stride_out": "i64",
-               "rows_cap": "i64", "eps": "fp32", "norm_w_ptr": ptr(norm_w[1])},
+               "rows_cap": "i64", "eps": "fp32", "norm_w_ptr": ptr(norm_w[1]), "row_sumsq_ptr": ptr(row_sumsq[1])},
         constexprs={**tile_constexprs(meta, config), **w_constexprs, "HAS_BIAS": has_bias, "ACT_SILU_MUL": act,
-                    **rope_constexprs, **t_constexprs, "USE_PDL": False, "USE_NORM_W": use_norm_w},
+                    **rope_constexprs, **t_constexprs, "USE_PDL": False, "USE_NORM_W": use_norm_w,
+                    "RMS_PREPASS": prepass},
         args={"x_ptr": ("tensor", "x"), "w_ptr": ("tensor", "w"), **w_args, "bias_ptr": ("tensor", bias[0]),
               "out_ptr": ("tensor", "out"), "partial_ptr": ("tensor", partial[0]), "sumsq_ptr": ("tensor", sumsq[0]),
               "sem_ptr": ("tensor", sem[0]), **rope_args, **t_args,
               "stride_x": ("int", meta.get("stride_x", K)),
               "stride_out": ("int", meta.get("stride_out", N // 2 if act else N)),
               "rows_cap": ("int", split_rows(meta)), "eps": ("float", meta["eps"]),
-              "norm_w_ptr": ("tensor", norm_w[0])},
+              "norm_w_ptr": ("tensor", norm_w[0]), "row_sumsq_ptr": ("tensor", row_sumsq[0])},
         grid=tile_grid(meta, config),
         config=launch_config(config, dtypes),
     )
-    return Plan((launch,), scratch=split_scratch(meta, config, use_rms=True))
+    scratch = split_scratch(meta, config, use_rms=not prepass)
+    if not prepass:
+        return Plan((launch,), scratch=scratch)
+    sums = make_launch(
+        _row_sumsq_kernel,
+        types={"x_ptr": ptr(dtypes["x"]), "row_sumsq_ptr": ptr("fp32"), "T": "i32", "stride_x": "i64"},
+        constexprs={"K": K, "BLOCK_R": _PREPASS_ROWS, "BLOCK_K": min(_PREPASS_K, triton.next_power_of_2(K)),
+                    "USE_PDL": False},
+        args={"x_ptr": ("tensor", "x"), "row_sumsq_ptr": ("tensor", "row_sumsq"), "T": ("sym", "T"),
+              "stride_x": ("int", meta.get("stride_x", K))},
+        grid=[grid_dim(("T", _PREPASS_ROWS, 1))],
+        config=Config.make(num_warps=4, num_stages=1),
+    )
+    return Plan((sums, launch), scratch=(*scratch, ("row_sumsq", (split_rows(meta), "fp32"))))
 
 
 SPEC = KernelSpec("rms_norm_linear", configs, default, plan, tune_buckets=(1, 16, 64, 256))
