@@ -149,9 +149,21 @@ def _candidates(meta: dict) -> list[Config]:
         return list(dict.fromkeys(
             gemv(bm, bn, bk, _split_for(N, K, bn, bk, programs), True, 4, min(4, 32768 // ((bm + bn) * bk)))
             for bn, bk in ((64, 128), (32, 128), (64, 64)) for programs in (1, _TARGET_PROGRAMS)))
-    # At most 8192 operand elements per pipeline stage, so every candidate fits gfx942's 64 KB of LDS.
-    return [gemm(bm, bn, bk, w) for bm, bn, bk, w in
-            ((64, 64, 64, 4), (64, 128, 32, 4), (128, 64, 32, 4), (128, 128, 32, 8), (128, 128, 32, 4))]
+    # Tiles of at most 8192 operand elements per pipeline stage fit gfx942's 64 KB of LDS; the larger ones are
+    # sm_90's (227 KB), where Llama-3-8B's o and down at 2,048 rows ran at 0.86-0.91x of cuBLAS with 128 x 256 x 64
+    # tiles against 0.67x with the best small one (H200, benchmarks/gemv.py). A target whose shared memory cannot
+    # hold a chosen tile gets fewer stages or the default there (compiler/build.py).
+    small = [gemm(bm, bn, bk, w) for bm, bn, bk, w in
+             ((64, 64, 64, 4), (64, 128, 32, 4), (128, 64, 32, 4), (128, 128, 32, 8), (128, 128, 32, 4))]
+    large = [gemm(128, 256, 64, 8, 3), gemm(128, 256, 64, 8, 4), gemm(128, 128, 128, 8, 3), gemm(128, 128, 64, 8, 4)]
+    if T > 256:
+        return small + large
+    # A mixed step of a few hundred rows: a 128-row tile grid has only N / BLOCK_N programs (48 for Llama-3-8B's
+    # qkv), too few for the SMs; the tl.dot layout with split K fills them (at 128 rows: o 0.87x, down 1.0x of
+    # cuBLAS on the H200, against 0.5x and 0.4x for the pack's best tile).
+    bm = min(128, triton.next_power_of_2(T))
+    splits = [gemv(bm, 64, 128, split, True, 8, 4) for split in (1, 2, 4) if K >= 128 * split * 2 or split == 1]
+    return splits + [gemv(bm, 128, 64, 1, True, 8, 4), gemm(128, 128, 64, 8, 4), small[3], large[0]]
 
 
 def matmul_default(meta: dict) -> Config:

@@ -178,6 +178,8 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     norm_w = ("norm_w", dtypes["norm_w"]) if use_norm_w else ("w", dtypes["w"])
     prepass = uses_prepass(meta, config)
     row_sumsq = ("row_sumsq", "fp32") if prepass else out
+    if prepass:  # the split-K partial sums of squares are not needed either
+        sumsq = out
     launch = make_launch(
         _rms_norm_linear_kernel,
         types={"x_ptr": ptr(dtypes["x"]), "w_ptr": ptr(dtypes["w"]), **w_types, "bias_ptr": ptr(bias[1]),
