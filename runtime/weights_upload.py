@@ -73,6 +73,9 @@ def upload_weights(path: Any, data_start: int, ranges: dict[str, tuple[str, tupl
         del data
     finally:
         if mm is not None:
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:  # a view still alive (an error above holds one): the map closes when it goes
+                pass
     arrays = {name: DeviceArray(base + offsets[name], shape, dtype) for name, (dtype, shape, _, _) in ranges.items()}
     return arrays, total
