@@ -49,7 +49,7 @@ HIP_NAMES = {
     "exec_destroy": "hipGraphExecDestroy",
 }
 _VP, _U64, _SZ = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t
-_ARGTYPES = {  # pointers to out-parameters are passed as byref, i.e. c_void_p-compatible
+ARGTYPES = {  # pointers to out-parameters are passed as byref, i.e. c_void_p-compatible
     "alloc": [_VP, _SZ], "free": [_U64], "host_alloc": [_VP, _SZ, ctypes.c_uint], "host_free": [_VP],
     "htod": [_U64, _VP, _SZ, _VP], "dtoh": [_VP, _U64, _SZ, _VP], "dtod": [_U64, _U64, _SZ, _VP],
     "memset": [_U64, ctypes.c_ubyte, _SZ, _VP], "mem_info": [_VP, _VP], "stream_create": [_VP, ctypes.c_uint],
@@ -69,7 +69,7 @@ class Device:
         self._fn = {}
         for ours, symbol in names.items():
             fn = getattr(driver.lib, symbol)
-            fn.restype, fn.argtypes = ctypes.c_int, _ARGTYPES[ours]
+            fn.restype, fn.argtypes = ctypes.c_int, ARGTYPES[ours]
             self._fn[ours] = (fn, symbol)
         self._allocs: list[int] = []
         self._pinned: list[int] = []
