@@ -101,6 +101,12 @@ class Device:
         self._pinned.append(ptr.value)
         return np.ctypeslib.as_array((ctypes.c_uint8 * max(int(nbytes), 1)).from_address(ptr.value))[:nbytes]
 
+    def free_pinned(self, array: np.ndarray) -> None:
+        """Free pinned memory from ``pinned`` now (no copy may still read it; drop every view of it)."""
+        ptr = array.ctypes.data
+        self._pinned.remove(ptr)
+        self._call("host_free", ptr)
+
     def mem_info(self) -> tuple[int, int]:
         """(free, total) bytes of device memory."""
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
@@ -129,6 +135,18 @@ class Device:
 
     def synchronize(self) -> None:
         self._call("stream_sync", self.stream)
+
+    def context(self) -> int:
+        """The context current on this thread (the device's primary one, which Driver made current)."""
+        ctx = ctypes.c_void_p()
+        symbol = "cuCtxGetCurrent" if self.driver.api.platform == "cuda" else "hipCtxGetCurrent"
+        self.driver.check(getattr(self.driver.lib, symbol)(ctypes.byref(ctx)), symbol)
+        return ctx.value or 0
+
+    def make_current(self, ctx: int) -> None:
+        """Make ``ctx`` current on the calling thread (a context is current per thread: a worker must set it)."""
+        symbol = "cuCtxSetCurrent" if self.driver.api.platform == "cuda" else "hipCtxSetCurrent"
+        self.driver.check(getattr(self.driver.lib, symbol)(ctypes.c_void_p(ctx)), symbol)
 
     # ----- events and graphs -----
 

@@ -5,12 +5,16 @@ Tensors are placed in one allocation at their file offsets, shifted only where a
 (the kernels are compiled assuming 16-byte-aligned pointers), so a file of aligned tensors is one contiguous range:
 a few large copies instead of one per tensor. The file is read through a memory map into two pinned buffers in turn,
 each copied to the device asynchronously while the next is filled, so reading the page cache overlaps the DMA.
+``upload_in_background`` runs the same on a thread of its own, so the binaries load meanwhile: ctypes and numpy's
+large copies release the GIL, and the driver is thread-safe once the context is current on the worker too.
 No torch, no safetensors package.
 """
 
 from __future__ import annotations
 
 import mmap
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -70,7 +74,9 @@ def upload_weights(path: Any, data_start: int, ranges: dict[str, tuple[str, tupl
                 used[turn] = True
                 turn ^= 1
         device.synchronize()  # the pinned buffers and the map go away below
-        del data
+        for b in buffers:
+            device.free_pinned(b)
+        del data, buffers
     finally:
         if mm is not None:
             try:
@@ -79,3 +85,28 @@ def upload_weights(path: Any, data_start: int, ranges: dict[str, tuple[str, tupl
                 pass
     arrays = {name: DeviceArray(base + offsets[name], shape, dtype) for name, (dtype, shape, _, _) in ranges.items()}
     return arrays, total
+
+
+def upload_in_background(path: Any, data_start: int, ranges: dict[str, tuple[str, tuple[int, ...], int, int]],
+                         device: Device) -> Callable[[], tuple[dict[str, DeviceArray], int]]:
+    """Start ``upload_weights`` on a worker thread; returns the call that waits for it and gives its result (or
+    raises what it raised)."""
+    ctx = device.context()
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            device.make_current(ctx)
+            result["value"] = upload_weights(path, data_start, ranges, device)
+        except BaseException as e:  # handed to the waiting thread, which raises it
+            result["error"] = e
+
+    worker = threading.Thread(target=work, name="trilite-weights", daemon=True)
+    worker.start()
+
+    def wait() -> tuple[dict[str, DeviceArray], int]:
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+    return wait

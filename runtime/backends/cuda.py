@@ -4,8 +4,9 @@ No torch and no Triton: memory, copies, the stream, events and graphs are driver
 kernels are loaded and launched by runtime/driver.py, host arrays are numpy.
 
 Start-up: check the artifact has binaries for this GPU, copy the weights from the memory-mapped file into one
-device allocation (runtime/weights_upload.py), load each binary once, build the Program (arena, step buffers,
-scratch), size the KV cache from free memory, then build one parameter array per bound launch. A step is then
+device allocation (runtime/weights_upload.py, on a worker thread) while each binary is loaded once, build the
+Program (arena, step buffers, scratch), size the KV cache from free memory, then build one parameter array per
+bound launch. A step is then
 ``Program.load_step`` (one host-to-device copy) plus one ``cuLaunchKernel`` per launch on the device's stream, or,
 for decode, one graph replay: decode steps are captured per batch bucket, largest first, and a step of S sequences
 replays the smallest bucket ≥ S with the rows beyond S padded (the kernels mask padding rows).
@@ -33,7 +34,7 @@ from runtime.errors import ArtifactError
 from runtime.program import Program
 from runtime.staging import PendingIds
 from runtime.step import StepInput
-from runtime.weights_upload import upload_weights
+from runtime.weights_upload import upload_in_background, upload_weights
 
 KV_FRACTION = 0.9  # of the memory free after weights, arena and scratch
 
@@ -107,15 +108,22 @@ class CudaBackend(Backend):
                 raise ArtifactError(f"kernel {b.name} uses thread-block clusters (num_ctas={b.num_ctas}), "
                                     f"which this runtime does not launch: rebuild the artifact with num_ctas=1")
         self.gpu = Device(self.driver)
-        # The weight copies are enqueued first: the DMA runs while the binaries below are read and loaded.
+        # The weights are copied first, on a thread of their own (TRILITE_WEIGHTS_THREAD=0: on this one, before the
+        # binaries), so reading the file and the DMA overlap loading the binaries below.
         data_start, ranges = artifact.weight_ranges()
-        weights, _ = upload_weights(artifact.path / "weights.safetensors", data_start, ranges, self.gpu)
-        self._weight_bytes = sum(a.nbytes for a in weights.values())
+        source = artifact.path / "weights.safetensors"
+        if os.environ.get("TRILITE_WEIGHTS_THREAD", "1") != "0":
+            weights_done = upload_in_background(source, data_start, ranges, self.gpu)
+        else:
+            uploaded = upload_weights(source, data_start, ranges, self.gpu)
+            weights_done = lambda: uploaded
         if pdl is None:  # on by default where the driver can launch it (the binaries are correct either way)
             pdl = os.environ.get("TRILITE_PDL", "1") != "0" and self.driver.supports_pdl
         kernels = {key: self.driver.load(artifact.binary(self.target, b.file), b.name, b.num_warps, b.shared,
                                          b.warp_size, pdl and b.pdl)
                    for key, b in index.binaries.items()}
+        weights, _ = weights_done()
+        self._weight_bytes = sum(a.nbytes for a in weights.values())
         self.memory = DeviceMemory(self.gpu)
         self.program = Program(artifact, index, self.memory, weights)
         self.gpu.synchronize()

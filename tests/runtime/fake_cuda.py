@@ -42,6 +42,7 @@ class FakeCuda:
             "cuInit": ([_UINT], lambda flags: 0),
             "cuGetErrorName": ([_INT, _VP], self._error_name),
             "cuCtxGetCurrent": ([_VP], lambda out: _put(out, 1) or 0),
+            "cuCtxSetCurrent": ([_VP], lambda ctx: 0 if ctx == 1 else 201),  # CUDA_ERROR_INVALID_CONTEXT
             "cuDeviceGet": ([_VP, _INT], lambda out, i: _put(out, 0, ctypes.c_int) or 0),
             "cuDeviceGetCount": ([_VP], lambda out: _put(out, 1, ctypes.c_int) or 0),
             "cuDeviceGetAttribute": ([_VP, _INT, _INT], lambda out, a, d: _put(out, self.cc[a], ctypes.c_int) or 0),
