@@ -1,8 +1,8 @@
 """Backends by name: ``make_backend("torch" | "interpret" | "cuda" | "hip" | "auto", artifact, **kw)``.
 
 Modules are imported only when their backend is asked for, so the torch path never loads the driver
-and the GPU path never imports Triton. interpret and torch run the kernel pack (kernels/), which needs
-Triton: without the compile extra, asking for them is a one-line MissingExtra.
+and the GPU path (cuda) imports neither torch nor Triton. interpret and torch run the kernel pack (kernels/),
+which needs torch and Triton: without the compile extra, asking for them is a one-line MissingExtra.
 """
 
 from __future__ import annotations
