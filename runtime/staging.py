@@ -37,6 +37,8 @@ class Staged:
         self.views = {n: memory.view(self.buffer, o, s, dt) for n, (o, s, dt) in layout.items()}
         self._hosts = [memory.host(self.buffer)] if memory.host_visible else [memory.pinned(self.nbytes)
                                                                                for _ in range(2)]
+        for h in self._hosts:
+            h[:] = 0  # pinned memory comes uninitialised; the device buffer starts zeroed, so do its mirrors
         self._host_views = [{n: h[o:o + math.prod(s) * ITEM_BYTES[dt]].view(NUMPY_DTYPES[dt]).reshape(s)
                              for n, (o, s, dt) in layout.items()} for h in self._hosts]
         self._uploaded = [] if memory.host_visible else [memory.event() for _ in self._hosts]
