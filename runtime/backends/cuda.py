@@ -20,6 +20,7 @@ graph): ``Program.feed_runs`` lists them, one copy per run of consecutive rows (
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import time
 
@@ -119,9 +120,14 @@ class CudaBackend(Backend):
             weights_done = lambda: uploaded
         if pdl is None:  # on by default where the driver can launch it (the binaries are correct either way)
             pdl = os.environ.get("TRILITE_PDL", "1") != "0" and self.driver.supports_pdl
-        kernels = {key: self.driver.load(artifact.binary(self.target, b.file), b.name, b.num_warps, b.shared,
-                                         b.warp_size, pdl and b.pdl)
-                   for key, b in index.binaries.items()}
+        try:
+            kernels = {key: self.driver.load(artifact.binary(self.target, b.file), b.name, b.num_warps, b.shared,
+                                             b.warp_size, pdl and b.pdl)
+                       for key, b in index.binaries.items()}
+        except BaseException:
+            with contextlib.suppress(BaseException):  # the copies end before the error leaves: nothing runs behind
+                weights_done()
+            raise
         weights, _ = weights_done()
         self._weight_bytes = sum(a.nbytes for a in weights.values())
         self.memory = DeviceMemory(self.gpu)
