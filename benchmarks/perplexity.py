@@ -48,7 +48,7 @@ def perplexity(path: str, chunks: list[list[int]], backend: str) -> tuple[float,
     try:
         total, count = 0.0, 0
         for chunk in chunks:
-            s, n = nll(eng.logits(chunk), chunk)
+            s, n = nll(torch.from_numpy(eng.logits(chunk)), chunk)  # Engine.logits: numpy fp32
             total, count = total + s, count + n
         manifest = eng.artifact.manifest
         return math.exp(total / count), {"dtype": manifest["model"].get("dtype", "?"),

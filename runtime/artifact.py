@@ -14,15 +14,18 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+import numpy as np
 
 from artifact_format.graph import QUANT_ROLES, Limits
 from artifact_format.kernel_index import IndexFormatError, KernelIndex
 from artifact_format.layout import FORMAT, LIMIT_KEYS, REQUIRED_FILES, cache_dir, file_sha256, target_dir
 from runtime.errors import ArtifactError
 from runtime.safetensors_file import HeaderError, check_against, read_header
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 MAX_JSON_BYTES = 256 << 20  # manifest.json and index.json are kilobytes to a few megabytes
 
@@ -127,18 +130,27 @@ class Artifact:
                                 f"{self.rebuild_hint}") from None
 
     def weights(self, device: str = "cpu") -> dict[str, Tensor]:
-        """Every weight by graph tensor name, as stored (transformed, in the model dtype).
+        """Every weight by graph tensor name, as stored (transformed, in the model dtype), as torch tensors (the
+        torch and interpret backends; the cuda backend copies ``weight_ranges`` instead).
 
         Before a byte of tensor data is read, the header is checked and every tensor's dtype and shape are
         compared with the graph's weight of that name: a mismatch is an ArtifactError naming the tensor."""
         from safetensors.torch import load_file
 
+        self.weight_ranges()
+        return load_file(str(self.path / "weights.safetensors"), device=device)
+
+    def weight_ranges(self) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
+        """(byte offset of the data section in weights.safetensors, graph weight name -> (graph dtype, shape,
+        begin, end) with begin/end relative to that offset), checked against the graph as ``weights`` does."""
         header = self.safetensors_header("weights.safetensors")
-        expected = {t.name: (t.dtype, t.shape) for t in self.graph.by_kind("weight")}
-        why = check_against(header, expected)
+        weights = self.graph.by_kind("weight")
+        why = check_against(header, {t.name: (t.dtype, t.shape) for t in weights})
         if why:
             raise ArtifactError(f"weights.safetensors in {self.path} {why}: {self.rebuild_hint}")
-        return load_file(str(self.path / "weights.safetensors"), device=device)
+        with open(self.path / "weights.safetensors", "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")
+        return start, {t.name: (t.dtype, tuple(t.shape), *header[t.name]["data_offsets"]) for t in weights}
 
     def kernel_index(self, target: str) -> KernelIndex:
         """kernels/TARGET/index.json of a target the artifact was compiled for, checked."""
@@ -163,9 +175,9 @@ class Artifact:
                                 f"{self.rebuild_hint}")
         return path.read_bytes()
 
-    def reference(self) -> tuple[list[int], Tensor]:
-        """(prompt ids, fp32 logits [len, V]) the artifact was checked against when it was built."""
-        from safetensors.torch import load_file
+    def reference(self) -> tuple[list[int], np.ndarray]:
+        """(prompt ids, fp32 logits [len, V] as a numpy array) the artifact was checked against when it was built."""
+        from safetensors.numpy import load_file
 
         ref = self.manifest.get("reference")
         if not isinstance(ref, dict) or "reference.safetensors" not in self.manifest["files"]:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
+import numpy as np
 
 from artifact_format.graph import DTYPE_BYTES
 from runtime.step import Chunk, make_step
@@ -37,27 +36,31 @@ def process_age() -> float | None:
         return None
 
 
-def timed(device: torch.device, fn: Callable[[], Any]) -> float:
-    """Seconds ``fn`` takes on ``device``: CUDA events around it on a GPU, the host clock on the CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def copy_bandwidth(device: Any, nbytes: int | None = None, repeats: int = 7) -> float:
+    """Bytes per second of a large copy on a torch ``device`` (read + written), median of ``repeats``: for the
+    benchmarks that run torch themselves (benchmarks/gemv.py, decode.py); backends measure their own
+    (``Backend.copy_bandwidth``), and this module imports no torch for them."""
+    import time
 
+    import torch
 
-def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 7) -> float:
-    """Bytes per second of a large device-to-device copy (read + written), median of ``repeats``."""
     nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (1 << 28))
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = [timed(device, lambda: dst.copy_(src)) for _ in range(repeats)]
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(times)
 
 
@@ -116,6 +119,13 @@ def kv_bytes_per_token(graph: Any, block_size: int) -> int:
                for t in graph.sources("cache")) // block_size
 
 
+def greedy_inputs(rows: int) -> dict[str, np.ndarray]:
+    """The sampling op's inputs [rows] for greedy rows (temperature 0, filters off), as host arrays."""
+    zeros, z64 = np.zeros(rows, np.float32), np.zeros(rows, np.int64)
+    return {"temperature": zeros, "top_k": np.zeros(rows, np.int32), "top_p": np.ones(rows, np.float32),
+            "min_p": zeros, "seeds": z64, "offsets": z64}
+
+
 class _Runner:
     """Steps straight on the engine's backend, with KV blocks taken from (and returned to) its allocator."""
 
@@ -125,9 +135,9 @@ class _Runner:
         self.limits = engine.limits
         self.bs = self.limits.block_size
         self.width = -(-self.limits.max_seq_len // self.bs)
-        self.gen = torch.Generator().manual_seed(0)
+        self.gen = np.random.default_rng(0)
         vocab = int(engine.artifact.graph.get_meta("vocab_size"))
-        self.ids = lambda n: torch.randint(0, vocab, (n,), generator=self.gen).tolist()
+        self.ids = lambda n: self.gen.integers(0, vocab, n).tolist()
         self._greedy: dict[int, tuple] = {}
 
     def blocks(self, seqs: int, tokens: int) -> list[list[int]] | None:
@@ -140,15 +150,14 @@ class _Runner:
         for t in tables:
             self.engine.allocator.free(t)
 
-    def greedy(self, logits: torch.Tensor) -> list[int]:
-        # CPU parameters: the backend stages them into one upload, as the engine's should be
+    def greedy(self, logits: np.ndarray) -> list[int]:
+        # host parameters: the backend stages them into one upload, as the engine's are
         rows = logits.shape[0]
         if rows not in self._greedy:
-            zeros, z64 = torch.zeros(rows), torch.zeros(rows, dtype=torch.int64)
-            self._greedy[rows] = (zeros, torch.zeros(rows, dtype=torch.int32), torch.ones(rows), zeros, z64, z64)
-        return self.backend.sample(logits, *self._greedy[rows]).tolist()
+            self._greedy[rows] = greedy_inputs(rows)
+        return np.asarray(self.backend.sample(logits, **self._greedy[rows])).tolist()
 
-    def prefill(self, ids: list[int], table: list[int]) -> torch.Tensor:
+    def prefill(self, ids: list[int], table: list[int]) -> np.ndarray:
         chunk = self.engine.scheduler.max_num_tokens
         for start in range(0, len(ids), chunk):
             step = make_step("prefill", [Chunk(ids[start:start + chunk], start, table)], self.bs, self.width)
@@ -159,14 +168,12 @@ class _Runner:
         """Greedy decode steps as the engine's asynchronous path runs them: each step's ids are fed to the next on
         the device (-1 on the host), so the host never waits for the GPU between steps."""
         rows = len(tables)
-        zeros, z64 = torch.zeros(rows), torch.zeros(rows, dtype=torch.int64)
-        greedy = {"temperature": zeros, "top_k": torch.zeros(rows, dtype=torch.int32), "top_p": torch.ones(rows),
-                  "min_p": zeros, "seeds": z64, "offsets": z64}
+        greedy = greedy_inputs(rows)
         tokens, feed, pending = self.ids(rows), None, None
         for pos in range(steps):
             chunks = [Chunk([t], pos, table) for t, table in zip(tokens, tables)]
             pending = self.backend.submit(make_step("decode", chunks, self.bs, self.width), greedy, feed)
-            tokens, feed = [-1] * rows, torch.arange(rows, dtype=torch.int32)
+            tokens, feed = [-1] * rows, np.arange(rows, dtype=np.int32)
         if pending is not None:
             pending.tokens()
 
@@ -186,14 +193,14 @@ def run_bench(engine: Any, pp: int = 512, tg: int = 128, batch_sizes: Sequence[i
     tg{tg} per batch size (above max_batch or beyond the free KV blocks: skipped) with the graph capture time.
     """
     run = _Runner(engine)
-    device = run.backend.device
+    timed = run.backend.timed
     lim = run.limits
     table = run.blocks(1, 16)
     run.greedy(run.prefill(run.ids(16), table[0]))
     first = process_age()
     run.release(table)
     capture = run.backend.capture_graphs()
-    copy = copy_bandwidth(device)
+    copy = run.backend.copy_bandwidth()
     graph = engine.artifact.graph
     rows = []
 
@@ -202,7 +209,7 @@ def run_bench(engine: Any, pp: int = 512, tg: int = 128, batch_sizes: Sequence[i
     if table is not None:
         ids = run.ids(pp)
         run.prefill(ids, table[0])  # warm-up
-        t = statistics.median(timed(device, lambda: run.prefill(ids, table[0])) for _ in range(3))
+        t = statistics.median(timed(lambda: run.prefill(ids, table[0])) for _ in range(3))
         run.release(table)
         rows.append(_row(f"pp{pp}", 1, tokens_per_s=pp / t, ms_per_token=1e3 * t / pp, first_token_s=first,
                          copy_gb_per_s=copy / 1e9))
@@ -215,7 +222,7 @@ def run_bench(engine: Any, pp: int = 512, tg: int = 128, batch_sizes: Sequence[i
         if tables is None:
             continue
         run.generate(tables, min(steps, 8))  # warm-up
-        t = timed(device, lambda: run.generate(tables, steps))  # noqa: B023 (called right here)
+        t = timed(lambda: run.generate(tables, steps))  # noqa: B023 (called right here)
         run.release(tables)
         # step p reads every weight once and p + 1 cached tokens of each sequence
         moved = weights * steps + kv_token * batch * steps * (steps + 1) // 2

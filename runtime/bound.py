@@ -1,4 +1,4 @@
-"""Bound launches: index.json's kernel launches with every parameter resolved to a tensor, a symbol or a constant.
+"""Bound launches: index.json's kernel launches with every parameter resolved to a buffer, a symbol or a constant.
 
 ``runtime.program.Program`` makes them; the backends run them (driver calls, or the Triton interpreter).
 """
@@ -8,15 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
-
 from artifact_format.kernel_index import Binary, eval_grid
 from runtime.errors import ArtifactError
 
 
 @dataclass(frozen=True)
 class BoundParam:
-    """One kernel parameter: kind "tensor" (value: Tensor), "sym" (value: symbol name), "int" or "float"."""
+    """One kernel parameter: kind "tensor" (value: a Memory's array, with ``data_ptr()``), "sym" (value: symbol
+    name), "int" or "float"."""
 
     name: str
     type: str  # "*fp16", "i32", "i64", "fp32", ...
@@ -34,8 +33,8 @@ class BoundLaunch:
     binary: Binary
     params: tuple[BoundParam, ...]
     grid: tuple  # dims, each a list of [sym | None, div, mul] terms
-    global_scratch: Tensor | None = None
-    profile_scratch: Tensor | None = None
+    global_scratch: Any = None  # a Memory's array, or None
+    profile_scratch: Any = None
 
     def grid_for(self, env: dict[str, int]) -> tuple[int, int, int]:
         """The launch grid for a step's symbols, padded to three dimensions."""
@@ -43,7 +42,7 @@ class BoundLaunch:
         return dims + (1,) * (3 - len(dims))
 
     def args(self, env: dict[str, int]) -> list:
-        """Parameter values in order: tensors for pointers, numbers for scalars (symbols from ``env``)."""
+        """Parameter values in order: buffers for pointers, numbers for scalars (symbols from ``env``)."""
         return [int(env[p.value]) if p.kind == "sym" else p.value for p in self.params]
 
 

@@ -27,8 +27,7 @@ import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from artifact_format.graph import Limits
 from runtime.artifact import Artifact, load_artifact
@@ -90,8 +89,9 @@ class Engine:
 
     # -- every position's logits -------------------------------------------------------------------
 
-    def logits(self, token_ids: Sequence[int]) -> Tensor:
-        """Logits [len(token_ids), V] fp32 (CPU) of every position, by chunked prefill of one sequence.
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits [len(token_ids), V] fp32 of every position, by chunked prefill of one sequence: a numpy array
+        on the host, on every backend.
 
         Chunks hold at most max_batch tokens: the logits output is planned for max_batch rows.
         """
@@ -107,11 +107,10 @@ class Engine:
                 part = ids[start:start + chunk]
                 step = make_step("prefill", [Chunk(part, start, table.blocks)], self.limits.block_size,
                                  self.limits.max_blocks, all_logits=True)
-                # a copy: backends may return a view of their arena, which the next chunk overwrites
-                out.append(self.backend.forward(step).to("cpu", torch.float32, copy=True))
+                out.append(np.asarray(self.backend.forward(step), dtype=np.float32))  # a host copy of its own
         finally:
             table.release()
-        return torch.cat(out)
+        return np.concatenate(out)
 
     # -- generation --------------------------------------------------------------------------------
 

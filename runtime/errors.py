@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 # What only ``pip install 'trilite[compile]'`` brings: the compiler's packages and those the kernel pack (kernels/,
-# which the interpret and torch backends run) imports. A plain install serves artifacts on a GPU without them.
-COMPILE_EXTRA = ("triton", "transformers", "gguf", "accelerate")
+# which the interpret and torch backends run) imports, torch among them. A plain install serves artifacts on a GPU
+# (the cuda backend) without any of them.
+COMPILE_EXTRA = ("torch", "triton", "transformers", "gguf", "accelerate")
 INSTALL_COMPILE = "pip install 'trilite[compile]'"
 
 

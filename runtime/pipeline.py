@@ -20,8 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from runtime.backends.base import Backend
 from runtime.sampling import Finish, SamplingParams, StopChecker, apply_repetition_penalty, sampling_inputs
@@ -94,7 +93,7 @@ class HostLogits:
     def needs(self, r: Request) -> bool:
         return r.params.repetition_penalty != 1.0
 
-    def apply(self, logits: Tensor, reqs: list[Request]) -> tuple[Tensor, object]:
+    def apply(self, logits: np.ndarray, reqs: list[Request]) -> tuple[np.ndarray, object]:
         """logits [R, V] fp32 of the batch's rows -> (the logits to sample from, whatever the caller wants back
         with the step's ids: ``Done.scores``)."""
         if not any(r.params.repetition_penalty != 1.0 for r in reqs):
@@ -180,7 +179,7 @@ class Pipeline:
             lead = next((i for i, n in enumerate(batch.counts) if n != 1), len(batch.counts))
             fed[:lead] = [rows.get(s, -1) for s in batch.seqs[:lead]]
             if max(fed) >= 0:
-                feed = torch.tensor(fed[:lead], dtype=torch.int32)
+                feed = np.array(fed[:lead], dtype=np.int32)
         # Only the step in flight can still owe a token: anything older was read before this one was scheduled.
         owed = [s.seq_id for s, a, n, f in zip(batch.seqs, batch.starts, batch.counts, fed)
                 if PENDING in s.token_ids[a:a + n] and f < 0]
@@ -195,7 +194,7 @@ class Pipeline:
             if prev is not None:  # the caller passes ahead=False while such a request lives
                 raise RuntimeError("a step that needs host-side logits was scheduled with a step in flight")
             logits, scores = self.host.apply(self.backend.forward(step), reqs)
-            ids = PendingIds(self.backend.sample(logits, **inputs))
+            ids = PendingIds(np.asarray(self.backend.sample(logits, **inputs)))
         else:
             ids = self.backend.submit(step, inputs, feed)
         produced = tuple((row, reqs[row], i) for row, _, i in self.scheduler.launched(batch))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 # Below this temperature a request is greedy, as in vLLM: logits / 1e-5 would only amplify rounding noise.
 GREEDY_EPS = 1e-5
@@ -63,9 +63,9 @@ class SamplingParams:
         return self.temperature < GREEDY_EPS
 
 
-def sampling_inputs(params: Sequence[SamplingParams], seeds: Sequence[int], offsets: Sequence[int],
-                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The ``sampling`` op's per-row inputs for S requests, keyed by role (docs/ops.md).
+def sampling_inputs(params: Sequence[SamplingParams], seeds: Sequence[int],
+                    offsets: Sequence[int]) -> dict[str, np.ndarray]:
+    """The ``sampling`` op's per-row inputs for S requests, keyed by role (docs/ops.md), as host arrays [S].
 
     seeds [S]: each request's seed (``params.seed`` or one the engine drew for it); offsets [S]: how many
     tokens the request has sampled so far, so every step draws fresh numbers from the same stream.
@@ -73,41 +73,37 @@ def sampling_inputs(params: Sequence[SamplingParams], seeds: Sequence[int], offs
     """
     greedy = [p.greedy for p in params]
     return {
-        "temperature": torch.tensor([0.0 if g else p.temperature for p, g in zip(params, greedy)],
-                                    dtype=torch.float32, device=device),
-        "top_k": torch.tensor([0 if g else p.top_k for p, g in zip(params, greedy)], dtype=torch.int32, device=device),
-        "top_p": torch.tensor([1.0 if g else p.top_p for p, g in zip(params, greedy)],
-                              dtype=torch.float32, device=device),
-        "min_p": torch.tensor([0.0 if g else p.min_p for p, g in zip(params, greedy)],
-                              dtype=torch.float32, device=device),
+        "temperature": np.array([0.0 if g else p.temperature for p, g in zip(params, greedy)], dtype=np.float32),
+        "top_k": np.array([0 if g else p.top_k for p, g in zip(params, greedy)], dtype=np.int32),
+        "top_p": np.array([1.0 if g else p.top_p for p, g in zip(params, greedy)], dtype=np.float32),
+        "min_p": np.array([0.0 if g else p.min_p for p, g in zip(params, greedy)], dtype=np.float32),
         # int64 wraps: a seed of 2^63 or more keeps its low 64 bits, which is what the kernel's Philox uses.
-        "seeds": torch.tensor([(s + (1 << 63)) % (1 << 64) - (1 << 63) for s in seeds], dtype=torch.int64,
-                              device=device),
-        "offsets": torch.tensor(list(offsets), dtype=torch.int64, device=device),
+        "seeds": np.array([(s + (1 << 63)) % (1 << 64) - (1 << 63) for s in seeds], dtype=np.int64),
+        "offsets": np.array(list(offsets), dtype=np.int64),
     }
 
 
-def apply_repetition_penalty(logits: torch.Tensor, token_ids: Sequence[Sequence[int]],
-                             penalties: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """logits [S, V] fp32 -> [S, V] with every token seen in row s (prompt + output) penalised.
+def apply_repetition_penalty(logits: np.ndarray, token_ids: Sequence[Sequence[int]],
+                             penalties: Sequence[float] | np.ndarray) -> np.ndarray:
+    """logits [S, V] fp32 -> a new [S, V] array with every token seen in row s (prompt + output) penalised.
 
     HF / vLLM rule (CTRL paper): a seen token's logit is divided by the penalty when positive and
     multiplied by it otherwise, so a penalty > 1 always makes it less likely. token_ids[s] lists row s's
-    tokens (repeats allowed); penalties [S]. Returns a new tensor on logits' device.
+    tokens (repeats allowed); penalties [S]. Runs on the host, over the rows the step brought back.
     """
+    logits = np.asarray(logits)
     S, V = logits.shape
-    penalty = torch.as_tensor(penalties, dtype=logits.dtype).to(logits.device).reshape(S)
+    penalty = np.asarray(penalties, dtype=logits.dtype).reshape(S)
     lengths = [len(ids) for ids in token_ids]
     if len(lengths) != S:
         raise ValueError(f"token_ids has {len(lengths)} rows, logits has {S}")
-    if sum(lengths) == 0:
-        return logits.clone()
-    rows = torch.repeat_interleave(torch.arange(S), torch.tensor(lengths)).to(logits.device)
-    cols = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long, device=logits.device)
-    seen = torch.zeros(S, V, dtype=torch.bool, device=logits.device)
-    seen[rows, cols] = True  # duplicates all write True, so the order of writes does not matter
-    p = penalty[:, None]
-    return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    out = logits.copy()
+    for row, ids in enumerate(token_ids):
+        if ids:
+            cols = np.unique(np.asarray(ids, dtype=np.int64))  # a token seen twice is penalised once
+            x, p = out[row, cols], penalty[row]
+            out[row, cols] = np.where(x > 0, x / p, x * p)
+    return out
 
 
 def find_stop(text: str, stop: Iterable[str], new_chars: int) -> tuple[int, str] | None:

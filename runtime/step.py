@@ -1,4 +1,4 @@
-"""What one forward step of the graph consumes: the step inputs of docs/ops.md as int32 CPU tensors.
+"""What one forward step of the graph consumes: the step inputs of docs/ops.md as int32 numpy arrays on the host.
 
 A step is either a prefill (each sequence brings a run of tokens that continues its cached prefix: chunked
 prefill, and the mixed steps where running sequences bring their one decode token beside prompt chunks) or a
@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import numpy as np
 
 KINDS = ("prefill", "decode")
 
@@ -20,13 +19,13 @@ KINDS = ("prefill", "decode")
 @dataclass(frozen=True)
 class StepInput:
     kind: str  # "prefill" | "decode"
-    ids: Tensor  # [T] int32
-    positions: Tensor  # [T] int32
-    slot_mapping: Tensor  # [T] int32, block * block_size + offset
-    cu_seqlens_q: Tensor  # [S+1] int32
-    seq_lens: Tensor  # [S] int32, kv length including this step's tokens
-    block_tables: Tensor  # [S, max_blocks] int32, unused entries 0
-    last_idx: Tensor  # [R] int32, rows whose logits are wanted
+    ids: np.ndarray  # [T] int32
+    positions: np.ndarray  # [T] int32
+    slot_mapping: np.ndarray  # [T] int32, block * block_size + offset
+    cu_seqlens_q: np.ndarray  # [S+1] int32
+    seq_lens: np.ndarray  # [S] int32, kv length including this step's tokens
+    block_tables: np.ndarray  # [S, max_blocks] int32, unused entries 0
+    last_idx: np.ndarray  # [R] int32, rows whose logits are wanted
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -48,9 +47,9 @@ class StepInput:
 
     def single_token_rows(self, n: int) -> bool:
         """Whether the first ``n`` rows carry one token each (so row i is token i): what a feed may cover."""
-        return n <= self.S and bool((self.cu_seqlens_q[:n + 1] == torch.arange(n + 1)).all())
+        return n <= self.S and bool((self.cu_seqlens_q[:n + 1] == np.arange(n + 1)).all())
 
-    def inputs(self) -> dict[str, Tensor]:
+    def inputs(self) -> dict[str, np.ndarray]:
         """The step inputs by their graph names (artifact_format.graph.STEP_INPUTS)."""
         return {"ids": self.ids, "positions": self.positions, "slot_mapping": self.slot_mapping,
                 "cu_seqlens_q": self.cu_seqlens_q, "seq_lens": self.seq_lens, "block_tables": self.block_tables,
@@ -68,7 +67,7 @@ class Chunk:
 
 def make_step(kind: str, chunks: Sequence[Chunk], block_size: int, max_blocks: int,
               all_logits: bool = False) -> StepInput:
-    """Build the step tensors for ``chunks`` (one per sequence, in row order).
+    """Build the step arrays for ``chunks`` (one per sequence, in row order).
 
     ``all_logits``: ask for the logits of every token (R = T) instead of each sequence's last (R = S).
     """
@@ -79,7 +78,7 @@ def make_step(kind: str, chunks: Sequence[Chunk], block_size: int, max_blocks: i
     slots: list[int] = []
     cu = [0]
     seq_lens = []
-    tables = torch.zeros(len(chunks), max_blocks, dtype=torch.int32)
+    tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
     for row, c in enumerate(chunks):
         n = len(c.token_ids)
         end = c.start + n
@@ -91,7 +90,7 @@ def make_step(kind: str, chunks: Sequence[Chunk], block_size: int, max_blocks: i
         cu.append(cu[-1] + n)
         seq_lens.append(end)
         if c.block_table:
-            tables[row, : len(c.block_table)] = torch.tensor(list(c.block_table), dtype=torch.int32)
-    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
+            tables[row, : len(c.block_table)] = c.block_table
+    i32 = lambda xs: np.array(xs, dtype=np.int32)
     last = list(range(cu[-1])) if all_logits else [e - 1 for e in cu[1:]]
     return StepInput(kind, i32(ids), i32(positions), i32(slots), i32(cu), i32(seq_lens), tables, i32(last))

@@ -69,3 +69,39 @@ def test_the_gpu_serving_path_loads_nothing_of_the_compile_extra():
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {banned!r}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+# What `runtime run ARTIFACT --backend cuda` loads on its way to the GPU: run in a fresh interpreter, it records the
+# modules loaded when the process exits (after the CLI printed its error, or on a GPU after the run).
+_RUN_CUDA = """
+import atexit, sys
+atexit.register(lambda: print("LOADED", sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'triton'})))
+from runtime.cli import main
+main(["run", sys.argv[1], "--backend", "cuda", "--prompt", "hi", "--max-tokens", "2"])
+"""
+
+
+def test_runtime_run_on_cuda_without_a_gpu_is_one_line_and_loads_no_torch_or_triton():
+    """The whole GPU path up to the backend (cli, engine, artifact, tokenizer, runtime.backends.cuda's imports) on
+    this GPU-less machine: the one-line "no GPU" error, and neither torch nor triton in sys.modules."""
+    from runtime.device import cuda_target
+
+    if cuda_target() is not None:
+        pytest.skip("this machine has a GPU: tests/gpu/test_lean_runtime_gpu.py checks the run there")
+    from tests.runtime.tiny_artifact import tiny_artifact
+
+    out = subprocess.run([sys.executable, "-c", _RUN_CUDA, str(tiny_artifact())], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: backend cuda needs a CUDA GPU"), out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "LOADED []", out.stdout
+
+
+def test_the_cuda_backend_modules_import_no_torch_or_triton():
+    """Imported outright (not only reached through the CLI): the cuda/hip backends, their driver, device memory and
+    weight upload, and everything the engine hands them (numpy host arrays)."""
+    code = ("import sys, runtime.backends.cuda, runtime.backends.hip, runtime.device, runtime.weights_upload, "
+            "runtime.program, runtime.pipeline, runtime.serving.scoring, runtime.bench, runtime.verify; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'triton'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -1,17 +1,17 @@
 """Backends by name: ``make_backend("torch" | "interpret" | "cuda" | "hip" | "auto", artifact, **kw)``.
 
 Modules are imported only when their backend is asked for, so the torch path never loads the driver
-and the GPU path never imports Triton. interpret and torch run the kernel pack (kernels/), which needs
-Triton: without the compile extra, asking for them is a one-line MissingExtra.
+and the GPU path (cuda) imports neither torch nor Triton. interpret and torch run the kernel pack (kernels/),
+which needs torch and Triton: without the compile extra, asking for them is a one-line MissingExtra.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib
 import importlib.util
 import warnings
-
-import torch
 
 from runtime.artifact import Artifact
 from runtime.backends.base import Backend
@@ -26,14 +26,28 @@ MODULES = {
 NAMES = ("auto", *MODULES)
 
 
+@functools.lru_cache(maxsize=1)
 def gpu_target() -> str | None:
-    """This machine's GPU as an artifact target ("cuda:90", "hip:gfx942"), or None without one."""
-    if not torch.cuda.is_available():
+    """This machine's GPU as an artifact target ("cuda:90", "hip:gfx942"), or None without one.
+
+    CUDA is asked through the driver library (runtime.device.cuda_target: no torch). An AMD GPU's gfx name comes
+    from torch's ROCm build, imported only where the HIP runtime library is present."""
+    from runtime.device import cuda_target
+
+    target = cuda_target()
+    if target is not None:
+        return target
+    try:
+        ctypes.CDLL("libamdhip64.so")
+    except OSError:
         return None
-    if torch.version.hip:
-        return "hip:" + torch.cuda.get_device_properties(0).gcnArchName.split(":")[0]
-    major, minor = torch.cuda.get_device_capability(0)
-    return f"cuda:{major}{minor}"
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not torch.version.hip:
+        return None
+    return "hip:" + torch.cuda.get_device_properties(0).gcnArchName.split(":")[0]
 
 
 def resolve(name: str, artifact: Artifact) -> str:

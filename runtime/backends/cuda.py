@@ -1,33 +1,41 @@
 """The ``cuda`` backend: the artifact's binaries loaded through the driver API, decode steps in CUDA graphs.
 
-Start-up: check the artifact has binaries for this GPU, load each binary once, copy the weights, build the
-Program (arena, step buffers, scratch), size the KV cache from free memory, then build one parameter array
-per bound launch. A step is then ``Program.load_step`` (one host-to-device copy) plus one ``cuLaunchKernel``
-per launch on torch's current stream, or, for decode, one graph replay: decode steps are captured per batch
-bucket, largest first into one memory pool, and a step of S sequences replays the smallest bucket ≥ S with
-the rows beyond S padded (the kernels mask padding rows). Each decode graph starts with ``Program.feed_ids``,
-so ``submit`` can give a decode step the previous step's sampled ids as input on the GPU; it enqueues the
-step, the sampling kernel and an asynchronous copy of the ids into pinned memory, and returns without a sync.
-Torch provides memory, streams and graph capture; neither Triton nor the kernel pack is imported here.
+No torch and no Triton: memory, copies, the stream, events and graphs are driver calls (runtime/device.py),
+kernels are loaded and launched by runtime/driver.py, host arrays are numpy.
+
+Start-up: check the artifact has binaries for this GPU, copy the weights from the memory-mapped file into one
+device allocation (runtime/weights_upload.py, on a worker thread) while each binary is loaded once, build the
+Program (arena, step buffers, scratch), size the KV cache from free memory, then build one parameter array per
+bound launch. A step is then
+``Program.load_step`` (one host-to-device copy) plus one ``cuLaunchKernel`` per launch on the device's stream, or,
+for decode, one graph replay: decode steps are captured per batch bucket, largest first, and a step of S sequences
+replays the smallest bucket ≥ S with the rows beyond S padded (the kernels mask padding rows).
+
+Asynchronous decode: ``submit`` enqueues the step, the sampling kernel and an asynchronous copy of the ids into
+pinned memory, and returns without a sync. A fed row (its input id is a sampled id of the step before, still on
+the device) gets it by a device-to-device copy enqueued after the step's upload and before its launches (or its
+graph): ``Program.feed_runs`` lists them, one copy per run of consecutive rows (one for a batch that kept its order).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import time
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from runtime.artifact import Artifact
 from runtime.backends.base import Backend, num_kv_blocks
 from runtime.bound import BoundLaunch
+from runtime.device import Device, DeviceMemory, compute_capability
 from runtime.driver import CUDA_API, Driver, Kernel, ParamArray, _Api
 from runtime.errors import ArtifactError
 from runtime.program import Program
-from runtime.staging import PendingIds, Readback
+from runtime.staging import PendingIds
 from runtime.step import StepInput
+from runtime.weights_upload import upload_in_background, upload_weights
 
 KV_FRACTION = 0.9  # of the memory free after weights, arena and scratch
 
@@ -48,6 +56,33 @@ class _Site:
         self.grid = launch.grid_for
 
 
+class Readback:
+    """Device int32 rows copied into pinned host memory without a sync: a ring of ``depth`` pinned buffers.
+
+    The engine reads step N's ids while step N+1 runs, so two buffers are in use at a time; a third spares the
+    wait. A buffer is reused only after its ids were taken (reused early, they are taken then, which waits).
+    """
+
+    def __init__(self, device: Device, rows: int, depth: int = 3):
+        self.device = device
+        self._hosts = [device.pinned(4 * rows).view(np.int32) for _ in range(depth)]
+        self._events = [device.event() for _ in range(depth)]
+        self._owners: list[PendingIds | None] = [None] * depth
+        self._turn = 0
+
+    def copy(self, src) -> PendingIds:
+        """Enqueue the copy of ``src`` ([n] int32 DeviceArray) on the device's stream."""
+        k = self._turn
+        self._turn = (k + 1) % len(self._hosts)
+        if self._owners[k] is not None:
+            self._owners[k].tokens()
+        host = self._hosts[k][:src.shape[0]]
+        self.device.dtoh(host, src.ptr, src.nbytes)
+        self._events[k].record()
+        self._owners[k] = PendingIds(host, self._events[k])
+        return self._owners[k]
+
+
 class CudaBackend(Backend):
     """The compiled graph on an NVIDIA GPU through libcuda; ``HipBackend`` reuses it over libamdhip64."""
 
@@ -62,44 +97,60 @@ class CudaBackend(Backend):
         gdc_wait then returns at once). None: on unless TRILITE_PDL=0 (on the H200 it makes TinyLlama-1.1B's
         batch-1 decode 5% faster and Llama-3-8B's 1-2%, benchmarks/results/decode.md)."""
         super().__init__(artifact, kv_cache_gb, max_blocks_total)
-        if not torch.cuda.is_available():
-            raise ArtifactError(f"backend {self.name} needs a GPU and torch sees none: use --backend torch")
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = 0  # the first visible GPU (CUDA_VISIBLE_DEVICES picks it), as torch's default device is
+        self.driver = Driver(self.api, self.device)
         self.target = self.device_target()
         if self.target not in artifact.targets:
             raise ArtifactError(f"artifact has kernels for {', '.join(artifact.targets)}, this GPU is {self.target}: "
                                 f"recompile with --target {self.target}")
         index = artifact.kernel_index(self.target)
-        weights = {k: v.to(self.device) for k, v in artifact.weights().items()}
-        self.program = Program(artifact, index, self.device, weights)
-        self.driver = Driver(self.api, self.device.index)
-        if pdl is None:  # on by default where the driver can launch it (the binaries are correct either way)
-            pdl = os.environ.get("TRILITE_PDL", "1") != "0" and self.driver.supports_pdl
         for b in index.binaries.values():
             if b.num_ctas != 1:
                 raise ArtifactError(f"kernel {b.name} uses thread-block clusters (num_ctas={b.num_ctas}), "
                                     f"which this runtime does not launch: rebuild the artifact with num_ctas=1")
-        kernels = {key: self.driver.load(artifact.binary(self.target, b.file), b.name, b.num_warps, b.shared,
-                                         b.warp_size, pdl and b.pdl)
-                   for key, b in index.binaries.items()}
-        torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
+        self.gpu = Device(self.driver)
+        # The weights are copied first, on a thread of their own (TRILITE_WEIGHTS_THREAD=0: on this one, before the
+        # binaries), so reading the file and the DMA overlap loading the binaries below.
+        data_start, ranges = artifact.weight_ranges()
+        source = artifact.path / "weights.safetensors"
+        if os.environ.get("TRILITE_WEIGHTS_THREAD", "1") != "0":
+            weights_done = upload_in_background(source, data_start, ranges, self.gpu)
+        else:
+            uploaded = upload_weights(source, data_start, ranges, self.gpu)
+            weights_done = lambda: uploaded
+        if pdl is None:  # on by default where the driver can launch it (the binaries are correct either way)
+            pdl = os.environ.get("TRILITE_PDL", "1") != "0" and self.driver.supports_pdl
+        try:
+            kernels = {key: self.driver.load(artifact.binary(self.target, b.file), b.name, b.num_warps, b.shared,
+                                             b.warp_size, pdl and b.pdl)
+                       for key, b in index.binaries.items()}
+        except BaseException:
+            with contextlib.suppress(BaseException):  # the copies end before the error leaves: nothing runs behind
+                weights_done()
+            raise
+        weights, _ = weights_done()
+        self._weight_bytes = sum(a.nbytes for a in weights.values())
+        self.memory = DeviceMemory(self.gpu)
+        self.program = Program(artifact, index, self.memory, weights)
+        self.gpu.synchronize()
+        free, total = self.gpu.mem_info()
         self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, int(free * KV_FRACTION), total,
                                         "this GPU")
         self.program.allocate_kv(self.num_blocks)
         self._sites = [_Site(b, kernels[b.key]) for b in self.program.all_launches()]
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[int, object] = {}
         self._buckets: list[int] = []
-        self._readback = Readback(self.program.max_batch)
+        self._readback = Readback(self.gpu, self.program.max_batch)
+        self.gpu.synchronize()
         self.capture_seconds = self.capture_graphs() if cuda_graphs else 0.0
 
     def device_target(self) -> str:
-        major, minor = torch.cuda.get_device_capability(self.device)
+        major, minor = compute_capability(self.driver, self.device)
         return f"cuda:{major}{minor}"
 
     def _run(self, launches: list[BoundLaunch], env: dict[str, int]) -> None:
-        """Launch in order on the current stream (inside a graph capture, the capturing stream)."""
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        """Launch in order on the device's stream (inside a graph capture, the capturing stream)."""
+        stream = self.gpu.stream
         launch = self.driver.launch
         for b in launches:
             site = self._sites[b.uid]
@@ -109,77 +160,116 @@ class CudaBackend(Backend):
             if grid[0] and grid[1] and grid[2]:
                 launch(site.kernel, grid, site.params, stream)
 
-    def forward(self, step: StepInput, feed: Tensor | None = None) -> Tensor:
-        """Logits [R, V] fp32: a view of the program's arena, valid until the next step (feed: see ``submit``)."""
+    def _feed(self) -> None:
+        """The fed rows' ids from the last sampled ids, on the device (after the step's upload, before its work)."""
+        ids, pool = self.program.inputs["ids"], self.program.token_pool
+        for row, src, count in self.program.feed_runs:
+            self.gpu.dtod(ids.ptr + 4 * row, pool.ptr + 4 * src, 4 * count)
+
+    def _forward(self, step: StepInput, feed: np.ndarray | None = None) -> int:
+        """Enqueue the step; its logits stay in the arena. Returns R (feed: see ``submit``)."""
         if step.kind == "decode" and self._buckets and step.S <= self._buckets[-1]:
             bucket = self._buckets[bisect.bisect_left(self._buckets, step.S)]
             self.program.load_step(step, pad_to=bucket, feed=feed)
-            self._graphs[bucket].replay()
-            return self.program.logits(step.R)
+            self._feed()
+            self._graphs[bucket].launch()
+            return step.R
         env = self.program.load_step(step, feed=feed)
-        if feed is not None:  # its leading one-token rows only: T may exceed the pool's max_batch ids
-            self.program.feed_ids(len(feed))
+        self._feed()
         self._run(self.program.launches(step.kind, env), env)
-        return self.program.logits(env["R"])
+        return env["R"]
 
-    def submit(self, step: StepInput, sampling: dict[str, Tensor], feed: Tensor | None = None) -> PendingIds:
+    def forward(self, step: StepInput) -> np.ndarray:
+        """Logits [R, V] fp32 on the host (waits for the step)."""
+        return self.program.logits_host(self._forward(step))
+
+    def _enqueue_sampling(self, R: int, logits: np.ndarray | None, sampling: dict[str, np.ndarray]) -> None:
+        env = self.program.load_sampling(R, logits, **sampling)
+        self._run(self.program.extra_launches("sampling", env), env)
+
+    def submit(self, step: StepInput, sampling: dict[str, np.ndarray], feed: np.ndarray | None = None) -> PendingIds:
         """Enqueue the step, its sampling and the copy of the ids to pinned memory; no host sync."""
-        env = self.program.load_sampling(self.forward(step, feed), **sampling)
-        self._run(self.program.extra_launches("sampling", env), env)
-        return self._readback.copy(self.program.extra_buffers["sampling"]["out"][:env["R"]])
+        R = self._forward(step, feed)
+        self._enqueue_sampling(R, None, sampling)
+        return self._readback.copy(self.program.sampled_ids(R))
 
-    def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
-               seeds: Tensor, offsets: Tensor) -> Tensor:
-        """Token ids [R] int32 from the artifact's sampling kernel, on the GPU."""
-        env = self.program.load_sampling(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                         seeds=seeds, offsets=offsets)
-        self._run(self.program.extra_launches("sampling", env), env)
-        return self.program.extra_buffers["sampling"]["out"][:env["R"]].clone()
+    def sample(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+               min_p: np.ndarray, seeds: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Token ids [R] int32 from the artifact's sampling kernel on the GPU, for host logits [R, V] (waits)."""
+        R = len(logits)
+        self._enqueue_sampling(R, logits, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                               seeds=seeds, offsets=offsets))
+        return self.memory.read(self.program.sampled_ids(R))
 
     def capture_graphs(self) -> float:
-        """Capture one decode graph per bucket (largest first, one shared pool); returns the seconds it took.
+        """Capture one decode graph per bucket (largest first); returns the seconds it took.
 
         Each bucket first runs once eagerly on padding rows, so a launch error surfaces outside capture.
-        Padding rows write nothing to the KV cache (slot -1), so capture leaves the cache as it was.
+        Padding rows write nothing to the KV cache (slot -1), so capture leaves the cache as it was. A graph
+        holds the launches only: the step's upload and fed ids are enqueued before each replay.
         """
-        torch.cuda.synchronize(self.device)
+        self.gpu.synchronize()
         t0 = time.perf_counter()
-        self._graphs.clear()
-        self._buckets = []
-        pool = None
+        self._drop_graphs()
         for bucket in sorted(self.program.decode_buckets, reverse=True):
             env = self.program.load_padding(bucket)
             launches = self.program.launches("decode", env)
-            self.program.feed_ids(bucket)
             self._run(launches, env)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.program.feed_ids(bucket)  # the input ids first: the host's, or the last step's samples
+            self.gpu.synchronize()  # the eager run (and its upload) done before capture begins
+            self.gpu.begin_capture()
+            try:
                 self._run(launches, env)
-            pool = graph.pool() if pool is None else pool
+            finally:
+                graph = self.gpu.end_capture()
             self._graphs[bucket] = graph
-        torch.cuda.synchronize(self.device)
+        self.gpu.synchronize()
         self._buckets = sorted(self._graphs)
         return time.perf_counter() - t0
+
+    def _drop_graphs(self) -> None:
+        for g in self._graphs.values():
+            g.destroy()
+        self._graphs.clear()
+        self._buckets = []
 
     def warmup(self) -> None:
         """One eager decode on padding rows: first-launch costs (module set-up, lazy clocks) paid before serving."""
         env = self.program.load_padding(1)
         self._run(self.program.launches("decode", env), env)
-        torch.cuda.synchronize(self.device)
+        self.gpu.synchronize()
+
+    def timed(self, fn) -> float:
+        """Seconds ``fn``'s work takes on the GPU, from events on the stream around it."""
+        start, end = self.gpu.event(timing=True), self.gpu.event(timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return end.seconds_since(start)
+
+    def copy_bandwidth(self, nbytes: int = 1 << 30, repeats: int = 7) -> float:
+        """Bytes per second of a device-to-device copy (read + written), median of ``repeats``."""
+        src, dst = self.gpu.alloc(nbytes), self.gpu.alloc(nbytes)
+        try:
+            self.gpu.memset(src, 7, nbytes)
+            self.gpu.dtod(dst, src, nbytes)
+            times = sorted(self.timed(lambda: self.gpu.dtod(dst, src, nbytes)) for _ in range(repeats))
+        finally:
+            self.gpu.synchronize()
+            self.gpu.free(src)
+            self.gpu.free(dst)
+        return 2 * nbytes / times[len(times) // 2]
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.program.weights.values())
+        return self._weight_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:
         return self.program.kv_block_bytes // self.program.block_size
 
     def close(self) -> None:
-        """Drop the graphs and unload the modules (the backend is unusable afterwards)."""
-        self._graphs.clear()
-        self._buckets = []
-        torch.cuda.synchronize(self.device)
+        """Drop the graphs, free the memory and unload the modules (the backend is unusable afterwards)."""
+        self._drop_graphs()
+        self.gpu.close()
         self.driver.close()
-

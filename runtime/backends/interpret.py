@@ -14,13 +14,13 @@ import importlib
 import math
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 from triton.runtime.jit import KernelInterface
 
 from kernels.spec import interpreted, interpreting
 from runtime.artifact import Artifact
 from runtime.backends.base import Backend, num_kv_blocks, physical_memory
+from runtime.backends.torch_memory import TorchMemory
 from runtime.bound import BoundLaunch
 from runtime.errors import ArtifactError
 from runtime.program import Program
@@ -73,35 +73,42 @@ class InterpretBackend(Backend):
     def __init__(self, artifact: Artifact, kv_cache_gb: float | None = None, max_blocks_total: int | None = None,
                  target: str | None = None):
         super().__init__(artifact, kv_cache_gb, max_blocks_total)
-        self.device = torch.device("cpu")
+        self.device = "cpu"
         self.target = target or artifact.targets[0]
         index = artifact.kernel_index(self.target)
         for b in index.binaries.values():  # every kernel resolved (and refused) before any work
             kernel_of(b.module, b.kernel)
         weights = artifact.weights()
-        self.program = Program(artifact, index, self.device, weights)
+        self.program = Program(artifact, index, TorchMemory(), weights)
         self.num_blocks = num_kv_blocks(artifact, kv_cache_gb, max_blocks_total, physical_memory() // 8,
                                         physical_memory(), "this machine's RAM")
         self.program.allocate_kv(self.num_blocks)
 
-    def forward(self, step: StepInput, feed: Tensor | None = None) -> Tensor:
-        """Logits [R, V] fp32: a view of the program's arena, valid until the next step (feed: see ``submit``)."""
+    def _forward(self, step: StepInput, feed: np.ndarray | None = None) -> int:
+        """Run the step, its logits left in the arena; returns R (feed: see ``submit``)."""
         env = self.program.load_step(step, feed=feed)
         if step.kind == "decode" or feed is not None:  # a prefill step's fed rows are its leading ones
             self.program.feed_ids(env["T"] if feed is None else len(feed))
         for launch in self.program.launches(step.kind, env):
             run_interpreted(launch, env)
-        return self.program.logits(env["R"])
+        return env["R"]
 
-    def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
-               seeds: Tensor, offsets: Tensor) -> Tensor:
-        """Token ids [R] int32 from the artifact's sampling kernel."""
-        env = self.program.load_sampling(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                         seeds=seeds, offsets=offsets)
+    def forward(self, step: StepInput) -> np.ndarray:
+        """Logits [R, V] fp32 on the host."""
+        return self.program.logits_host(self._forward(step))
+
+    def _sample(self, R: int, logits: np.ndarray | None, sampling: dict[str, np.ndarray]) -> np.ndarray:
+        env = self.program.load_sampling(R, logits, **sampling)
         for launch in self.program.extra_launches("sampling", env):
             run_interpreted(launch, env)
-        return self.program.extra_buffers["sampling"]["out"][:env["R"]].clone()
+        return self.program.memory.read(self.program.sampled_ids(R))
 
-    def submit(self, step: StepInput, sampling: dict[str, Tensor], feed: Tensor | None = None) -> PendingIds:
+    def sample(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+               min_p: np.ndarray, seeds: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Token ids [R] int32 from the artifact's sampling kernel."""
+        return self._sample(len(logits), logits, dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                      min_p=min_p, seeds=seeds, offsets=offsets))
+
+    def submit(self, step: StepInput, sampling: dict[str, np.ndarray], feed: np.ndarray | None = None) -> PendingIds:
         """Forward and sample now (the interpreter has no stream), the feed applied by the program's gather."""
-        return PendingIds(self.sample(self.forward(step, feed), **sampling))
+        return PendingIds(self._sample(self._forward(step, feed), None, sampling))

@@ -12,6 +12,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,10 +76,15 @@ class TorchBackend(Backend):
             self._refs[op] = _Reference(op)
         return self._refs[op]
 
+    def forward(self, step: StepInput) -> np.ndarray:
+        """Logits [R, V] fp32 on the host (numpy), as every backend returns them."""
+        return self.forward_tensor(step).cpu().numpy()
+
     @torch.inference_mode()
-    def forward(self, step: StepInput) -> Tensor:
+    def forward_tensor(self, step: StepInput) -> Tensor:
+        """Logits [R, V] fp32 as a tensor on ``self.device``: the step arrays enter torch here."""
         env: dict[str, Tensor] = {**self.weights, **self.caches}
-        env.update({k: v.to(self.device) for k, v in step.inputs().items()})
+        env.update({k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in step.inputs().items()})
         for node in self.graph.nodes:
             op = node.op
             if op == "attention":
@@ -99,8 +105,9 @@ class TorchBackend(Backend):
         return env[self.graph.outputs[0]].float()
 
     @torch.inference_mode()
-    def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
-               seeds: Tensor, offsets: Tensor) -> Tensor:
-        dev = self.device
-        return self._ref("sampling").fn(logits.to(dev), temperature.to(dev), top_k.to(dev), top_p.to(dev),
-                                        min_p.to(dev), seeds.to(dev), offsets.to(dev))
+    def sample(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+               min_p: np.ndarray, seeds: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Token ids [R] int32 (numpy) from the sampling op's reference; host arrays in, converted here."""
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        ids = self._ref("sampling").fn(t(logits), t(temperature), t(top_k), t(top_p), t(min_p), t(seeds), t(offsets))
+        return ids.cpu().numpy().astype(np.int32, copy=False)

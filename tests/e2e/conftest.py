@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from filelock import FileLock
@@ -141,8 +142,11 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ over the whole tensor; NaN anywhere fails the caller's bound."""
+def rel_err(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ over the whole array (numpy, as Engine.logits returns, or torch, as HF's); NaN anywhere
+    fails the caller's bound."""
+    out, ref = (torch.as_tensor(np.asarray(t, dtype=np.float32)) if not isinstance(t, torch.Tensor) else t.float()
+                for t in (out, ref))
     assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 

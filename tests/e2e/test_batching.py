@@ -36,12 +36,14 @@ TINY_MAX_TOKENS = (5, 3, 6, 2, 4, 6, 3, 5)
 def rows_per_step(engine: Engine):
     """Record how many sequences each forward step of ``engine`` carried."""
     seen: list[tuple[str, int]] = []
-    forward = engine.backend.forward
-    engine.backend.forward = lambda step, *a: (seen.append((step.kind, step.S)), forward(step, *a))[1]
+    # the program backends (interpret, cuda) run a step through _forward, which leaves the logits on the device
+    name = "_forward" if hasattr(engine.backend, "_forward") else "forward"
+    forward = getattr(engine.backend, name)
+    setattr(engine.backend, name, lambda step, *a: (seen.append((step.kind, step.S)), forward(step, *a))[1])
     try:
         yield seen
     finally:
-        del engine.backend.forward
+        delattr(engine.backend, name)
 
 
 def _check_batched_equals_alone(engine: Engine, prompts, max_tokens, min_rows: int) -> list[tuple[str, int]]:

@@ -79,7 +79,7 @@ def test_logits_match_transformers(engine, hf, chat_ids):
     out = engine.logits(chat_ids)
     err = rel_err(out, ref)
     assert err <= 1e-3, f"relative error {err:.2e}"
-    assert (out.argmax(-1) == ref.argmax(-1)).all()
+    assert (out.argmax(-1) == ref.argmax(-1).numpy()).all()
 
 
 def test_greedy_generation_matches_transformers(engine, hf, chat_ids):
@@ -106,4 +106,4 @@ def test_interpret_backend_first_forward_matches_transformers(art, hf):
     ids = engine.tokenizer.encode("The capital of France is")
     out = engine.logits(ids)  # one prefill step: len(ids) < max_batch
     ref = hf_logits(hf, ids)
-    assert rel_err(out, ref) <= 1e-3 and (out.argmax(-1) == ref.argmax(-1)).all()
+    assert rel_err(out, ref) <= 1e-3 and (out.argmax(-1) == ref.argmax(-1).numpy()).all()

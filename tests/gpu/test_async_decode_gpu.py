@@ -1,10 +1,10 @@
 """Asynchronous decode on the GPU: the same tokens, texts and finish reasons as the synchronous path.
 
-The cuda backend replays each decode step's graph with its input ids gathered on the device from the previous
-step's samples (Program.feed_ids), and reads the ids back through pinned memory one step behind. A tiny fp32
-Llama built for this GPU; eight prompts for max_batch 4, so sequences are admitted while others decode and
-finish at different steps (max_tokens, stop token ids); greedy and seeded rows mixed; once with a KV cache too
-small for all of them (waiting, preemption), once without CUDA graphs (the eager feed path).
+The cuda backend replays each decode step's graph with its input ids copied on the device from the previous
+step's samples (device-to-device copies of Program.feed_runs), and reads the ids back through pinned memory one
+step behind. A tiny fp32 Llama built for this GPU; eight prompts for max_batch 4, so sequences are admitted while
+others decode and finish at different steps (max_tokens, stop token ids); greedy and seeded rows mixed; once with a
+KV cache too small for all of them (waiting, preemption), once without CUDA graphs (the eager feed path).
 """
 
 from __future__ import annotations

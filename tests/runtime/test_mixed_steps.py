@@ -6,6 +6,7 @@ tiny-llama artifact (and once on the interpret backend, for the device gather of
 oracle is each prompt generated alone with mixed steps off, synchronously.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,7 +133,7 @@ def _steps(engine):
     seen, submit = [], engine.backend.submit
 
     def traced(step, sampling, feed=None):
-        seen.append((step.kind, step.cu_seqlens_q.diff().tolist(), 0 if feed is None else int((feed >= 0).sum())))
+        seen.append((step.kind, np.diff(step.cu_seqlens_q).tolist(), 0 if feed is None else int((feed >= 0).sum())))
         return submit(step, sampling, feed)
 
     engine.backend.submit = traced

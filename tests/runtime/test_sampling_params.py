@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,11 +71,11 @@ def test_repetition_penalty_matches_the_rule():
     ids = [[1, 1, 5, 36, 5], [], [0], list(range(0, V, 3)), [2, 2, 2]]
     penalties = [1.3, 2.0, 0.7, 1.1, 1.0]
     before = logits.clone()
-    got = apply_repetition_penalty(logits, ids, torch.tensor(penalties))
+    got = torch.from_numpy(apply_repetition_penalty(logits.numpy(), ids, np.array(penalties)))
     torch.testing.assert_close(got, _penalty_by_loop(logits, ids, penalties), rtol=0, atol=0)
     assert torch.equal(logits, before), "the input logits are left alone"
     assert torch.equal(got[1], logits[1]) and torch.equal(got[4], logits[4])
-    assert torch.equal(apply_repetition_penalty(logits, [[]] * S, penalties), logits)
+    assert np.array_equal(apply_repetition_penalty(logits.numpy(), [[]] * S, penalties), logits.numpy())
 
 
 def test_repetition_penalty_equals_transformers():
@@ -84,15 +85,17 @@ def test_repetition_penalty_equals_transformers():
     logits = torch.randn(3, 50, generator=g)
     ids = torch.randint(0, 50, (3, 12), generator=g)
     want = RepetitionPenaltyLogitsProcessor(1.25)(ids, logits.clone())
-    torch.testing.assert_close(apply_repetition_penalty(logits, ids.tolist(), [1.25] * 3), want, rtol=0, atol=0)
+    got = apply_repetition_penalty(logits.numpy(), ids.tolist(), [1.25] * 3)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=0)
 
 
 def test_sampling_inputs_roles_and_greedy_rows():
     params = [SamplingParams(temperature=0, top_k=5, top_p=0.5), SamplingParams(temperature=0.7, top_k=40, min_p=0.1)]
     got = sampling_inputs(params, seeds=[3, (1 << 64) - 1], offsets=[0, 12])
     assert {k: v.dtype for k, v in got.items()} == {
-        "temperature": torch.float32, "top_k": torch.int32, "top_p": torch.float32, "min_p": torch.float32,
-        "seeds": torch.int64, "offsets": torch.int64}
+        "temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
+        "seeds": np.int64, "offsets": np.int64}
+    assert all(isinstance(v, np.ndarray) for v in got.values())  # host arrays: the engine's interface
     assert got["temperature"].tolist() == [0.0, pytest.approx(0.7)]
     assert got["top_k"].tolist() == [0, 40] and got["top_p"].tolist() == [1.0, 1.0]
     assert got["min_p"].tolist() == [0.0, pytest.approx(0.1)]

@@ -1,7 +1,7 @@
 import random
 
+import numpy as np
 import pytest
-import torch
 
 from runtime.kv_cache import BlockAllocator
 from runtime.scheduler import PENDING, Scheduler, Sequence
@@ -149,18 +149,18 @@ def test_too_long_requests_are_refused_up_front():
 def test_make_step_tensors():
     chunks = [Chunk([11, 12, 13], 2, [5, 6]), Chunk([21], 0, [2])]
     step = make_step("prefill", chunks, block_size=4, max_blocks=3)
-    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)
-    assert torch.equal(step.ids, i32([11, 12, 13, 21]))
-    assert torch.equal(step.positions, i32([2, 3, 4, 0]))
-    assert torch.equal(step.slot_mapping, i32([5 * 4 + 2, 5 * 4 + 3, 6 * 4, 2 * 4]))
-    assert torch.equal(step.cu_seqlens_q, i32([0, 3, 4]))
-    assert torch.equal(step.seq_lens, i32([5, 1]))
-    assert torch.equal(step.block_tables, i32([[5, 6, 0], [2, 0, 0]]))
-    assert torch.equal(step.last_idx, i32([2, 3]))
+    i32 = lambda xs: np.array(xs, dtype=np.int32)
+    assert np.array_equal(step.ids, i32([11, 12, 13, 21]))
+    assert np.array_equal(step.positions, i32([2, 3, 4, 0]))
+    assert np.array_equal(step.slot_mapping, i32([5 * 4 + 2, 5 * 4 + 3, 6 * 4, 2 * 4]))
+    assert np.array_equal(step.cu_seqlens_q, i32([0, 3, 4]))
+    assert np.array_equal(step.seq_lens, i32([5, 1]))
+    assert np.array_equal(step.block_tables, i32([[5, 6, 0], [2, 0, 0]]))
+    assert np.array_equal(step.last_idx, i32([2, 3]))
     assert (step.T, step.S, step.R) == (4, 2, 2)
-    assert all(t.dtype == torch.int32 for t in step.inputs().values())
+    assert all(isinstance(t, np.ndarray) and t.dtype == np.int32 for t in step.inputs().values())
     every = make_step("prefill", chunks, block_size=4, max_blocks=3, all_logits=True)
-    assert torch.equal(every.last_idx, i32([0, 1, 2, 3])) and every.R == 4
+    assert np.array_equal(every.last_idx, i32([0, 1, 2, 3])) and every.R == 4
 
 
 def test_make_step_rejects_bad_chunks():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import openai
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_chat_logprobs_are_the_models_log_softmax(client, engine):
     assert len(content) == 5
     ids = engine.tokenizer.apply_chat_template(messages, tokenize=True)
     generated = _expected(engine, ids, 5).token_ids
-    lp = torch.log_softmax(engine.logits(ids + generated[:-1])[len(ids) - 1:], dim=-1)
+    lp = torch.log_softmax(torch.from_numpy(engine.logits(ids + generated[:-1])[len(ids) - 1:]), dim=-1)
     for pos, (entry, tok) in enumerate(zip(content, generated)):
         assert entry.logprob == pytest.approx(float(lp[pos, tok]), abs=1e-4)
         assert len(entry.top_logprobs) == 3
@@ -104,7 +105,7 @@ def test_completion_echo_scores_the_prompt(client, engine):
     lp = choice.logprobs
     assert len(lp.tokens) == len(ids) + 3 and len(lp.text_offset) == len(lp.tokens)
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    ref = torch.log_softmax(engine.logits(ids), dim=-1)
+    ref = torch.log_softmax(torch.from_numpy(engine.logits(ids)), dim=-1)
     for i in range(1, len(ids)):
         assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-4)
         assert 1 <= len(lp.top_logprobs[i]) <= 2
@@ -158,6 +159,6 @@ def test_requests_are_counted_in_metrics(server, client):
 def test_apply_penalties_counts_output_tokens_only():
     from runtime.serving.scoring import apply_penalties
 
-    logits = torch.zeros(2, 5)
+    logits = np.zeros((2, 5), np.float32)  # host logits, as the engine hands them over
     out = apply_penalties(logits, [[1, 1, 3], []], [0.5, 0.5], [0.25, 0.25])
     assert out[0].tolist() == [0.0, -1.0, 0.0, -0.75, 0.0] and out[1].tolist() == [0.0] * 5
