@@ -299,9 +299,10 @@ def gguf_notes(transforms: list[dict]) -> tuple[str, ...]:
     notes = []
     for r in transforms:
         if r["op"] == "gguf_dequantized":
-            odd = sorted({t for t in r["gguf_types"].values() if t not in NATIVE_TYPES}) or ["a transform"]
-            notes.append(f"{r['inputs'][0]}: dequantized to the build dtype, not served as GGUF blocks (type "
-                         f"{', '.join(odd)}; native types: {', '.join(NATIVE_TYPES)})")
+            odd = [f"{src} is {t}" for src, t in r["gguf_types"].items() if t not in NATIVE_TYPES]
+            notes.append(f"{r['inputs'][0]} dequantized to the build dtype, not served as GGUF blocks: "
+                         f"{', '.join(odd) or 'a transform the blocks cannot follow'} (native types: "
+                         f"{', '.join(NATIVE_TYPES)})")
     return tuple(notes)
 
 
