@@ -20,7 +20,10 @@ from pathlib import Path
 # int4 (dtype u8, packed; attrs quant "int4" and group_size; its (scale, min) pairs through the same scale pointer)
 # stays format 3: its kernel constexprs default to off, so a format 3 index from before it still binds and runs. So
 # does rms_norm_linear's in-kernel norm weight (input norm_w, attr use_norm_w): constexpr USE_NORM_W defaults to off
-# and its pointer is a last parameter with a default, bound by name.
+# and its pointer is a last parameter with a default, bound by name. int8_group (--quant gguf: i8 weights with
+# [N, K / G, 2] (scale, min), GROUP_SIZE > 0 without W_INT4) stays format 3 as well: its binaries and this runtime
+# read it; a runtime from before it would misread such an artifact on its interpret backend (its kernels load the q
+# unscaled), which is the case for a bump should old runtimes have to refuse these artifacts.
 FORMAT = 3
 REQUIRED_FILES = ("graph.onnx", "weights.safetensors", "tokenizer.json")
 LIMIT_KEYS = ("max_seq_len", "max_batch", "max_num_tokens", "block_size")

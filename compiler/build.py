@@ -56,6 +56,7 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
     tuning_source: str = "heuristic"
     autotune_rows: list[tuple] = field(default_factory=list)
+    notes: tuple[str, ...] = ()  # said in the compile output (e.g. GGUF tensors dequantized, not served natively)
 
 
 def _concrete(shape: tuple, env: dict, limits: Limits, num_blocks: int) -> tuple[int, ...]:
@@ -207,12 +208,15 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
 def build(source: str, out: Path | str, targets: list[str] | None = None, dtype: str | None = None,
           max_seq_len: int = 2048, max_batch: int = 32, max_num_tokens: int | None = None,
           autotune: bool | None = None, reference: bool = True, progress: bool = False,
-          quant: str = "none", group_size: int | None = None) -> BuildReport:
+          quant: str | None = None, group_size: int | None = None) -> BuildReport:
     """Compile ``source`` (preset name, HF directory or .gguf file) into an artifact directory at ``out``.
 
     quant "int8": weight-only int8 for every linear / rms_norm_linear weight (embedding and lm_head stay in ``dtype``);
     "int4": weight-only int4 per group of ``group_size`` (32, 64 or 128; default 128) along K, the same weights. The
-    reference logits then come from transformers on the dequantized weights the artifact holds."""
+    reference logits then come from transformers on the dequantized weights the artifact holds. "gguf" (the default for
+    a GGUF source, else "none"): the same weights keep the GGUF's own quantized values, repacked (Q4_0 / Q4_1 / Q4_K
+    to int4 per 32, Q5_K / Q8_0 to int8_group per 32, Q6_K per 16); any other type is dequantized, and a note says
+    so."""
     from compiler.dequant import dequantized_checkpoint
     from compiler.frontends import family_of, load_source
     from compiler.memory import memory_plan
@@ -228,7 +232,7 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
                                                                [Target.parse(t) for t in DEFAULT_TARGETS])
     dtype = dtype or ("bf16" if local else "fp32")
     check_dtype(dtype, tgts)
-    passes_for(quant, group_size)  # an unknown scheme or a stray --group-size is one line before any work
+    passes_for(quant or "none", group_size)  # an unknown scheme or a stray --group-size is one line before any work
     if quant == "int4":
         group_size = group_size or INT4_DEFAULT_GROUP_SIZE
     autotune = bool(local) if autotune is None else autotune
@@ -242,6 +246,10 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
         seconds["preset"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     src = load_source(source, progress=progress)  # before any progress output: a bad SOURCE is one clean line
+    quant = quant or ("gguf" if src.stored else "none")
+    if quant == "gguf" and not src.stored:
+        raise ValueError(f"--quant gguf keeps a GGUF file's own quantized tensors, and {source} is not a .gguf file: "
+                         f"use --quant none, int8 or int4")
     family = family_of(src.config)
     with Progress(progress) as bar:
         max_pos = src.config.get("max_position_embeddings") or max_seq_len
@@ -259,7 +267,7 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
         seconds["trace"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         traced = weights
-        graph, weights, transforms = optimize(graph, traced, dtype, quant, group_size)
+        graph, weights, transforms = optimize(graph, traced, dtype, quant, group_size, src.stored)
         if quant != "none" and reference:  # the reference model runs the dequantized weights: unwind them later
             row_counts = {n: t.shape[0] for n, t in traced.items() if t.dim()}
         del traced
@@ -303,7 +311,22 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
             shutil.rmtree(stage, ignore_errors=True)
             raise
     seconds["total"] = time.perf_counter() - t0
-    return BuildReport(out, len(graph.nodes), counts, cache.misses, cache.hits, seconds, tuning_source, rows)
+    return BuildReport(out, len(graph.nodes), counts, cache.misses, cache.hits, seconds, tuning_source, rows,
+                       gguf_notes(transforms))
+
+
+def gguf_notes(transforms: list[dict]) -> tuple[str, ...]:
+    """One line per weight --quant gguf could not keep in its GGUF type (repack_gguf's gguf_dequantized records)."""
+    from compiler.frontends.gguf_blocks import NATIVE_TYPES
+
+    notes = []
+    for r in transforms:
+        if r["op"] == "gguf_dequantized":
+            odd = [f"{src} is {t}" for src, t in r["gguf_types"].items() if t not in NATIVE_TYPES]
+            notes.append(f"{r['inputs'][0]} dequantized to the build dtype, not served as GGUF blocks: "
+                         f"{', '.join(odd) or 'a transform the blocks cannot follow'} (native types: "
+                         f"{', '.join(NATIVE_TYPES)})")
+    return tuple(notes)
 
 
 def _is_random_preset(source: str) -> bool:

@@ -36,16 +36,18 @@ def main(debug: bool) -> None:
 @click.option("--autotune/--no-autotune", default=None,
               help="Time candidate configs on this GPU (default: on with a GPU).")
 @click.option("--reference/--no-reference", default=True, help="Store HF transformers reference logits.")
-@click.option("--quant", default="none", show_default=True,
-              help="Weight quantization: none, int8 (weight-only, symmetric per output channel) or int4 (weight-only, "
-                   "asymmetric per group along K, see --group-size) for every linear (qkv, o, gate_up, down) and the "
-                   "embedding table and lm_head (per vocabulary row / per group along the hidden size; a tied table "
-                   "once). Norm weights stay in --dtype and are applied to x in the kernel, not folded into the "
-                   "quantized weights. A GGUF source is dequantized, then quantized.")
+@click.option("--quant", default=None,
+              help="Weight quantization: none, int8 (weight-only, symmetric per output channel), int4 (weight-only, "
+                   "asymmetric per group along K, see --group-size) or gguf (a .gguf source's own quantized tensors, "
+                   "served as they are: Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0; other types dequantized, with a note) for "
+                   "every linear (qkv, o, gate_up, down) and the embedding table and lm_head (per vocabulary row / per "
+                   "group along the hidden size; a tied table once). Norm weights stay in --dtype and are applied to x "
+                   "in the kernel, not folded into the quantized weights. Default: gguf for a GGUF source, else none; "
+                   "int8 / int4 of a GGUF source dequantize it first, then quantize.")
 @click.option("--group-size", type=int, default=None,
               help="--quant int4 only: values per (scale, min) group along K, 32, 64 or 128 (default 128).")
 def compile(source: str, out: Path | None, targets: tuple[str, ...], dtype: str | None, max_seq_len: int,
-            max_batch: int, max_num_tokens: int | None, autotune: bool | None, reference: bool, quant: str,
+            max_batch: int, max_num_tokens: int | None, autotune: bool | None, reference: bool, quant: str | None,
             group_size: int | None) -> None:
     """Compile SOURCE (a preset name, an HF model directory or a .gguf file) into an artifact."""
     from compiler.build import build
@@ -54,6 +56,8 @@ def compile(source: str, out: Path | None, targets: tuple[str, ...], dtype: str 
     report = build(source, out, list(targets) or None, dtype, max_seq_len, max_batch, max_num_tokens, autotune,
                    reference, progress=True, quant=quant, group_size=group_size)
     console = Console()
+    for note in report.notes:
+        console.print(f"note: {note}")
     if report.autotune_rows:
         table = Table(title="autotune (median µs per config, CUDA graphs)")
         for col in ("op", "T bucket", "best config", "best µs", "candidates"):
@@ -90,9 +94,11 @@ def models() -> None:
     console.print("architectures: " + ", ".join(f"{a} ({f})" for a, f in SUPPORTED_ARCHITECTURES.items()))
     console.print("sources: a preset name, an HF model directory (config.json, *.safetensors, tokenizer.json) "
                   "or a .gguf file")
-    console.print("--quant: none, int8 (weight-only, per output channel) or int4 (weight-only, per group of "
-                  "--group-size 32/64/128 along K) for the linears, the embedding table and the lm_head; MoE experts "
-                  "and routers, norm weights and biases stay in the build dtype")
+    console.print("--quant: none, int8 (weight-only, per output channel), int4 (weight-only, per group of "
+                  "--group-size 32/64/128 along K) or gguf (the default for a .gguf source: its Q4_0 / Q4_1 / Q4_K / "
+                  "Q5_K / Q6_K / Q8_0 tensors served as they are, other types dequantized) for the linears, the "
+                  "embedding table and the lm_head; MoE experts and routers, norm weights and biases stay in the "
+                  "build dtype")
 
 
 if __name__ == "__main__":

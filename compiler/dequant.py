@@ -1,5 +1,5 @@
-"""The checkpoint a quantized artifact computes with: its int8 / int4 weights dequantized and mapped back to the
-source's tensor names, so HF transformers can run exactly the model the artifact runs (the reference of
+"""The checkpoint a quantized artifact computes with: its int8 / int4 / repacked GGUF weights dequantized and mapped
+back to the source's tensor names, so HF transformers can run exactly the model the artifact runs (the reference of
 `runtime verify`).
 
 Each quantized weight is walked back through the transform records that made it (docs/artifact.md, manifest
@@ -17,7 +17,7 @@ import torch
 from kernels.rope_epilogue import RopeEpilogue
 from kernels.weight_quant import dequantize
 
-QUANTIZE_OPS = ("quantize_int8", "quantize_int4")
+QUANTIZE_OPS = ("quantize_int8", "quantize_int4", "repack_gguf")
 
 
 def dequantized_checkpoint(transforms: list[dict], weights: Mapping[str, torch.Tensor],
@@ -25,10 +25,10 @@ def dequantized_checkpoint(transforms: list[dict], weights: Mapping[str, torch.T
     """Source tensor name -> the fp32 weight the artifact computes with, for every weight quantize_weights replaced.
 
     weights: the artifact's weights; rows: source tensor name -> its number of rows (to split merges)."""
-    made = {r["output"]: r for r in transforms if r["op"] not in ("cast", *QUANTIZE_OPS)}
+    made = {r["output"]: r for r in transforms if "output" in r and r["op"] not in ("cast", *QUANTIZE_OPS)}
     out: dict[str, torch.Tensor] = {}
     for r in transforms:
-        if r["op"] in QUANTIZE_OPS:  # kernels/weight_quant.py tells int4 (u8 w, [N, K / G, 2] scale) from int8
+        if r["op"] in QUANTIZE_OPS:  # kernels/weight_quant.py tells the schemes apart by dtype and rank
             value = dequantize(weights[r["output"]], weights[r["scale"]])
             out.update(_unwind(r["inputs"][0], value, made, rows))
     return out

@@ -11,8 +11,9 @@ itself stays unscaled, as the lm_head tied to it needs.
 A quantized table (attr quant, kernels/weight_quant.py, the schemes of the matmul weights with D as their K):
 W_INT8, int8 rows with an fp32 scale per row (weight_scale [V]); W_INT4, rows of D / 2 bytes, two 4-bit q each,
 with an fp32 (scale, min) per group of GROUP_SIZE along D (weight_scale [V, D / GROUP_SIZE, 2]). The row is
-dequantized in fp32 as it is read (matmul_helpers.load_int4 for int4), then scaled and cast as above. A table tied to
-the lm_head is quantized once and read by both kernels.
+dequantized in fp32 as it is read (matmul_helpers.load_grouped for int4), then scaled and cast as above. int8_group
+(neither flag, GROUP_SIZE > 0; a GGUF's Q8_0 / Q5_K / Q6_K table): int8 rows with int4's (scale, min) pairs, through
+the same load_grouped. A table tied to the lm_head is quantized once and read by both kernels.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.matmul_configs import quant_meta, weight_launch_pieces
-from kernels.matmul_helpers import load_int4
+from kernels.matmul_helpers import load_grouped
 from kernels.pdl import enter
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 from kernels.weight_quant import dequantize, is_int4
@@ -44,7 +45,7 @@ def _embedding_kernel(
     W_INT8: tl.constexpr = False,
     W_INT4: tl.constexpr = False,
     GROUP_SIZE: tl.constexpr = 0,
-    weight_scale_ptr=None,  # [V] fp32 (W_INT8); [V, D / GROUP_SIZE, 2] fp32 (W_INT4); else bound to weight, unread
+    weight_scale_ptr=None,  # [V] fp32 (W_INT8); [V, D / GROUP_SIZE, 2] fp32 (GROUP_SIZE > 0); else bound to weight
     USE_PDL: tl.constexpr = False,  # kernels/pdl.py; last with a default, so older indexes run interpreted
 ):
     enter(USE_PDL)
@@ -55,12 +56,12 @@ def _embedding_kernel(
     valid = (token >= 0) & (token < V)
     safe = tl.where(valid, token, 0)
     mask = cols < D
-    if W_INT4:
-        # One row of the table as a [1, BLOCK_D] tile of the int4 matmul layout (row index V for an invalid id:
-        # masked, zeros).
-        tile = load_int4(weight_ptr, weight_scale_ptr, tl.full((1,), 0, tl.int64) + tl.where(valid, token, V), d0,
-                         N=V, K=D, BLOCK_N=1, BLOCK_K=BLOCK_D, EVEN_K=D % BLOCK_D == 0, GROUP_SIZE=GROUP_SIZE,
-                         EVICT_FIRST=False)
+    if GROUP_SIZE > 0:
+        # One row of the table as a [1, BLOCK_D] tile of the grouped matmul layout, int4 or int8_group (row index V
+        # for an invalid id: masked, zeros).
+        tile = load_grouped(weight_ptr, weight_scale_ptr, tl.full((1,), 0, tl.int64) + tl.where(valid, token, V),
+                            d0, N=V, K=D, BLOCK_N=1, BLOCK_K=BLOCK_D, EVEN_K=D % BLOCK_D == 0, GROUP_SIZE=GROUP_SIZE,
+                            EVICT_FIRST=False, W_INT4=W_INT4)
         vals = tl.reshape(tile, (BLOCK_D,))
     else:
         vals = tl.load(weight_ptr + safe * D + cols, mask=mask & valid, other=0.0)

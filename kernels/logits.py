@@ -21,7 +21,8 @@ Soft-capping (USE_SOFTCAP, Gemma 2's final_logit_softcapping): each logit z is s
 A quantized weight (attr quant, kernels/weight_quant.py, the matmul weights' schemes with D as their K): W_INT8, int8
 rows with an fp32 scale per vocabulary row (weight_scale [V]); W_INT4, rows of D / 2 bytes, two 4-bit q each, with an
 fp32 (scale, min) per group of GROUP_SIZE along D (weight_scale [V, D / GROUP_SIZE, 2]). Each weight tile is
-dequantized in fp32 as it is loaded (_weight_tile; int4 through matmul_helpers.load_int4), then meets x as a tile of
+dequantized in fp32 as it is loaded (_weight_tile; int4 and int8_group, a GGUF's Q8_0 / Q5_K / Q6_K table with int4's
+(scale, min) pairs over int8 q, through matmul_helpers.load_grouped), then meets x as a tile of
 the unquantized weight would: the tl.dot path rounds it once to the activation dtype (exact for int8 q * scale only
 in fp32), the broadcast path stays fp32. A tied embedding's table is the same tensor the embedding kernel reads.
 """
@@ -34,7 +35,7 @@ import triton.language as tl
 
 from kernels.attention_helpers import soft_cap, softcap_constexprs
 from kernels.matmul_configs import quant_meta, weight_launch_pieces
-from kernels.matmul_helpers import load_int4
+from kernels.matmul_helpers import load_grouped
 from kernels.pdl import enter
 from kernels.spec import Config, KernelSpec, Plan, dtype_name, grid_dim, make_launch, ptr, run
 from kernels.weight_quant import dequantize, is_int4
@@ -54,7 +55,7 @@ def _row_sumsq(x_rows, r_mask, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: 
 @triton.jit
 def _weight_tile(
     weight_ptr,  # [V, D]; int8 with W_INT8; [V, D / 2] u8 with W_INT4
-    weight_scale_ptr,  # [V] fp32 (W_INT8); [V, D / GROUP_SIZE, 2] fp32 (W_INT4)
+    weight_scale_ptr,  # [V] fp32 (W_INT8); [V, D / GROUP_SIZE, 2] fp32 (GROUP_SIZE > 0)
     vocab,  # [BLOCK_V] int64
     d,  # first column of the chunk, a multiple of BLOCK_D
     D: tl.constexpr,
@@ -66,9 +67,9 @@ def _weight_tile(
     GROUP_SIZE: tl.constexpr,
 ):
     """weight[vocab, d:d + BLOCK_D], [BLOCK_V, BLOCK_D]: in its own dtype, or dequantized to fp32; 0 outside."""
-    if W_INT4:
-        w = load_int4(weight_ptr, weight_scale_ptr, vocab, d, N=V, K=D, BLOCK_N=vocab.shape[0], BLOCK_K=BLOCK_D,
-                      EVEN_K=EVEN_D, GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=False)
+    if GROUP_SIZE > 0:
+        w = load_grouped(weight_ptr, weight_scale_ptr, vocab, d, N=V, K=D, BLOCK_N=vocab.shape[0], BLOCK_K=BLOCK_D,
+                         EVEN_K=EVEN_D, GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=False, W_INT4=W_INT4)
     else:
         cols = d + tl.arange(0, BLOCK_D)
         v_mask = vocab < V
@@ -126,7 +127,7 @@ def _rows_dot(
             g = tl.load(norm_w_ptr + cols, mask=d_mask, other=0.0)
         w = _weight_tile(weight_ptr, weight_scale_ptr, vocab, d, D=D, V=V, BLOCK_D=BLOCK_D, EVEN_D=EVEN_D,
                          W_INT8=W_INT8, W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE)
-        if W_INT8 or W_INT4:
+        if W_INT8 or GROUP_SIZE > 0:
             w = w.to(x.dtype)  # the dequantized weight rounded once to the activation dtype (none in fp32)
         # The operand is the normed activation, O(1): in range for fp16 whatever the hidden states' scale.
         xn = x.to(tl.float32) * rstd[:, None] * g.to(tl.float32)[None, :]

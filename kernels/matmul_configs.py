@@ -9,7 +9,7 @@ import torch
 import triton
 
 from kernels.spec import SEMAPHORES, Arg, Config, GridDim, grid_dim, ptr
-from kernels.weight_quant import INT4_GROUP_SIZES, QUANT_SCHEMES, is_int4
+from kernels.weight_quant import INT4_GROUP_SIZES, INT8_GROUP_SIZES, QUANT_SCHEMES, scheme_of
 
 # Notional number of SMs/CUs used to size split-K when no GPU is at hand (H100/H200: 132, MI300X: 304): enough
 # programs that every SM holds a few and the memory system sees enough loads in flight.
@@ -74,48 +74,55 @@ INT4_MIN_BLOCK_K = 32
 def quant_meta(w: torch.Tensor, scale: torch.Tensor, K: int) -> dict:
     """The node attrs (quant, group_size) of a launcher's quantized w and scale, shapes and dtypes checked."""
     N = w.shape[0]
-    if is_int4(w, scale):
+    quant, group = scheme_of(w, scale)
+    if quant in ("int4", "int8_group"):
         groups = scale.shape[1]
-        assert groups and K % groups == 0 and scale.shape == (N, groups, 2) and scale.dtype == torch.float32, \
-            "int4: u8 w [N, K / 2], fp32 scale [N, K / group_size, 2]"
-        return {"quant": "int4", "group_size": K // groups}
+        cols = K // 2 if quant == "int4" else K
+        assert groups and K % groups == 0 and w.shape == (N, cols) and scale.shape == (N, groups, 2) and \
+            scale.dtype == torch.float32, "int4: u8 w [N, K / 2]; int8_group: i8 w [N, K]; fp32 scale [N, K / G, 2]"
+        return {"quant": quant, "group_size": group}
     assert w.dtype == torch.int8 and scale.shape == (N,) and scale.dtype == torch.float32, "int8 w, fp32 scale [N]"
     return {"quant": "int8"}
 
 
+# The dtype of w and the group sizes of each scheme (kernels/weight_quant.py).
+_SCHEME_W = {"none": None, "int8": "i8", "int4": "u8", "int8_group": "i8"}
+_SCHEME_GROUPS = {"int4": INT4_GROUP_SIZES, "int8_group": INT8_GROUP_SIZES}
+
+
 def weight_scheme(meta: dict, dtypes: dict, w: str = "w", scale: str = "scale", k: str = "K") -> str:
     """The node's weight scheme (attr quant: kernels/weight_quant.py; absent or "none": w in the activation dtype),
-    checked against the dtypes of w and scale and, for int4, the group size against K. The roles and the size key
-    are the matmuls'; embedding and logits name theirs (weight, weight_scale, D)."""
+    checked against the dtypes of w and scale and, for the grouped schemes, the group size against K. The roles and
+    the size key are the matmuls'; embedding and logits name theirs (weight, weight_scale, D)."""
     quant = meta.get("quant") or "none"
     if quant not in QUANT_SCHEMES:
         raise ValueError(f"quant {quant!r} is not one of {', '.join(QUANT_SCHEMES)}")
-    want = {"none": None, "int8": "i8", "int4": "u8"}[quant]
+    want = _SCHEME_W[quant]
     if quant == "none":
         if scale in dtypes or dtypes[w] in ("i8", "u8"):
             raise ValueError(f"quant none: {w} is {dtypes[w]} and {scale} {dtypes.get(scale, 'absent')}; a "
-                             f"quantized {w} needs attr quant int8 or int4")
+                             f"quantized {w} needs attr quant int8, int4 or int8_group")
         return quant
     if dtypes[w] != want or dtypes.get(scale) != "fp32":
         raise ValueError(f"quant {quant}: {w} is {dtypes[w]} and {scale} {dtypes.get(scale, 'absent')}; {quant} "
                          f"needs a {want} {w} and an fp32 {scale}")
-    if quant == "int4":
-        group = meta.get("group_size")
-        if group not in INT4_GROUP_SIZES or meta[k] % group:
-            raise ValueError(f"quant int4: group_size {group} must be one of {INT4_GROUP_SIZES} and divide {k} = "
-                             f"{meta[k]}")
+    if quant in _SCHEME_GROUPS:
+        group, sizes = meta.get("group_size"), _SCHEME_GROUPS[quant]
+        if group not in sizes or meta[k] % group:
+            raise ValueError(f"quant {quant}: group_size {group} must be one of {sizes} and divide {k} = {meta[k]}")
     return quant
 
 
 def weight_launch_pieces(meta: dict, dtypes: dict, w: str = "w", scale: str = "scale", k: str = "K",
                          pointer: str = "scale_ptr") -> tuple[dict[str, str], dict[str, Arg], dict]:
     """The scale pointer's type and binding and the W_INT8 / W_INT4 / GROUP_SIZE constexprs; without a scheme the
-    pointer is bound to w, unread."""
+    pointer is bound to w, unread. GROUP_SIZE > 0 means a (scale, min) pair per group: int4 (W_INT4, packed) or
+    int8_group (neither flag: int8 q, dequantized per group as it is loaded, kernels/matmul_helpers.py)."""
     quant = weight_scheme(meta, dtypes, w, scale, k)
     role = w if quant == "none" else scale
-    int4 = quant == "int4"
+    grouped = quant in _SCHEME_GROUPS
     return ({pointer: ptr(dtypes[role])}, {pointer: ("tensor", role)},
-            {"W_INT8": quant == "int8", "W_INT4": int4, "GROUP_SIZE": meta["group_size"] if int4 else 0})
+            {"W_INT8": quant == "int8", "W_INT4": quant == "int4", "GROUP_SIZE": meta["group_size"] if grouped else 0})
 
 
 def _fits_scheme(meta: dict, configs: list[Config]) -> list[Config]:
@@ -124,11 +131,11 @@ def _fits_scheme(meta: dict, configs: list[Config]) -> list[Config]:
     at least 32). The candidates keep their element counts: the broadcast product's accumulator is fp32 per element
     whatever the weight dtype, so registers, not bytes, bound its tile; an int8 tile reads half the bytes of a
     16-bit one, an int4 tile a quarter (plus one (scale, min) pair per row and group). A chunk longer than the
-    group is allowed: it holds whole groups and loads one pair per group (kernels/matmul_helpers.py, load_int4)."""
+    group is allowed: it holds whole groups and loads one pair per group (kernels/matmul_helpers.py, load_grouped)."""
     quant = meta.get("quant") or "none"
     if quant == "none":
         return configs
-    least = {"int8": INT8_MIN_BLOCK_K, "int4": INT4_MIN_BLOCK_K}[quant]
+    least = {"int8": INT8_MIN_BLOCK_K, "int8_group": INT8_MIN_BLOCK_K, "int4": INT4_MIN_BLOCK_K}[quant]
     least = min(least, triton.next_power_of_2(meta["K"]))
     return [c for c in configs if c["BLOCK_K"] >= least]
 

@@ -39,10 +39,14 @@ Weight-only int4 (W_INT4, GROUP_SIZE): w is [N, K / 2] uint8, two 4-bit q per by
 odd k), asymmetric per group of GROUP_SIZE k of a row, and scale [N, K / GROUP_SIZE, 2] fp32 holds each group's
 (scale, min): W = q * scale + min (kernels/weight_quant.py). The scale varies along K, so it cannot wait for the
 epilogue: each K chunk loads BLOCK_K / 2 contiguous bytes per row, splits the nibbles back to their K positions and
-dequantizes in fp32 (load_int4) before the same product. A chunk starts at a multiple of BLOCK_K, so when
+dequantizes in fp32 (load_grouped) before the same product. A chunk starts at a multiple of BLOCK_K, so when
 BLOCK_K <= GROUP_SIZE (both powers of two) it lies inside one group and takes one (scale, min) per row; a longer
 chunk holds BLOCK_K / GROUP_SIZE whole groups and takes that many pairs per row, each broadcast over its group. The
 epilogue then has no weight scale to apply.
+
+Weight-only grouped int8 (int8_group: GROUP_SIZE > 0 without W_INT4 or W_INT8; what a GGUF's Q8_0, Q5_K and Q6_K
+blocks are repacked into): w is [N, K] int8 with the same [N, K / GROUP_SIZE, 2] (scale, min) pairs, group 16 or 32,
+and load_grouped dequantizes it the same way, one byte per k.
 
 Which layout and tiles a node gets per token bucket, and the plan pieces both ops share: kernels/matmul_configs.py.
 """
@@ -84,8 +88,8 @@ def apply_norm_w(
 
 
 @triton.jit
-def load_int4(
-    w_ptr,  # [N, K / 2] u8, two q per byte
+def load_grouped(
+    w_ptr,  # [N, K / 2] u8, two q per byte (W_INT4); [N, K] i8 (int8_group)
     scale_ptr,  # [N, K / GROUP_SIZE, 2] fp32 (scale, min)
     cols,  # [BLOCK_N] int64
     k,  # first k of the chunk, a multiple of BLOCK_K
@@ -96,24 +100,37 @@ def load_int4(
     EVEN_K: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     EVICT_FIRST: tl.constexpr,
+    W_INT4: tl.constexpr,
 ):
-    """w[cols, k:k + BLOCK_K] dequantized to fp32, [BLOCK_N, BLOCK_K]; 0 outside [N] x [K]."""
-    KH: tl.constexpr = K // 2
+    """w[cols, k:k + BLOCK_K] dequantized to fp32 (q * scale + min per group), [BLOCK_N, BLOCK_K]; 0 outside
+    [N] x [K]. W_INT4: q unpacked from nibbles; else int8_group: q read as int8, one byte per k."""
     NUM_GROUPS: tl.constexpr = K // GROUP_SIZE
     col_mask = cols < N
-    half = k // 2 + tl.arange(0, BLOCK_K // 2)
-    if EVEN_K:
-        mask = col_mask[:, None]
+    if W_INT4:
+        KH: tl.constexpr = K // 2
+        half = k // 2 + tl.arange(0, BLOCK_K // 2)
+        if EVEN_K:
+            mask = col_mask[:, None]
+        else:
+            mask = col_mask[:, None] & (half < KH)[None, :]
+        ptrs = w_ptr + cols[:, None] * KH + half[None, :]
     else:
-        mask = col_mask[:, None] & (half < KH)[None, :]
-    ptrs = w_ptr + cols[:, None] * KH + half[None, :]
+        ks = k + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            mask = col_mask[:, None]
+        else:
+            mask = col_mask[:, None] & (ks < K)[None, :]
+        ptrs = w_ptr + cols[:, None] * K + ks[None, :]
     if EVICT_FIRST:
-        packed = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+        raw = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
     else:
-        packed = tl.load(ptrs, mask=mask, other=0)
-    # Byte j holds k = 2j (low nibble) and 2j + 1 (high): joined on a new last axis, a row-major reshape puts each
-    # nibble at its own k.
-    q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        raw = tl.load(ptrs, mask=mask, other=0)
+    if W_INT4:
+        # Byte j holds k = 2j (low nibble) and 2j + 1 (high): joined on a new last axis, a row-major reshape puts
+        # each nibble at its own k.
+        q = tl.reshape(tl.join(raw & 15, raw >> 4), (BLOCK_N, BLOCK_K)).to(tl.float32)
+    else:
+        q = raw.to(tl.float32)
     if BLOCK_K <= GROUP_SIZE:
         # One group per row: k is a multiple of BLOCK_K, which divides GROUP_SIZE. A split's chunk may start past K.
         group_ptrs = scale_ptr + (cols * NUM_GROUPS + k // GROUP_SIZE) * 2
@@ -138,8 +155,8 @@ def load_int4(
 @triton.jit
 def mm_tile(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K]; [N, K / 2] u8 with W_INT4
-    scale_ptr,  # [N, K / GROUP_SIZE, 2] fp32 (W_INT4)
+    w_ptr,  # [N, K]; [N, K / 2] u8 with W_INT4; [N, K] i8 (int8_group)
+    scale_ptr,  # [N, K / GROUP_SIZE, 2] fp32 (GROUP_SIZE > 0)
     norm_w_ptr,  # [K] (USE_NORM_W)
     rows,  # [BLOCK_M] int64
     cols,  # [BLOCK_N] int64
@@ -186,12 +203,12 @@ def mm_tile(
             w_mask = col_mask[:, None] & k_mask[None, :]
         if USE_NORM_W:
             x = apply_norm_w(x, norm_w_ptr, ks, K=K)
-        if W_INT4:
-            w = load_int4(w_ptr, scale_ptr, cols, k, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
-                          GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=False)
+        if GROUP_SIZE > 0:
+            w = load_grouped(w_ptr, scale_ptr, cols, k, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
+                             GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=False, W_INT4=W_INT4)
         else:
             w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
-        if (W_INT8 or W_INT4) and USE_DOT:
+        if (W_INT8 or GROUP_SIZE > 0) and USE_DOT:
             # int8: exact (|q| <= 127); int4: the fp32 dequantized value rounded once to the activation dtype
             w = w.to(x.dtype)
         if USE_DOT:
@@ -281,8 +298,8 @@ def store_rows(
 @triton.jit
 def gemv_tile(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K]; [N, K / 2] u8 with W_INT4
-    scale_ptr,  # [N, K / GROUP_SIZE, 2] fp32 (W_INT4)
+    w_ptr,  # [N, K]; [N, K / 2] u8 with W_INT4; [N, K] i8 (int8_group)
+    scale_ptr,  # [N, K / GROUP_SIZE, 2] fp32 (GROUP_SIZE > 0)
     norm_w_ptr,  # [K] (USE_NORM_W)
     rows,  # [BLOCK_M] int64
     cols,  # [BLOCK_N] int64
@@ -327,14 +344,14 @@ def gemv_tile(
         else:
             x_mask = row_mask[:, None] & (ks < K)[None, :]
             w_mask = col_mask[:, None] & (ks < K)[None, :]
-        if W_INT4:
-            w = load_int4(w_ptr, scale_ptr, cols, k, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
-                          GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=True)
+        if GROUP_SIZE > 0:
+            w = load_grouped(w_ptr, scale_ptr, cols, k, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=EVEN_K,
+                             GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=True, W_INT4=W_INT4)
         else:
             w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0,
                         eviction_policy="evict_first")
         x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0, eviction_policy="evict_last")
-        if (W_INT8 or W_INT4) and USE_DOT:
+        if (W_INT8 or GROUP_SIZE > 0) and USE_DOT:
             # int8: exact (|q| <= 127); int4: the fp32 dequantized value rounded once to the activation dtype
             w = w.to(x.dtype)  # exact: |q| <= 127; the broadcast product below widens it to fp32 itself
         if USE_RMS:
@@ -366,8 +383,8 @@ def gemv_tile(
 @triton.jit
 def matmul_program(
     x_ptr,  # [T, K]
-    w_ptr,  # [N, K]; int8 with W_INT8; [N, K / 2] u8 with W_INT4
-    scale_ptr,  # [N] fp32 (W_INT8); [N, K / GROUP_SIZE, 2] fp32 (W_INT4)
+    w_ptr,  # [N, K]; int8 with W_INT8 or int8_group; [N, K / 2] u8 with W_INT4
+    scale_ptr,  # [N] fp32 (W_INT8); [N, K / GROUP_SIZE, 2] fp32 (GROUP_SIZE > 0: W_INT4 or int8_group)
     norm_w_ptr,  # [K] (USE_NORM_W)
     bias_ptr,  # [N]
     residual_ptr,  # [T, N]

@@ -277,9 +277,10 @@ def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = Fa
 
 
 def _scheme(node) -> str:
-    """A matmul node's weight scheme as inspect shows it: none, int8, or int4 with its group size (int4/g128)."""
+    """A matmul node's weight scheme as inspect shows it: none, int8, or int4 / int8_group with its group size
+    (int4/g128)."""
     quant = node.attr("quant") or "none"
-    return f"{quant}/g{node.attr('group_size')}" if quant == "int4" else quant
+    return f"{quant}/g{node.attr('group_size')}" if quant in ("int4", "int8_group") else quant
 
 
 def describe(artifact: Artifact) -> dict:
@@ -321,5 +322,11 @@ def describe(artifact: Artifact) -> dict:
                     "quant": m["model"].get("quant", "none"),
                     "schemes": dict(Counter(_scheme(n) for n in graph.nodes if n.op in ("linear", "rms_norm_linear"))),
                     "tables": {n.op: _scheme(n) for n in graph.nodes if n.op in ("embedding", "logits")},
-                    "decode_bytes": decode_weight_bytes(graph)},
+                    "decode_bytes": decode_weight_bytes(graph),
+                    # --quant gguf: the source tensors' GGUF types and the layouts they are served in
+                    "gguf": dict(Counter(f"{t} -> {r['scheme']}/g{r['group_size']}" if r["op"] == "repack_gguf" else
+                                         f"{t} -> dequantized"
+                                         for r in m["model"].get("transforms", [])
+                                         if r["op"] in ("repack_gguf", "gguf_dequantized")
+                                         for t in r["gguf_types"].values()))},
     }

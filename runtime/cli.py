@@ -158,6 +158,8 @@ def inspect(artifact: Path) -> None:
                   f"quant {w['quant']} (matmuls: " + ", ".join(f"{s} ×{n}" for s, n in w["schemes"].items())
                   + "".join(f", {op} {s}" for op, s in w["tables"].items())
                   + f"); {_size(w['decode_bytes'])} of weights read per decode step")
+    if w["gguf"]:
+        console.print("gguf    " + ", ".join(f"{k} ×{n}" for k, n in sorted(w["gguf"].items())))
     table = Table("target", "binaries", "launch sites", "size")
     for target, k in d["kernels"].items():
         table.add_row(target, str(k["binaries"]), str(k["launch sites"]), _size(k["bytes"]))

@@ -45,6 +45,9 @@ class ModelSource:
     hf_dir: Path | None
     gguf_path: Path | None
     sha256: str
+    # GGUF only: HF name -> its tensor as stored (compiler/frontends/gguf_file.py, GGUFTensor): the type and, for a
+    # type the kernels read natively, its blocks repacked (--quant gguf keeps those instead of `tensors`' values).
+    stored: Mapping[str, object] | None = None
 
 
 class LazyTensors(Mapping):

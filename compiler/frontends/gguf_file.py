@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ import torch
 
 from artifact_format.layout import cache_dir, file_sha256
 from compiler.frontends import SUPPORTED_ARCHITECTURES, LazyTensors, ModelSource, SourceError
+from compiler.frontends.gguf_blocks import NATIVE_TYPES, repack
 
 # GGUF general.architecture → (HF architecture, model_type)
 _ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
@@ -65,7 +68,7 @@ def load_gguf(path: Path, name: str | None = None, progress: bool = False) -> Mo
             or k in _TOKEN_IDS}
     tensors = {t.name: t for t in reader.tensors}
     config = gguf_config(meta, tensors, _vocab_len(reader))
-    loaders = {}
+    loaders, stored = {}, {}
     for gname, t in tensors.items():
         if gname == "rope_freqs.weight":
             continue  # folded into config["rope_scaling"]
@@ -73,11 +76,13 @@ def load_gguf(path: Path, name: str | None = None, progress: bool = False) -> Mo
         if hname is None:
             raise SourceError(f"{path.name}: tensor {gname} has no place in {config['architectures'][0]}")
         loaders[hname] = _loader(t, hname, config)
+        if len(t.shape) == 2:
+            stored[hname] = GGUFTensor(t.tensor_type.name, _packed_loader(t, _permuted_heads(hname, config)))
     sha = file_sha256(path)
     tokenizer_json, tokenizer_config = gguf_tokenizer(path, sha, meta, log)
     return ModelSource(name=name or path.stem, config=config, tensors=LazyTensors(dict(sorted(loaders.items()))),
                        tokenizer_json=tokenizer_json, tokenizer_config=tokenizer_config, hf_dir=None,
-                       gguf_path=path, sha256=sha)
+                       gguf_path=path, sha256=sha, stored=stored)
 
 
 _TOKEN_IDS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
@@ -102,12 +107,43 @@ def _array(t) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
-def _loader(t, hname: str, config: dict):
-    n_head = None
+def _permuted_heads(hname: str, config: dict) -> int | None:
+    """The head count whose q/k row permutation llama.cpp applied to this tensor (unpermute_rows), else None."""
     if config["model_type"] == "llama" and ".self_attn.q_proj." in hname:
-        n_head = config["num_attention_heads"]
-    elif config["model_type"] == "llama" and ".self_attn.k_proj." in hname:
-        n_head = config["num_key_value_heads"]
+        return config["num_attention_heads"]
+    if config["model_type"] == "llama" and ".self_attn.k_proj." in hname:
+        return config["num_key_value_heads"]
+    return None
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A 2-D GGUF tensor as stored: its type name (Q4_1, Q8_0, F32, ...) and, called, its blocks repacked into a
+    kernel layout (compiler/frontends/gguf_blocks.py, rows in HF order) or None for a type not served natively."""
+
+    type_name: str
+    load: Callable[[], tuple[str, torch.Tensor, torch.Tensor] | None]
+
+    @property
+    def native(self) -> bool:
+        return self.type_name in NATIVE_TYPES
+
+
+def _packed_loader(t, n_head: int | None):
+    def load():
+        if t.tensor_type.name not in NATIVE_TYPES:
+            return None
+        cols, rows = (int(d) for d in t.shape.tolist())
+        scheme, w, scale = repack(t.tensor_type.name, t.data, rows, cols)
+        if n_head:  # the same row permutation as the dequantized tensor's: per-row groups move with their rows
+            w, scale = unpermute_rows(w, n_head).contiguous(), unpermute_rows(scale, n_head).contiguous()
+        return scheme, w, scale
+
+    return load
+
+
+def _loader(t, hname: str, config: dict):
+    n_head = _permuted_heads(hname, config)
 
     def load() -> torch.Tensor:
         w = torch.from_numpy(_array(t))

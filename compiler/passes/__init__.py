@@ -22,6 +22,9 @@ Order matters, and each step says why it comes where it does:
                       channel) or --quant int4 (packed nibbles + fp32 scale and min per group along K); after every
                       pass that merges or reorders weight rows, so the rows quantized are the rows the kernel
                       reads
+  repack_gguf         instead, with --quant gguf (a GGUF source): the same weights keep their GGUF blocks, repacked
+                      (int4 or int8_group per group along K), the row operations of the passes before replayed on
+                      them (compiler/passes/gguf_weights.py)
   cast_weights        fp32 values -> the build dtype (cos_sin and quantization scales stay fp32)
 
 Per Llama decoder layer the result is rms_norm_linear(qkv with the rope and KV-cache write epilogue), attention,
@@ -46,6 +49,7 @@ from compiler.passes.fuse import (
     fuse_rope_cache_write,
     fuse_silu_mul,
 )
+from compiler.passes.gguf_weights import repack_gguf
 from compiler.passes.weights import (
     cast_weights,
     eliminate_dead,
@@ -80,15 +84,18 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("eliminate_dead", eliminate_dead),
     ("cast_weights", cast_weights),
 )
-# Weight schemes (kernels/weight_quant.py) quantize_weights applies, run just before cast_weights.
-QUANT_SCHEMES_BUILT = ("int8", "int4")
+# Weight schemes (kernels/weight_quant.py) quantize_weights applies, run just before cast_weights; "gguf" keeps a
+# GGUF source's own blocks (repack_gguf) in their place.
+QUANT_CHOICES = ("none", "int8", "int4", "gguf")
 
 
-def passes_for(quant: str = "none", group_size: int | None = None) -> tuple[tuple[str, Pass], ...]:
+def passes_for(quant: str = "none", group_size: int | None = None, stored: Mapping | None = None
+               ) -> tuple[tuple[str, Pass], ...]:
     """PASSES, with the scheme's quantization pass before cast_weights unless ``quant`` is "none". ``group_size``
-    (int4 only; default 128) is checked here, so a bad option is one line before any work."""
-    if quant != "none" and quant not in QUANT_SCHEMES_BUILT:
-        raise ValueError(f"--quant {quant} is not a weight scheme: use --quant none, int8 or int4")
+    (int4 only; default 128) is checked here, so a bad option is one line before any work. ``stored``: with "gguf",
+    the source's GGUF tensors (ModelSource.stored)."""
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"--quant {quant} is not a weight scheme: use --quant {', '.join(QUANT_CHOICES)}")
     if group_size is not None and quant != "int4":
         raise ValueError(f"--group-size {group_size} only applies to --quant int4 (got --quant {quant}): drop it or "
                          f"add --quant int4")
@@ -97,27 +104,36 @@ def passes_for(quant: str = "none", group_size: int | None = None) -> tuple[tupl
                          f"{', '.join(map(str, INT4_GROUP_SIZES))}")
     if quant == "none":
         return PASSES
-    run = functools.partial(quantize_weights, scheme=quant, group_size=group_size)
+    if quant == "gguf":
+        step = ("repack_gguf", functools.partial(repack_gguf, stored=stored or {}))
+    else:
+        step = ("quantize_weights", functools.partial(quantize_weights, scheme=quant, group_size=group_size))
     # Every rms_norm_linear weight gets quantized, so none takes the norm weight: the kernels apply it to x.
     unfolded = tuple((name, functools.partial(fold_norms, in_kernel=True)) if name == "fold_norms" else (name, p)
                      for name, p in PASSES)
-    return (*unfolded[:-1], ("quantize_weights", run), unfolded[-1])
+    return (*unfolded[:-1], step, unfolded[-1])
 
 
 def optimize(graph: Graph, weights: Mapping[str, torch.Tensor], dtype: str, quant: str = "none",
-             group_size: int | None = None) -> tuple[Graph, dict[str, torch.Tensor], list[dict]]:
+             group_size: int | None = None, stored: Mapping | None = None
+             ) -> tuple[Graph, dict[str, torch.Tensor], list[dict]]:
     """Traced graph + fp32 weights -> (graph of kernel ops, weights in ``dtype`` (cos_sin fp32), transform records).
 
     quant "int8": the matmul weights int8 with fp32 scales (quantize_weights); "int4": packed int4 with fp32 scales
-    and mins per group of ``group_size`` (default 128) along K; "none": every weight in ``dtype``.
+    and mins per group of ``group_size`` (default 128) along K; "gguf": the GGUF blocks of ``stored``
+    (ModelSource.stored) repacked where their type is native, the rest as "none"; "none": every weight in ``dtype``.
 
     The inputs are not modified. ValueError if an op is left that no kernel implements.
     """
     if graph.get_meta("dtype", dtype) != dtype:
         raise ValueError(f"the graph was traced for {graph.get_meta('dtype')}, not {dtype}: trace again")
+    if quant == "gguf" and not stored:
+        raise ValueError("--quant gguf keeps a GGUF file's own quantized tensors: the source is not a .gguf file (use "
+                         "--quant none, int8 or int4)")
     g, w, records = graph, dict(weights), []
-    for _, run in passes_for(quant, group_size):
-        g, w, new = run(g, w)
+    for name, run in passes_for(quant, group_size, stored):
+        # repack_gguf replays the row operations the passes before it recorded
+        g, w, new = run(g, w, records=records) if name == "repack_gguf" else run(g, w)
         records += new
     left = sorted({n.op for n in g.nodes} - set(GRAPH_OPS))
     if left:

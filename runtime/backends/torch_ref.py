@@ -3,6 +3,9 @@
 No Triton kernel runs here, so it works on any torch device, CPU included: it is how a machine
 without a GPU serves a model, and the yardstick the kernel backends are checked against. KV caches
 are persistent tensors [num_blocks, block_size, Hk, Dh] in the model dtype, updated in place.
+A quantized matmul weight (and lm_head) is dequantized once, at its first use, and the fp32 result kept: the
+references would otherwise dequantize every weight at every step (SmolLM2's GGUF blocks: seconds per token).
+This is the references' own dequantization, done once, so the numbers are the same; the memory is fp32's.
 The references live in the kernel pack's modules, which import Triton: this backend needs the compile extra.
 """
 
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from artifact_format.graph import QUANT_ROLES
 from runtime.artifact import Artifact
 from runtime.backends.base import Backend, num_kv_blocks, physical_memory
 from runtime.errors import needs_compile_extra
@@ -23,6 +27,8 @@ from runtime.step import StepInput
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i32": torch.int32,
           "i64": torch.int64, "i8": torch.int8, "u8": torch.uint8}
+# Ops whose quantized weight is read whole every step, dequantized once (the embedding reads a few rows: left as is).
+_DENSE_OPS = ("linear", "rms_norm_linear", "logits")
 # Share of the machine's RAM the default KV cache may take on the CPU.
 CPU_KV_SHARE = 0.25
 
@@ -50,6 +56,7 @@ class TorchBackend(Backend):
                  device: str | torch.device = "cpu") -> None:
         super().__init__(artifact, kv_cache_gb, max_blocks_total)
         self._refs: dict[str, _Reference] = {}
+        self._dense_weights: dict[str, Tensor] = {}
         self._ref("sampling")  # without the compile extra this fails here, not at the first step
         self.device = torch.device(device)
         self.graph = artifact.graph
@@ -71,6 +78,14 @@ class TorchBackend(Backend):
                                            dtype=DTYPES[t.dtype], device=self.device)
                        for t in self.graph.sources("cache")}
 
+    def _dense(self, name: str, w: Tensor, scale: Tensor) -> Tensor:
+        """The fp32 weight a quantized matmul computes with (kernels/weight_quant.py dequantize), made once."""
+        if name not in self._dense_weights:
+            from kernels.weight_quant import dequantize
+
+            self._dense_weights[name] = dequantize(w, scale)
+        return self._dense_weights[name]
+
     def _ref(self, op: str) -> _Reference:
         if op not in self._refs:
             self._refs[op] = _Reference(op)
@@ -90,6 +105,9 @@ class TorchBackend(Backend):
             if op == "attention":
                 op = "attention_decode" if step.kind == "decode" else "attention_prefill"
             inputs = {role: env[name] for role, name in node.inputs}
+            if op in _DENSE_OPS and node.attr("quant"):
+                w_role, s_role = QUANT_ROLES[op]
+                inputs[w_role] = self._dense(node.input(w_role), inputs[w_role], inputs.pop(s_role))
             result = self._ref(op)(inputs, dict(node.attrs))
             results = result if isinstance(result, tuple) else (result,)
             if len(results) != len(node.outputs):

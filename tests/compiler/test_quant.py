@@ -87,7 +87,7 @@ def test_int8_weights_round_trip_through_safetensors(tmp_path, both):
 
 
 def test_unsupported_scheme_is_one_clear_line():
-    with pytest.raises(ValueError, match="--quant int3 is not a weight scheme: use --quant none, int8 or int4"):
+    with pytest.raises(ValueError, match="--quant int3 is not a weight scheme: use --quant none, int8, int4, gguf"):
         passes_for("int3")
 
 

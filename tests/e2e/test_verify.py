@@ -42,11 +42,13 @@ def _one_line_error(result) -> str:
 
 def _head_weight(path) -> tuple[int, int]:
     """(byte offset in weights.safetensors, element width) of the vocabulary projection that every position's
-    logits read: the logits node's weight (the embedding itself when tied)."""
+    logits read: the logits node's weight (the embedding itself when tied), or of a quantized one its fp32 scales
+    (SmolLM2's Q8_0 table, served as int8_group: token 0's first (scale, min) pair leads)."""
     from runtime.artifact import load_artifact
 
     graph = load_artifact(path, check_hashes=False).graph
-    name = next(n.input("weight") for n in graph.nodes if n.op == "logits")
+    node = next(n for n in graph.nodes if n.op == "logits")
+    name = node.input("weight_scale") if node.attr("quant") else node.input("weight")
     with open(path / "weights.safetensors", "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         entry = json.loads(f.read(n))[name]
