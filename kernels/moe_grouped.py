@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.matmul_configs import weight_launch_pieces
+from kernels.moe_helpers import expert_base, expert_rows, row_scale
 from kernels.spec import Config, GridDim, Launch, grid_dim, make_launch, ptr
 
 
@@ -77,9 +79,43 @@ def _dot(a, b, acc):
 
 
 @triton.jit
+def _w_tile(
+    w_ptr,  # [N, K] of one expert; [N, K / 2] u8 with W_INT4
+    scale_ptr,  # that expert's int4 (scale, min) groups (W_INT4)
+    cols,  # [BLOCK_N] int64, rows of w
+    k0,
+    dtype: tl.constexpr,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    W_INT4: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+):
+    """The [BLOCK_K, BLOCK_N] operand w[cols, k0:k0 + BLOCK_K]^T in the activation dtype: int8 values are exact in
+    it (|q| <= 127, scaled after the product), int4 ones dequantized in fp32 (load_int4) and rounded once."""
+    if W_INT4:
+        w = expert_rows(w_ptr, scale_ptr, cols, k0, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, W_INT4=True,
+                        GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=False)
+        w = tl.trans(w).to(dtype)
+    else:
+        w = _transposed(w_ptr, cols, k0, dtype, N=N, K=K, BLOCK_K=BLOCK_K)
+    return w
+
+
+@triton.jit
+def _transposed(w_ptr, cols, k0, dtype: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Read transposed, [BLOCK_K, BLOCK_N]: element (k, n) of row n at n * K + k.
+    ks = k0 + tl.arange(0, BLOCK_K)
+    w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=(ks < K)[:, None] & (cols < N)[None, :], other=0.0)
+    return w.to(dtype)
+
+
+@triton.jit
 def _moe_grouped_kernel(
     a_ptr,  # gate_up: x [T, D] (row of pair p: t = p // TOP_K); down: act [T * TOP_K, I] (row p)
-    w_ptr,  # gate_up: w13 [E, 2 * N, K]; down: w2 [E, N, K]
+    w_ptr,  # gate_up: w13 [E, 2 * N, K]; down: w2 [E, N, K]; int8 with W_INT8, [.., K / 2] u8 with W_INT4
+    w_scale_ptr,  # [E, ROWS] fp32 (W_INT8), [E, ROWS, K / GROUP_SIZE, 2] fp32 (W_INT4); otherwise bound to w, unread
     sorted_ptr,  # [NB * BLOCK_M] i32
     block_expert_ptr,  # [NB] i32
     block_rows_ptr,  # [NB] i32
@@ -93,6 +129,9 @@ def _moe_grouped_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GATE_UP: tl.constexpr,  # A rows are tokens, w holds gate rows then up rows, out = silu(gate) * up
+    W_INT8: tl.constexpr = False,
+    W_INT4: tl.constexpr = False,
+    GROUP_SIZE: tl.constexpr = 0,
 ):
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
@@ -101,10 +140,14 @@ def _moe_grouped_kernel(
         m_mask = slots < tl.load(block_rows_ptr + block)
         pairs = tl.load(sorted_ptr + block * BLOCK_M + slots, mask=m_mask, other=0).to(tl.int64)
         a_rows = pairs // TOP_K if GATE_UP else pairs
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = cols < N
-        # The weight tile is read transposed, [BLOCK_K, BLOCK_N]: element (k, n) of row n at n * K + k.
-        w_tile = w_ptr + expert.to(tl.int64) * ((2 if GATE_UP else 1) * N * K) + cols[None, :].to(tl.int64) * K
+        ROWS: tl.constexpr = 2 * N if GATE_UP else N
+        w_base, s_base = expert_base(w_ptr, w_scale_ptr, expert.to(tl.int64), ROWS=ROWS, K=K, W_INT8=W_INT8,
+                                     W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE)
+        # gate_up's up rows start N rows further on, in the weights and (per row) in the scales alike.
+        up_w = w_base + N * (K // 2 if W_INT4 else K)
+        up_s = s_base + (N * (K // GROUP_SIZE) * 2 if W_INT4 else (N if W_INT8 else 0))
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -112,10 +155,15 @@ def _moe_grouped_kernel(
             k_mask = ks < K
             a = tl.load(a_ptr + a_rows[:, None] * stride_a + ks[None, :], mask=m_mask[:, None] & k_mask[None, :],
                         other=0.0)
-            w_mask = k_mask[:, None] & n_mask[None, :]
-            acc = _dot(a, tl.load(w_tile + ks[:, None], mask=w_mask, other=0.0), acc)
+            acc = _dot(a, _w_tile(w_base, s_base, cols, k0, a.dtype, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                  W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE), acc)
             if GATE_UP:
-                acc_up = _dot(a, tl.load(w_tile + N * K + ks[:, None], mask=w_mask, other=0.0), acc_up)
+                acc_up = _dot(a, _w_tile(up_w, up_s, cols, k0, a.dtype, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                         W_INT4=W_INT4, GROUP_SIZE=GROUP_SIZE), acc_up)
+        if W_INT8:  # each output column's scale, once after the sum over K (it commutes with it)
+            acc = acc * row_scale(s_base, cols, N=N)[None, :]
+            if GATE_UP:
+                acc_up = acc_up * row_scale(up_s, cols, N=N)[None, :]
         # Rounded to the activation dtype where HF rounds: the gate_up product, the expert's down output.
         res = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         if GATE_UP:
@@ -157,16 +205,18 @@ def launches(meta: dict, dtypes: dict, config: Config) -> tuple[Launch, ...]:
         args={"ids_ptr": ("tensor", "topk_ids"), **index, "T": ("sym", "T")},
         grid=[grid_dim(1)], config=Config.make(num_warps=4, num_stages=1))
 
-    def grouped(a: str, w: str, out: str, N: int, K: int, stride_a: int, gate_up: bool) -> Launch:
+    def grouped(a: str, w: str, out: str, N: int, K: str, stride_a: int, gate_up: bool) -> Launch:
+        scale_types, scale_args, quant = weight_launch_pieces(meta, dtypes, w, f"{w}_scale", K, "w_scale_ptr")
+        K = meta[K]
         return make_launch(
             _moe_grouped_kernel,
-            types={"a_ptr": ptr(dtypes[a]), "w_ptr": ptr(dtypes[w]), **index_types, "out_ptr": ptr(dtypes[out]),
-                   "T": "i32", "stride_a": "i64"},
+            types={"a_ptr": ptr(dtypes[a]), "w_ptr": ptr(dtypes[w]), **scale_types, **index_types,
+                   "out_ptr": ptr(dtypes[out]), "T": "i32", "stride_a": "i64"},
             constexprs={"N": N, "K": K, "TOP_K": top_k, "BLOCK_M": bm, "BLOCK_N": min(bn, triton.next_power_of_2(N)),
-                        "BLOCK_K": min(bk, triton.next_power_of_2(K)), "GATE_UP": gate_up},
-            args={"a_ptr": ("tensor", a), "w_ptr": ("tensor", w), **index, "out_ptr": ("tensor", out),
+                        "BLOCK_K": min(bk, triton.next_power_of_2(K)), "GATE_UP": gate_up, **quant},
+            args={"a_ptr": ("tensor", a), "w_ptr": ("tensor", w), **scale_args, **index, "out_ptr": ("tensor", out),
                   "T": ("sym", "T"), "stride_a": ("int", stride_a)},
             grid=[_blocks_grid(top_k, E, bm), grid_dim(-(-N // min(bn, triton.next_power_of_2(N))))], config=config)
 
-    return (align, grouped("x", "w13", "act", I, D, meta.get("stride_x", D), True),
-            grouped("act", "w2", "y", D, I, I, False))
+    return (align, grouped("x", "w13", "act", I, "D", meta.get("stride_x", D), True),
+            grouped("act", "w2", "y", D, "I", I, False))
