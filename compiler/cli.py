@@ -38,10 +38,11 @@ def main(debug: bool) -> None:
 @click.option("--reference/--no-reference", default=True, help="Store HF transformers reference logits.")
 @click.option("--quant", default="none", show_default=True,
               help="Weight quantization: none, int8 (weight-only, symmetric per output channel) or int4 (weight-only, "
-                   "asymmetric per group along K, see --group-size) for every linear (qkv, o, gate_up, down) and the "
-                   "embedding table and lm_head (per vocabulary row / per group along the hidden size; a tied table "
-                   "once). Norm weights stay in --dtype and are applied to x in the kernel, not folded into the "
-                   "quantized weights. A GGUF source is dequantized, then quantized.")
+                   "asymmetric per group along K, see --group-size) for every linear (qkv, o, gate_up, down), the MoE "
+                   "experts (each expert's gate_up and down matrices, in-kernel dequantized) and the embedding table "
+                   "and lm_head (per vocabulary row / per group along the hidden size; a tied table once). MoE "
+                   "routers stay in --dtype. Norm weights stay in --dtype and are applied to x in the kernel, not "
+                   "folded into the quantized weights. A GGUF source is dequantized, then quantized.")
 @click.option("--group-size", type=int, default=None,
               help="--quant int4 only: values per (scale, min) group along K, 32, 64 or 128 (default 128).")
 def compile(source: str, out: Path | None, targets: tuple[str, ...], dtype: str | None, max_seq_len: int,
@@ -91,8 +92,9 @@ def models() -> None:
     console.print("sources: a preset name, an HF model directory (config.json, *.safetensors, tokenizer.json) "
                   "or a .gguf file")
     console.print("--quant: none, int8 (weight-only, per output channel) or int4 (weight-only, per group of "
-                  "--group-size 32/64/128 along K) for the linears, the embedding table and the lm_head; MoE experts "
-                  "and routers, norm weights and biases stay in the build dtype")
+                  "--group-size 32/64/128 along K) for the linears, the MoE experts (each expert's gate_up and down "
+                  "matrices), the embedding table and the lm_head; MoE routers (and a shared expert's gate), norm "
+                  "weights and biases stay in the build dtype")
 
 
 if __name__ == "__main__":

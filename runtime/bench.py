@@ -71,8 +71,9 @@ def _nbytes(graph: Any, names: set[str]) -> int:
     return sum(math.prod(graph.tensor(n).shape) * DTYPE_BYTES[graph.tensor(n).dtype] for n in names)
 
 
-# The roles of an moe node whose weights hold one slice per expert, of which a token reads top_k (kernels/moe.py).
-EXPERT_ROLES = ("w13", "w2")
+# The roles of an moe node whose weights hold one slice per expert, of which a token reads top_k (kernels/moe.py):
+# the expert weights and, in a quantized build, their scales.
+EXPERT_ROLES = ("w13", "w2", "w13_scale", "w2_scale")
 
 
 def _expert_bytes_unread(graph: Any, nodes: Any, batch: int = 1) -> int:
@@ -82,7 +83,7 @@ def _expert_bytes_unread(graph: Any, nodes: Any, batch: int = 1) -> int:
     out = 0
     for node in nodes:
         if node.op == "moe":
-            nbytes = _nbytes(graph, {node.input(role) for role in EXPERT_ROLES})
+            nbytes = _nbytes(graph, {node.input(role) for role in EXPERT_ROLES if node.input(role)})
             experts, top_k = graph.tensor(node.input("w13")).shape[0], node.attr("top_k")
             out += nbytes * (experts - top_k) // experts if batch == 1 else int(nbytes * (1 - top_k / experts) ** batch)
     return out
