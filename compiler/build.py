@@ -284,9 +284,10 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
 
 
 def _is_random_preset(source: str) -> bool:
+    """A random preset written as an HF directory first (not one compiled straight from its generator)."""
     from compiler.frontends.presets import PRESETS
 
-    return source in PRESETS and PRESETS[source].random is not None
+    return source in PRESETS and PRESETS[source].random is not None and not PRESETS[source].random.direct
 
 
 def read_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

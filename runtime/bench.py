@@ -89,6 +89,14 @@ def _expert_bytes_unread(graph: Any, nodes: Any, batch: int = 1) -> int:
     return out
 
 
+def expert_bytes(graph: Any, batch: int = 1) -> tuple[int, int]:
+    """(expert bytes a decode step of ``batch`` sequences reads, every expert byte of the model): what the moe nodes'
+    expert weights (and scales) contribute to decode_weight_bytes, as _expert_bytes_unread counts them."""
+    moe = [n for n in graph.nodes if n.op == "moe"]
+    total = sum(_nbytes(graph, {n.input(role) for role in EXPERT_ROLES if n.input(role)}) for n in moe)
+    return total - _expert_bytes_unread(graph, moe, batch), total
+
+
 def node_weight_bytes(graph: Any, node: Any) -> int:
     """Weight bytes one decode step of one sequence reads through ``node`` (a tied lm_head counts under logits; an
     moe node counts its router and the top_k experts one token reads; the embedding's few rows are left out)."""

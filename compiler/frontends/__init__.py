@@ -45,6 +45,9 @@ class ModelSource:
     hf_dir: Path | None
     gguf_path: Path | None
     sha256: str
+    # The tensors carry transformers' own parameter names, so they can be its state dict (a random preset compiled
+    # straight from its generator, compiler/frontends/random_direct.py): the reference without files.
+    hf_names: bool = False
 
 
 class LazyTensors(Mapping):

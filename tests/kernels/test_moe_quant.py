@@ -105,7 +105,7 @@ def test_moe_quantized_cross_compiles():
 
     spec = dataclasses.replace(SPEC, configs=lambda meta: [])
     for quant, w_dtype in (("int8", "i8"), ("int4", "u8")):
-        for bucket, launches in ((1, 3), (256, 5)):
+        for bucket, launches in ((1, 3), (256, 6)):
             meta = {"E": 128, "D": 2048, "I": 768, "top_k": 8, "renormalize": True, "max_T": 256, "max_S": 8,
                     "T_bucket": bucket, "quant": quant, **({"group_size": 128} if quant == "int4" else {})}
             dtypes = {**{r: "bf16" for r in ("x", "router", "residual", "out")}, "w13": w_dtype, "w2": w_dtype,
