@@ -38,6 +38,10 @@ GRAPH_OPS = ("embedding", "rms_norm", "add_rms_norm", "rms_norm_linear", "linear
 # (docs/ops.md): the matmuls, and the embedding table and lm_head, quantized along D as a matmul weight along K.
 QUANT_ROLES = {"linear": ("w", "scale"), "rms_norm_linear": ("w", "scale"), "embedding": ("weight", "weight_scale"),
                "logits": ("weight", "weight_scale")}
+# Every (weight, scale) pair of each op a quantized build quantizes: QUANT_ROLES' one, and the moe op's two expert
+# weights, [E, N, K] stacks quantized expert by expert as matmul weights along K (its router stays unquantized).
+QUANT_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
+    **{op: (pair,) for op, pair in QUANT_ROLES.items()}, "moe": (("w13", "w13_scale"), ("w2", "w2_scale"))}
 
 # Which output role of an in-place op shares storage with which input role.
 # rope's cache roles exist only in its cache-writing form (write_cache), where it does kv_cache_write's job; the

@@ -7,7 +7,11 @@ Protocol (issue 8): `runtime.load(...).generate()`, a 128-token prompt per seque
 ignore_eos; decode rate = batch * 255 / (t(256) - t(1)), each length timed after a warm-up run of it. The floor
 is the weight bytes one decode step reads (every weight but the embedding table) plus the KV bytes it reads
 (the prompt and half the generated tokens, on average), over a device-to-device copy measured in this process.
-With --profile, torch.profiler (CUPTI sees the driver's launches inside the replayed graphs) times each kernel
+Each row also gives the rate the whole step moves weights and KV at (GB/s, % of copy bandwidth) and, for an MoE
+model, the expert bytes a step reads: batch 1, top_k of each layer's E experts; batch b, the expected distinct
+experts of b independently and uniformly routed tokens, E (1 - (1 - top_k / E)^b) (runtime.bench.expert_bytes; the
+routing actually chosen is not read back from the device, and real routers are less uniform). With --profile,
+torch.profiler (CUPTI sees the driver's launches inside the replayed graphs) times each kernel
 over 64 decode steps at batch 1: calls per step, µs, GB/s (weight bytes of the matmuls over their time) and
 the kernel time against the step time. HF transformers (static cache + torch.compile, its documented fast
 path) runs on the same random weights at batch 1 in the same process (--hf).
@@ -26,6 +30,7 @@ import runtime
 from runtime.bench import (
     copy_bandwidth,
     decode_weight_bytes,
+    expert_bytes,
     kv_bytes_per_token,
     node_weight_bytes,
     weight_bytes_by_op,
@@ -55,10 +60,14 @@ def decode_rate(engine, vocab: int, batch: int) -> float:
     return batch * (NEW - 1) / (_timed_generate(engine, prompts, NEW) - _timed_generate(engine, prompts, 1))
 
 
+def step_bytes(weight_bytes: int, kv_per_token: int, batch: int) -> float:
+    """Bytes a decode step reads: its weights once, each row its KV (the prompt and half the new tokens)."""
+    return weight_bytes + batch * (PROMPT + NEW / 2) * kv_per_token
+
+
 def floor_tok_s(weight_bytes: int, kv_per_token: int, batch: int, bw: float) -> float:
-    """Tokens per second if a step only moved its bytes at copy bandwidth: weights once, each row its KV."""
-    kv = batch * (PROMPT + NEW / 2) * kv_per_token
-    return batch * bw / (weight_bytes + kv)
+    """Tokens per second if a step only moved its bytes at copy bandwidth."""
+    return batch * bw / step_bytes(weight_bytes, kv_per_token, batch)
 
 
 def role_profile(engine, kernels: list[tuple[str, float, float]]) -> list[tuple[str, int, float, float, int]]:
@@ -97,6 +106,20 @@ def role_profile(engine, kernels: list[tuple[str, float, float]]) -> list[tuple[
     return [(role, r[0] // steps, r[1] / steps, r[2] / steps, r[3]) for role, r in agg.items()]
 
 
+def moe_reads(graph, roles: list[tuple[str, int, float, float, int]], bw: float) -> list[str]:
+    """The batch-1 expert reads' achieved bandwidth: the bytes the moe nodes read per step (router and the top_k
+    experts of each layer, node_weight_bytes) over the start-to-start time of all their launches (router, gate_up,
+    down) per step; role_profile counts a node's bytes under each of its roles, so they are summed here once."""
+    nodes = [n for n in graph.nodes if n.op == "moe"]
+    span = sum(r[3] for r in roles if r[0].startswith(tuple(f"{n.name.rsplit('.', 1)[-1]} (" for n in nodes)))
+    if not nodes or not span:
+        return []
+    nbytes = sum(node_weight_bytes(graph, n) for n in nodes)
+    return ["", f"MoE expert reads at batch 1: {nbytes / 1e9:.3f} GB per step (router + top_k of E experts per "
+            f"layer) in {span:.1f} µs of moe launches (start to start): {nbytes / span / 1e3:.0f} GB/s, "
+            f"{100 * nbytes / (span * 1e-6) / bw:.0f}% of copy bandwidth"]
+
+
 def kernel_profile(engine, vocab: int, steps: int = 64) -> tuple[list[tuple[str, int, float]], float, list]:
     """(kernel name, calls, total µs) over ``steps`` decode steps at batch 1, the steps' wall time (µs), and
     role_profile's rows for those steps."""
@@ -130,9 +153,11 @@ def kernel_profile(engine, vocab: int, steps: int = 64) -> tuple[list[tuple[str,
 
 
 def _is_random_preset(source: str) -> bool:
+    """A random preset HF transformers can load: one written as an HF directory (a direct one, compiled straight
+    from its generator, has none, and writing it would take the disk the artifact needs)."""
     from compiler.frontends.presets import PRESETS
 
-    return source in PRESETS and PRESETS[source].random is not None
+    return source in PRESETS and PRESETS[source].random is not None and not PRESETS[source].random.direct
 
 
 def hf_rate(preset: str) -> float | None:
@@ -174,8 +199,9 @@ def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, mod
     name = torch.cuda.get_device_name()
     lines = [f"{name}, bf16, copy bandwidth {bw / 1e9:.0f} GB/s (read + written); prompt {PROMPT}, {NEW} new tokens, "
              f"greedy, ignore_eos", "",
-             "| model | batch | tok/s | ms/step | % of floor | floor tok/s | HF static+compile tok/s | launch |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | batch | tok/s | ms/step | % of floor | floor tok/s | HF static+compile tok/s | launch "
+             "| GB/s moved | % of copy | expert GB/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     details = []
     for path in artifacts:
         model = Path(path).name
@@ -193,10 +219,15 @@ def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, mod
                 hf_tok = hf_rate(source)
             for b in (int(x) for x in batch.split(",")):
                 rate = decode_rate(engine, vocab, b)
-                floor = floor_tok_s(decode_weight_bytes(graph, b), kv_tok, b, bw)
+                weights = decode_weight_bytes(graph, b)
+                floor = floor_tok_s(weights, kv_tok, b, bw)
                 hf_cell = f"{hf_tok:.1f}" if (hf_tok and b == 1) else "–"
+                moved = step_bytes(weights, kv_tok, b) * rate / b  # bytes per second: a step's bytes per step time
+                experts = expert_bytes(graph, b)[0]
+                expert_cell = f"{experts / 1e9:.2f}" if experts else "–"
                 line = (f"| {model} | {b} | {rate:.1f} | {1000 * b / rate:.3f} | {100 * rate / floor:.0f}% "
-                        f"| {floor:.0f} | {hf_cell} | {mode} |")
+                        f"| {floor:.0f} | {hf_cell} | {mode} | {moved / 1e9:.0f} | {100 * moved / bw:.0f}% "
+                        f"| {expert_cell} |")
                 lines.append(line)
                 print(line, flush=True)
             if do_profile and k == 0:
@@ -225,6 +256,7 @@ def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, mod
                     for role, n, us, span, wb in sorted(roles, key=lambda r: -r[3]):
                         rate = f"{wb / span / 1e3:.0f} | {100 * wb / (span * 1e-6) / bw:.0f}%" if wb else "– | –"
                         details.append(f"| {role} | {n} | {us:.1f} | {span:.1f} | {rate} |")
+                    details += moe_reads(graph, roles, bw)
             del engine
             torch.cuda.empty_cache()
     text = "\n".join(lines + details) + "\n"

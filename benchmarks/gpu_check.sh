@@ -17,6 +17,11 @@
 #   gemm       benchmarks/gemv.py over the prefill shapes (T = $GEMM_ROWS, default 128,512,2048), the wide tile space
 #   attnprefill benchmarks/attention_prefill.py, every config against torch's SDPA
 #   pdlbuilds  $MODEL built per PDL trigger of $PDL_BUILDS, verified on cuda, decode.py over all
+#   moe        $MOE_MODEL (default qwen3-30b-a3b; mixtral-8x7b needs the x2 kind's disk) compiled straight from its
+#              generator with --no-autotune --no-reference into the roomier of /tmp and . ($MOE_DIR overrides),
+#              --quant int8 instead of bf16 when the disk cannot take the bf16 weights ($MOE_QUANT forces a scheme),
+#              decode.py at batch 1 and 32 (no HF: a direct preset has no HF directory), the results rows printed;
+#              the artifact removed afterwards unless KEEP=1. About 5-8 minutes on an H200 for Qwen3-30B-A3B
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -99,6 +104,26 @@ for _ in range(120):
       done
       python3 -m benchmarks.decode "${AS[@]}" --no-hf --modes "${MODES:-pdl+async,async}" ${DECODE_ARGS:-} \
         --out "$OUT/pdl-${MODEL:-tinyllama-1.1b}.md" 2>&1 | tee "$OUT/pdl-${MODEL:-tinyllama-1.1b}.log" | grep "^|" ;;
+    moe)
+      M=${MOE_MODEL:-qwen3-30b-a3b}
+      DIR=${MOE_DIR:-$(df --output=avail /tmp . | tail -2 | paste - - | awk '{print ($1 >= $2) ? "/tmp" : "."}')}
+      need=$(python3 -c "import math
+from compiler.frontends.presets import PRESETS
+from compiler.frontends.random_model import parameter_shapes
+print(sum(math.prod(s) for _, s, _ in parameter_shapes(PRESETS['$M'].random.config)) * 2 // 2**30 + 3)")
+      avail=$(( $(df --output=avail "$DIR" | tail -1) / 1048576 ))
+      Q=${MOE_QUANT:-$([ "$avail" -ge "$need" ] && echo none || echo int8)}
+      echo "moe: $M, bf16 weights ${need} GiB with headroom, ${avail} GiB free in $DIR: --quant $Q" | tee "$OUT/moe.log"
+      A="$DIR/moe-$M-$Q"
+      t0=$(date +%s.%N)
+      python3 -m compiler.cli compile "$M" --out "$A" --no-autotune --no-reference --quant "$Q" ${MOE_ARGS:-} 2>&1 \
+        | tail -12 | tee -a "$OUT/moe.log"
+      echo "compile wall: $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" | tee -a "$OUT/moe.log"
+      du -sh "$A" | tee -a "$OUT/moe.log"
+      timeout "${MOE_LIMIT:-420}" python3 -m benchmarks.decode "$A" --batch 1,32 --no-hf --modes pdl+async \
+        --out "$OUT/moe-$M.md" 2>&1 | tee -a "$OUT/moe-decode.log" | grep -E "^\| (model|moe-)|MoE expert reads" \
+        | tee -a "$OUT/moe.log"
+      [ "${KEEP:-0}" = 1 ] || rm -rf "$A" ;;
     *) echo "unknown step $step" ;;
   esac
 done

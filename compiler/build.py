@@ -330,9 +330,10 @@ def gguf_notes(transforms: list[dict]) -> tuple[str, ...]:
 
 
 def _is_random_preset(source: str) -> bool:
+    """A random preset written as an HF directory first (not one compiled straight from its generator)."""
     from compiler.frontends.presets import PRESETS
 
-    return source in PRESETS and PRESETS[source].random is not None
+    return source in PRESETS and PRESETS[source].random is not None and not PRESETS[source].random.direct
 
 
 def read_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -40,10 +40,12 @@ def main(debug: bool) -> None:
               help="Weight quantization: none, int8 (weight-only, symmetric per output channel), int4 (weight-only, "
                    "asymmetric per group along K, see --group-size) or gguf (a .gguf source's own quantized tensors, "
                    "served as they are: Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0; other types dequantized, with a note) for "
-                   "every linear (qkv, o, gate_up, down) and the embedding table and lm_head (per vocabulary row / per "
-                   "group along the hidden size; a tied table once). Norm weights stay in --dtype and are applied to x "
-                   "in the kernel, not folded into the quantized weights. Default: gguf for a GGUF source, else none; "
-                   "int8 / int4 of a GGUF source dequantize it first, then quantize.")
+                   "every linear (qkv, o, gate_up, down), the MoE experts (int8 / int4: each expert's gate_up and "
+                   "down matrices, dequantized in-kernel) and the embedding table and lm_head (per vocabulary row / "
+                   "per group along the hidden size; a tied table once). MoE routers stay in --dtype. Norm weights "
+                   "stay in --dtype and are applied to x in the kernel, not folded into the quantized weights. "
+                   "Default: gguf for a GGUF source, else none; int8 / int4 of a GGUF source dequantize it first, "
+                   "then quantize.")
 @click.option("--group-size", type=int, default=None,
               help="--quant int4 only: values per (scale, min) group along K, 32, 64 or 128 (default 128).")
 def compile(source: str, out: Path | None, targets: tuple[str, ...], dtype: str | None, max_seq_len: int,
@@ -97,7 +99,8 @@ def models() -> None:
     console.print("--quant: none, int8 (weight-only, per output channel), int4 (weight-only, per group of "
                   "--group-size 32/64/128 along K) or gguf (the default for a .gguf source: its Q4_0 / Q4_1 / Q4_K / "
                   "Q5_K / Q6_K / Q8_0 tensors served as they are, other types dequantized) for the linears, the "
-                  "embedding table and the lm_head; MoE experts and routers, norm weights and biases stay in the "
+                  "embedding table and the lm_head; int8 / int4 also for the MoE experts (each expert's gate_up and "
+                  "down matrices); MoE routers (and a shared expert's gate), norm weights and biases stay in the "
                   "build dtype")
 
 

@@ -29,9 +29,16 @@ def dequantized_checkpoint(transforms: list[dict], weights: Mapping[str, torch.T
     out: dict[str, torch.Tensor] = {}
     for r in transforms:
         if r["op"] in QUANTIZE_OPS:  # kernels/weight_quant.py tells the schemes apart by dtype and rank
-            value = dequantize(weights[r["output"]], weights[r["scale"]])
+            value = _dequantize(weights[r["output"]], weights[r["scale"]])
             out.update(_unwind(r["inputs"][0], value, made, rows))
     return out
+
+
+def _dequantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] of a matmul weight, or [E, N, K] of an expert stack (quantized as its E * N rows)."""
+    if w.dim() == 2:
+        return dequantize(w, scale)
+    return dequantize(w.flatten(0, 1), scale.flatten(0, 1)).reshape(w.shape[0], w.shape[1], -1)
 
 
 def _unwind(name: str, value: torch.Tensor, made: dict[str, dict], rows: Mapping[str, int]

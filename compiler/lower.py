@@ -41,8 +41,8 @@ _SIZES: dict[str, Callable[[Graph, Node], dict]] = {
     "silu_mul": lambda g, n: {"I": _shape(g, n, "out")[1]},
     "gelu_tanh_mul": lambda g, n: {"I": _shape(g, n, "out")[1]},
     "logits": lambda g, n: {"V": _shape(g, n, "weight")[0], "D": _shape(g, n, "x")[1]},
-    # w13 [E, 2I, D]
-    "moe": lambda g, n: {"E": _shape(g, n, "w13")[0], "I": _shape(g, n, "w13")[1] // 2, "D": _shape(g, n, "w13")[2]},
+    # w13 [E, 2I, D]; D from x: an int4 w13 is packed two values per byte, [E, 2I, D / 2].
+    "moe": lambda g, n: {"E": _shape(g, n, "w13")[0], "I": _shape(g, n, "w13")[1] // 2, "D": _shape(g, n, "x")[1]},
 }
 
 

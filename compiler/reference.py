@@ -45,6 +45,8 @@ def load_reference_model(source: ModelSource, device: str | torch.device = "cpu"
     elif source.gguf_path is not None:
         model, info = AutoModelForCausalLM.from_pretrained(str(source.gguf_path.parent),
                                                            gguf_file=source.gguf_path.name, **kwargs)
+    elif source.hf_names:  # a random preset compiled straight from its generator
+        model, info = _from_tensors(source, device)
     else:
         raise ValueError(f"{source.name}: no HF directory or GGUF file for transformers to load")
     tied = model.config.tie_word_embeddings
@@ -55,6 +57,27 @@ def load_reference_model(source: ModelSource, device: str | torch.device = "cpu"
                          f"unexpected {unexpected[:3]})")
     model = model.to(device)
     return (model if kwargs["dtype"] == torch.float32 else model.float()).eval()
+
+
+def _from_tensors(source: ModelSource, device: str | torch.device):
+    """transformers' model for ``source.config`` in fp32 on ``device``, its parameters (HF names) copied from
+    ``source.tensors`` one by one (no random init first). Needs the fp32 model's memory on the device: a full-size
+    preset compiled straight from its generator is built with --no-reference."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = dict(source.config)
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    params = dict(model.named_parameters())
+    missing = [name for name in params if name not in source.tensors]
+    unexpected = [name for name in source.tensors if name not in params]
+    with torch.no_grad():
+        for name in source.tensors:
+            if name in params:
+                params[name].copy_(source.tensors[name])
+    return model, {"missing_keys": missing, "unexpected_keys": unexpected}
 
 
 def override_weights(model, overrides: dict[str, torch.Tensor], name: str) -> None:

@@ -21,14 +21,17 @@ import triton
 import triton.language as tl
 
 from kernels import moe_grouped, moe_router
-from kernels.matmul_configs import t_bucket
+from kernels.matmul_configs import quant_meta, t_bucket, weight_launch_pieces
+from kernels.moe_helpers import expert_base, expert_rows, row_scale
 from kernels.spec import Config, KernelSpec, Launch, Plan, dtype_name, grid_dim, make_launch, ptr, run
+from kernels.weight_quant import dequantize
 
 
 @triton.jit
 def _moe_gate_up_kernel(
     x_ptr,  # [T, D]
-    w13_ptr,  # [E, 2 * I, D]: gate rows, then up rows
+    w13_ptr,  # [E, 2 * I, D]: gate rows, then up rows; int8 with W_INT8; [E, 2 * I, D / 2] u8 with W_INT4
+    w13_scale_ptr,  # [E, 2 * I] fp32 (W_INT8); [E, 2 * I, D / GROUP_SIZE, 2] fp32 (W_INT4); else bound to w13
     ids_ptr,  # [T, TOP_K] i32
     act_ptr,  # [T, TOP_K * I]: row t, columns k * I + j: silu(gate_j) * up_j of choice k
     T,
@@ -38,25 +41,34 @@ def _moe_gate_up_kernel(
     TOP_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    W_INT8: tl.constexpr = False,
+    W_INT4: tl.constexpr = False,
+    GROUP_SIZE: tl.constexpr = 0,
 ):
     pair = tl.program_id(0).to(tl.int64)  # t * TOP_K + k
     t = pair // TOP_K
     expert = tl.load(ids_ptr + pair).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_mask = rows < I
-    gate_ptr = w13_ptr + expert * (2 * I * D) + rows[:, None].to(tl.int64) * D
-    up_ptr = gate_ptr + I * D
+    gate_w, gate_s = expert_base(w13_ptr, w13_scale_ptr, expert, ROWS=2 * I, K=D, W_INT8=W_INT8, W_INT4=W_INT4,
+                                 GROUP_SIZE=GROUP_SIZE)
+    # The up rows start I rows further on, in the weights and (per row) in the scales alike.
+    up_w = gate_w + I * (D // 2 if W_INT4 else D)
+    up_s = gate_s + (I * (D // GROUP_SIZE) * 2 if W_INT4 else (I if W_INT8 else 0))
     acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        k_mask = cols < D
-        x = tl.load(x_ptr + t * stride_x + cols, mask=k_mask, other=0.0).to(tl.float32)
-        mask = n_mask[:, None] & k_mask[None, :]
-        wg = tl.load(gate_ptr + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-        wu = tl.load(up_ptr + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptr + t * stride_x + cols, mask=cols < D, other=0.0).to(tl.float32)
+        wg = expert_rows(gate_w, gate_s, rows, k0, N=I, K=D, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, W_INT4=W_INT4,
+                         GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=True)
+        wu = expert_rows(up_w, up_s, rows, k0, N=I, K=D, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, W_INT4=W_INT4,
+                         GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=True)
         acc_gate += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
         acc_up += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+    if W_INT8:  # each row's scale, once after the sum over K (it commutes with it)
+        acc_gate = acc_gate * row_scale(gate_s, rows, N=I)
+        acc_up = acc_up * row_scale(up_s, rows, N=I)
     # HF rounds the gate_up product to the activation dtype before the activation; so do we.
     gate = acc_gate.to(act_ptr.dtype.element_ty).to(tl.float32)
     up = acc_up.to(act_ptr.dtype.element_ty).to(tl.float32)
@@ -81,7 +93,8 @@ def finish(acc, shared_ptr, shared_weight_ptr, residual_ptr, t, cols, mask, stri
 @triton.jit
 def _moe_down_kernel(
     src_ptr,  # act [T, TOP_K * I]; with FROM_Y the grouped form's expert outputs y [T * TOP_K, D], already rounded
-    w2_ptr,  # [E, D, I]; with FROM_Y bound to src and never read
+    w2_ptr,  # [E, D, I]; int8 with W_INT8; [E, D, I / 2] u8 with W_INT4; with FROM_Y bound to src and never read
+    w2_scale_ptr,  # [E, D] fp32 (W_INT8); [E, D, I / GROUP_SIZE, 2] fp32 (W_INT4); otherwise bound to w2, unread
     ids_ptr,  # [T, TOP_K] i32; with FROM_Y bound to weights and never read
     weights_ptr,  # [T, TOP_K] fp32
     shared_ptr,  # [T, D] the shared expert's output; without HAS_SHARED bound to residual and never read
@@ -98,9 +111,12 @@ def _moe_down_kernel(
     BLOCK_K: tl.constexpr,
     HAS_SHARED: tl.constexpr,
     FROM_Y: tl.constexpr,
+    W_INT8: tl.constexpr = False,
+    W_INT4: tl.constexpr = False,
+    GROUP_SIZE: tl.constexpr = 0,
 ):
     t = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_mask = rows < D
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
@@ -109,15 +125,17 @@ def _moe_down_kernel(
             part = tl.load(src_ptr + (t * TOP_K + k) * D + rows, mask=n_mask, other=0.0).to(tl.float32)
         else:
             expert = tl.load(ids_ptr + t * TOP_K + k).to(tl.int64)
-            w_ptr = w2_ptr + expert * (D * I) + rows[:, None].to(tl.int64) * I
+            w_base, s_base = expert_base(w2_ptr, w2_scale_ptr, expert, ROWS=D, K=I, W_INT8=W_INT8, W_INT4=W_INT4,
+                                         GROUP_SIZE=GROUP_SIZE)
             part = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for k0 in range(0, I, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
-                k_mask = cols < I
-                a = tl.load(src_ptr + (t * TOP_K + k) * I + cols, mask=k_mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
-                            eviction_policy="evict_first")
+                a = tl.load(src_ptr + (t * TOP_K + k) * I + cols, mask=cols < I, other=0.0).to(tl.float32)
+                w = expert_rows(w_base, s_base, rows, k0, N=D, K=I, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, W_INT4=W_INT4,
+                                GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=True)
                 part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            if W_INT8:
+                part = part * row_scale(s_base, rows, N=D)
             # Each expert's down product is rounded to the activation dtype before it is weighted, as in HF.
             part = part.to(out_ptr.dtype.element_ty).to(tl.float32)
         acc += weight * part
@@ -201,12 +219,13 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
         combine = _down(meta, dtypes, tile, from_y=True)
         return Plan((router, *moe_grouped.launches(meta, dtypes, config), combine),
                     scratch=scratch + moe_grouped.scratch(meta, t_bucket(meta), config, dtypes["out"]))
+    scale_types, scale_args, quant = weight_launch_pieces(meta, dtypes, "w13", "w13_scale", "D", "w13_scale_ptr")
     gate_up = make_launch(
         _moe_gate_up_kernel,
-        types={"x_ptr": ptr(dtypes["x"]), "w13_ptr": ptr(dtypes["w13"]), "ids_ptr": "*i32",
+        types={"x_ptr": ptr(dtypes["x"]), "w13_ptr": ptr(dtypes["w13"]), **scale_types, "ids_ptr": "*i32",
                "act_ptr": ptr(dtypes["out"]), "T": "i32", "stride_x": "i64"},
-        constexprs={"D": D, "I": I, "TOP_K": top_k, "BLOCK_N": bn, "BLOCK_K": bk},
-        args={"x_ptr": ("tensor", "x"), "w13_ptr": ("tensor", "w13"), "ids_ptr": ("tensor", "topk_ids"),
+        constexprs={"D": D, "I": I, "TOP_K": top_k, "BLOCK_N": bn, "BLOCK_K": bk, **quant},
+        args={"x_ptr": ("tensor", "x"), "w13_ptr": ("tensor", "w13"), **scale_args, "ids_ptr": ("tensor", "topk_ids"),
               "act_ptr": ("tensor", "act"), "T": ("sym", "T"), "stride_x": ("int", meta.get("stride_x", D))},
         grid=[grid_dim(("T", 1, top_k)), grid_dim(-(-I // bn))], config=config)
     return Plan((router, gate_up, _down(meta, dtypes, config, from_y=False)), scratch=scratch)
@@ -218,15 +237,20 @@ def _down(meta: dict, dtypes: dict, config: Config, from_y: bool) -> Launch:
     bn = config["BLOCK_N"]
     src, w2, ids = ("y", "y", "topk_weights") if from_y else ("act", "w2", "topk_ids")
     shared_types, shared_args, shared_constexprs = shared_pieces(meta, dtypes)
+    if from_y:  # the combine reads no weights: w2_scale is bound to y, unread, like w2
+        scale_types, scale_args, quant = {"w2_scale_ptr": ptr(dtypes["out"])}, {"w2_scale_ptr": ("tensor", "y")}, {
+            "W_INT8": False, "W_INT4": False, "GROUP_SIZE": 0}
+    else:
+        scale_types, scale_args, quant = weight_launch_pieces(meta, dtypes, "w2", "w2_scale", "I", "w2_scale_ptr")
     return make_launch(
         _moe_down_kernel,
-        types={"src_ptr": ptr(dtypes["out"]), "w2_ptr": ptr(dtypes["out"] if from_y else dtypes["w2"]),
+        types={"src_ptr": ptr(dtypes["out"]), "w2_ptr": ptr(dtypes["out"] if from_y else dtypes["w2"]), **scale_types,
                "ids_ptr": "*fp32" if from_y else "*i32", "weights_ptr": "*fp32", **shared_types,
                "residual_ptr": ptr(dtypes["residual"]), "out_ptr": ptr(dtypes["out"]), "T": "i32",
                "stride_res": "i64", "stride_out": "i64"},
         constexprs={"D": D, "I": I, "TOP_K": top_k, "BLOCK_N": bn, "BLOCK_K": config["BLOCK_K"], **shared_constexprs,
-                    "FROM_Y": from_y},
-        args={"src_ptr": ("tensor", src), "w2_ptr": ("tensor", w2), "ids_ptr": ("tensor", ids),
+                    "FROM_Y": from_y, **quant},
+        args={"src_ptr": ("tensor", src), "w2_ptr": ("tensor", w2), **scale_args, "ids_ptr": ("tensor", ids),
               "weights_ptr": ("tensor", "topk_weights"), **shared_args, "residual_ptr": ("tensor", "residual"),
               "out_ptr": ("tensor", "out"), "T": ("sym", "T"), "stride_res": ("int", meta.get("stride_residual", D)),
               "stride_out": ("int", meta.get("stride_out", D))},
@@ -238,33 +262,54 @@ SPEC = KernelSpec("moe", configs, default, plan, tune_buckets=(1, 16, 64, 256))
 
 def moe(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, residual: torch.Tensor,
         shared: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None, *, top_k: int,
-        renormalize: bool, out: torch.Tensor | None = None, config: Config | None = None,
+        renormalize: bool, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+        out: torch.Tensor | None = None, config: Config | None = None,
         scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """x [T, D], router [E, D], w13 [E, 2I, D], w2 [E, D, I], residual [T, D] -> out [T, D] in x's dtype; with
     shared [T, D] (the shared expert's output) and shared_gate [1, D], sigmoid(x @ shared_gate^T) * shared is added.
+    With w13_scale and w2_scale the experts are quantized (both in one scheme, each expert's matrix as a linear's
+    weight: kernels/weight_quant.py): int8 w13 / w2 with scales [E, 2I] / [E, D], or packed u8 w13 [E, 2I, D / 2] /
+    w2 [E, D, I / 2] with (scale, min) groups [E, 2I, D / G, 2] / [E, D, I / G, 2].
 
     Runs the kernels (interpreter on CPU tensors); ``scratch`` may hold the act / topk_ids / topk_weights buffers
     (a test reads the routing from them).
     """
     T, D = x.shape
-    E, two_i, _ = w13.shape
-    assert x.stride(1) == 1 and router.shape == (E, D) and w13.shape == (E, two_i, D) and two_i % 2 == 0
-    assert w2.shape == (E, D, two_i // 2) and all(t.is_contiguous() for t in (router, w13, w2))
+    E, two_i = w13.shape[:2]
+    I = two_i // 2
+    assert (w13_scale is None) == (w2_scale is None)
+    quant = {} if w13_scale is None else quant_meta(w13.flatten(0, 1), w13_scale.flatten(0, 1), D)
+    if quant:
+        assert quant == quant_meta(w2.flatten(0, 1), w2_scale.flatten(0, 1), I), "w13 and w2 in one scheme"
+    packed = 2 if quant.get("quant") == "int4" else 1
+    assert x.stride(1) == 1 and router.shape == (E, D) and w13.shape == (E, two_i, D // packed) and two_i % 2 == 0
+    assert w2.shape == (E, D, I // packed) and all(t.is_contiguous() for t in (router, w13, w2))
     assert residual.shape == (T, D) and residual.stride(1) == 1
     assert (shared is None) == (shared_gate is None)
     assert shared is None or (shared.shape == (T, D) and shared.is_contiguous() and shared_gate.shape == (1, D))
     if out is None:
         out = torch.empty(T, D, dtype=x.dtype, device=x.device)
     assert out.shape == (T, D) and out.stride(1) == 1
-    meta = {"E": E, "D": D, "I": two_i // 2, "top_k": top_k, "renormalize": renormalize, "stride_x": x.stride(0),
+    meta = {"E": E, "D": D, "I": I, "top_k": top_k, "renormalize": renormalize, "stride_x": x.stride(0),
             "stride_residual": residual.stride(0), "stride_out": out.stride(0), "max_T": T, "max_S": 1,
-            "T_bucket": T, "has_shared": shared is not None}
+            "T_bucket": T, "has_shared": shared is not None, **quant}
     tensors = {"x": x, "router": router, "w13": w13, "w2": w2, "residual": residual, "out": out, **(scratch or {})}
     if shared is not None:
         tensors |= {"shared": shared, "shared_gate": shared_gate}
+    if quant:
+        tensors |= {"w13_scale": w13_scale.contiguous(), "w2_scale": w2_scale.contiguous()}
     dtypes = {role: dtype_name(t) for role, t in tensors.items()}
     run(plan(meta, dtypes, config or default(meta)), tensors, {"T": T, "S": 1})
     return out
+
+
+def expert_weights(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """[E, N, K] fp32 expert weights from w as stored and its scale (None: w itself; else each expert's matrix
+    dequantized as a linear's weight, kernels/weight_quant.py)."""
+    if scale is None:
+        return w.float()
+    flat = dequantize(w.flatten(0, 1), scale.flatten(0, 1))
+    return flat.reshape(w.shape[0], w.shape[1], -1)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,11 +324,13 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int, renormalize: bool) 
 
 def reference(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, residual: torch.Tensor,
               shared: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None, *, top_k: int,
-              renormalize: bool) -> torch.Tensor:
+              renormalize: bool, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """residual + sum_k weights[:, k] * down(silu(gate) * up) of each token's chosen experts (+ sigmoid(x @
     shared_gate^T) * shared), in fp32 with the products rounded to x's dtype where the kernels (and HF) round them;
-    cast to x's dtype."""
+    cast to x's dtype. Quantized experts (w13_scale, w2_scale) compute with their dequantized fp32 weights."""
     ids, weights = route(x, router, top_k, renormalize)
+    w13, w2 = expert_weights(w13, w13_scale), expert_weights(w2, w2_scale)
     I = w13.shape[1] // 2
     out = torch.zeros_like(residual, dtype=torch.float32)
     for e in ids.unique().tolist():

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from artifact_format.graph import QUANT_ROLES, Limits
+from artifact_format.graph import QUANT_PAIRS, Limits
 from artifact_format.kernel_index import IndexFormatError, KernelIndex
 from artifact_format.layout import FORMAT, LIMIT_KEYS, REQUIRED_FILES, cache_dir, file_sha256, target_dir
 from runtime.errors import ArtifactError
@@ -302,9 +302,9 @@ def describe(artifact: Artifact) -> dict:
         kernels[target] = {"binaries": len(files), "bytes": size, "launch sites": launches}
     header = artifact.safetensors_header("weights.safetensors")
     # Parameters of the model, not stored elements: a packed int4 byte holds two, scales and mins are none.
-    quantized = [(n, roles) for n in graph.nodes if (roles := QUANT_ROLES.get(n.op)) and n.attr("quant")]
-    scales = {n.input(roles[1]) for n, roles in quantized}
-    packed = {n.input(roles[0]) for n, roles in quantized if n.attr("quant") == "int4"}
+    quantized = [(n, pair) for n in graph.nodes if n.attr("quant") for pair in QUANT_PAIRS.get(n.op, ())]
+    scales = {n.input(pair[1]) for n, pair in quantized}
+    packed = {n.input(pair[0]) for n, pair in quantized if n.attr("quant") == "int4"}
     numel = sum(math.prod(t["shape"]) * (2 if name in packed else 1) for name, t in header.items()
                 if name not in scales)
     return {

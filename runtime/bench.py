@@ -74,8 +74,9 @@ def _nbytes(graph: Any, names: set[str]) -> int:
     return sum(math.prod(graph.tensor(n).shape) * DTYPE_BYTES[graph.tensor(n).dtype] for n in names)
 
 
-# The roles of an moe node whose weights hold one slice per expert, of which a token reads top_k (kernels/moe.py).
-EXPERT_ROLES = ("w13", "w2")
+# The roles of an moe node whose weights hold one slice per expert, of which a token reads top_k (kernels/moe.py):
+# the expert weights and, in a quantized build, their scales.
+EXPERT_ROLES = ("w13", "w2", "w13_scale", "w2_scale")
 
 
 def _expert_bytes_unread(graph: Any, nodes: Any, batch: int = 1) -> int:
@@ -85,10 +86,18 @@ def _expert_bytes_unread(graph: Any, nodes: Any, batch: int = 1) -> int:
     out = 0
     for node in nodes:
         if node.op == "moe":
-            nbytes = _nbytes(graph, {node.input(role) for role in EXPERT_ROLES})
+            nbytes = _nbytes(graph, {node.input(role) for role in EXPERT_ROLES if node.input(role)})
             experts, top_k = graph.tensor(node.input("w13")).shape[0], node.attr("top_k")
             out += nbytes * (experts - top_k) // experts if batch == 1 else int(nbytes * (1 - top_k / experts) ** batch)
     return out
+
+
+def expert_bytes(graph: Any, batch: int = 1) -> tuple[int, int]:
+    """(expert bytes a decode step of ``batch`` sequences reads, every expert byte of the model): what the moe nodes'
+    expert weights (and scales) contribute to decode_weight_bytes, as _expert_bytes_unread counts them."""
+    moe = [n for n in graph.nodes if n.op == "moe"]
+    total = sum(_nbytes(graph, {n.input(role) for role in EXPERT_ROLES if n.input(role)}) for n in moe)
+    return total - _expert_bytes_unread(graph, moe, batch), total
 
 
 def node_weight_bytes(graph: Any, node: Any) -> int:

@@ -48,6 +48,9 @@ class ModelSource:
     # GGUF only: HF name -> its tensor as stored (compiler/frontends/gguf_file.py, GGUFTensor): the type and, for a
     # type the kernels read natively, its blocks repacked (--quant gguf keeps those instead of `tensors`' values).
     stored: Mapping[str, object] | None = None
+    # The tensors carry transformers' own parameter names, so they can be its state dict (a random preset compiled
+    # straight from its generator, compiler/frontends/random_direct.py): the reference without files.
+    hf_names: bool = False
 
 
 class LazyTensors(Mapping):

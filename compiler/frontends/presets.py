@@ -58,10 +58,11 @@ def _gemma(seed: int, config: dict) -> RandomModelSpec:
     return RandomModelSpec(config=config, seed=seed, std=0.2, norm_std=0.1, embed_std=0.05)
 
 
-def _big(seed: int, config: dict) -> RandomModelSpec:
+def _big(seed: int, config: dict, direct: bool = False) -> RandomModelSpec:
     # Drawn by the GPU's generator where there is one: 8B parameters take seconds there, minutes on the CPU.
+    # direct: compiled straight from the generator (no HF directory on disk beside the artifact).
     return RandomModelSpec(config=config, seed=seed, std=0.02, norm_std=0.02, dtype="bfloat16",
-                           shard_bytes=2 << 30, device="auto")
+                           shard_bytes=2 << 30, device="auto", direct=direct)
 
 
 PRESETS: dict[str, Preset] = {
@@ -158,13 +159,15 @@ PRESETS: dict[str, Preset] = {
                                          head_dim=128, vocab_size=128256, max_position_embeddings=131072,
                                          rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE),
                                          torch_dtype="bfloat16"))),
-    # About 93 GB in bf16 (fits one H200's memory; the random directory takes as much disk).
+    # About 93 GB in bf16 (fits one H200's memory). The two MoE presets are compiled straight from the generator:
+    # the artifact is the only copy of the weights on disk (compiler/frontends/random_direct.py).
     "mixtral-8x7b": Preset("random weights in Mixtral-8x7B's shape: 8 experts, top 2 (bf16, for GPU benchmarks)",
                            _big(13, _config("MixtralForCausalLM", "mixtral", hidden_size=4096, intermediate_size=14336,
                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                             head_dim=128, vocab_size=32000, max_position_embeddings=32768,
                                             rope_theta=1000000.0, num_local_experts=8, num_experts_per_tok=2,
-                                            sliding_window=None, router_jitter_noise=0.0, torch_dtype="bfloat16"))),
+                                            sliding_window=None, router_jitter_noise=0.0, torch_dtype="bfloat16"),
+                                direct=True)),
     "qwen3-30b-a3b": Preset("random weights in Qwen3-30B-A3B's shape: 128 experts, top 8 (bf16, for GPU benchmarks)",
                             _big(14, _config("Qwen3MoeForCausalLM", "qwen3_moe", hidden_size=2048,
                                              intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
@@ -173,7 +176,7 @@ PRESETS: dict[str, Preset] = {
                                              rms_norm_eps=1e-6, num_experts=128, num_experts_per_tok=8,
                                              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                                              use_sliding_window=False, sliding_window=None, max_window_layers=48,
-                                             torch_dtype="bfloat16"))),
+                                             torch_dtype="bfloat16"), direct=True)),
 }
 
 
@@ -224,5 +227,9 @@ def load_preset(name: str, progress: bool = False) -> ModelSource:
     preset = _preset(name)
     if preset.random is None:
         return gguf_file.load_gguf(gguf_of_package(preset), name=name, progress=progress)
+    if preset.random.direct:
+        from compiler.frontends.random_direct import load_direct
+
+        return load_direct(preset.random, name)
     dest = preset_dir(name, progress)
     return hf.load_hf_dir(dest, name=name, sha256=read_stamp(dest)["sha256"], progress=progress)

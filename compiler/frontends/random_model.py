@@ -67,6 +67,9 @@ class RandomModelSpec:
     # of std 0.2 would then outweigh every layer (greedy decoding repeats its first token forever).
     embed_std: float | None = None
     device: str = "cpu"  # "cpu": the CPU's generator everywhere; "auto": the GPU's when one is present
+    # Compiled straight from the generator, no HF directory written (compiler/frontends/random_direct.py): the bytes
+    # are the same either way, so this stays out of the recipe.
+    direct: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "auto"):

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from artifact_format.graph import QUANT_ROLES, Graph, TensorSpec
+from artifact_format.graph import QUANT_PAIRS, Graph, TensorSpec
 from compiler.ops import node_label
 from compiler.passes.rewrite import Edit, make_node, merged_name, rebuild
 from kernels.rope_epilogue import RopeEpilogue
@@ -22,7 +22,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
                 "u8": torch.uint8}
 # The graph dtype of each scheme's quantized weight: int8 values, or two int4 values per byte.
 QUANT_DTYPES = {"int8": "i8", "int4": "u8"}
-QUANTIZED_OPS = tuple(QUANT_ROLES)
+QUANTIZED_OPS = tuple(QUANT_PAIRS)
 
 
 def merge_linears(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:
@@ -225,12 +225,12 @@ def quantize_weights(g: Graph, weights: Mapping[str, torch.Tensor], scheme: str 
     """
     if scheme == "int4":
         group_size = group_size or INT4_DEFAULT_GROUP_SIZE
-        # (weight, the size its groups run along: a matmul's K, a table's D, the weight's columns either way)
-        ks = {n: (n.input(QUANT_ROLES[n.op][0]), g.tensor(n.input(QUANT_ROLES[n.op][0])).shape[1])
-              for n in g.nodes if n.op in QUANTIZED_OPS}
-        bad = next(((n, w, K) for n, (w, K) in ks.items() if K % group_size), None)
+        # (node, weight, the size its groups run along: a matmul's K, a table's D, an expert stack's last axis)
+        ks = [(n, w, g.tensor(w).shape[-1]) for n in g.nodes if n.op in QUANTIZED_OPS
+              for _, w, _ in _pairs(n)]
+        bad = next(((n, w, K) for n, w, K in ks if K % group_size), None)
         if bad:
-            fits = [s for s in INT4_GROUP_SIZES if all(K % s == 0 for _, K in ks.values())]
+            fits = [s for s in INT4_GROUP_SIZES if all(K % s == 0 for _, _, K in ks)]
             advice = f"--group-size {' or '.join(map(str, fits))}" if fits else "no int4 group size fits"
             dim = "D" if bad[0].op in ("embedding", "logits") else "K"
             raise ValueError(f"--quant int4 --group-size {group_size}: {bad[1]} (node {bad[0].name}) has {dim} = "
@@ -241,29 +241,43 @@ def quantize_weights(g: Graph, weights: Mapping[str, torch.Tensor], scheme: str 
     for node in g.nodes:
         if node.op not in QUANTIZED_OPS or node.attr("quant"):
             continue
-        w_role, s_role = QUANT_ROLES[node.op]
-        src = node.input(w_role)
-        if src not in done:
-            base = src.removesuffix(".weight")
-            q_name, s_name = e.fresh(f"{base}.{scheme}.weight"), e.fresh(f"{base}.{scheme}.scale")
-            if scheme == "int4":
-                out[q_name], out[s_name] = quantize_int4(weights[src], group_size)
-                record = {"group_size": group_size, "per": f"group of {group_size} along K", "scale_layout":
-                          "[N, K / group_size, 2] (scale, min)", "packing": "low nibble even k, high nibble odd k"}
-            else:
-                out[q_name], out[s_name] = quantize_int8(weights[src])
-                record = {"per": "output channel"}
-            e.add_spec(TensorSpec(q_name, QUANT_DTYPES[scheme], tuple(out[q_name].shape), "weight"))
-            e.add_spec(TensorSpec(s_name, "fp32", tuple(out[s_name].shape), "weight"))
-            records.append({"op": f"quantize_{scheme}", "inputs": [src], "output": q_name, "scale": s_name, **record})
-            done[src] = (q_name, s_name)
-        q_name, s_name = done[src]
-        inputs = {**dict(node.inputs), w_role: q_name, s_role: s_name}
+        inputs = dict(node.inputs)
+        for w_role, src, s_role in _pairs(node):
+            if src not in done:
+                base = src.removesuffix(".weight")
+                q_name, s_name = e.fresh(f"{base}.{scheme}.weight"), e.fresh(f"{base}.{scheme}.scale")
+                out[q_name], out[s_name] = _quantize(weights[src], scheme, group_size)
+                if scheme == "int4":
+                    record = {"group_size": group_size, "per": f"group of {group_size} along K", "scale_layout":
+                              "[N, K / group_size, 2] (scale, min)", "packing": "low nibble even k, high nibble odd k"}
+                else:
+                    record = {"per": "output channel"}
+                if weights[src].dim() == 3:
+                    record["experts"] = "each [N, K] matrix of the [E, N, K] stack quantized on its own"
+                e.add_spec(TensorSpec(q_name, QUANT_DTYPES[scheme], tuple(out[q_name].shape), "weight"))
+                e.add_spec(TensorSpec(s_name, "fp32", tuple(out[s_name].shape), "weight"))
+                records.append({"op": f"quantize_{scheme}", "inputs": [src], "output": q_name, "scale": s_name,
+                                **record})
+                done[src] = (q_name, s_name)
+            inputs[w_role], inputs[s_role] = done[src]
         extra = {"out_dtype": g.get_meta("dtype")} if node.op == "embedding" else {}
         e.replace([node], make_node(node.op, node.name, inputs, dict(node.outputs),
                                     **{**dict(node.attrs), **attrs, **extra}), at=node)
     g2 = e.graph()
     return g2, {t.name: out[t.name] for t in g2.by_kind("weight")}, records
+
+
+def _pairs(node) -> list[tuple[str, str, str]]:
+    """(weight role, weight tensor, scale role) of each weight the node's op quantizes."""
+    return [(w_role, node.input(w_role), s_role) for w_role, s_role in QUANT_PAIRS[node.op]]
+
+
+def _quantize(w: torch.Tensor, scheme: str, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A matmul weight [N, K] or a stack of expert weights [E, N, K] in the scheme: both schemes are per row (int4
+    per group along a row), so a stack is quantized as its E * N rows and keeps its leading axes."""
+    flat = w.reshape(-1, w.shape[-1])
+    q, scale = quantize_int4(flat, group_size) if scheme == "int4" else quantize_int8(flat)
+    return q.reshape(*w.shape[:-1], q.shape[-1]), scale.reshape(*w.shape[:-1], *scale.shape[1:])
 
 
 def cast_weights(g: Graph, weights: Mapping[str, torch.Tensor]) -> tuple[Graph, Weights, list[dict]]:

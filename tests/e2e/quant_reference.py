@@ -20,9 +20,11 @@ def quantize_like_the_artifact(model, round_trip: Callable[[torch.Tensor], torch
     """Each linear's weight, the embedding table and the lm_head through ``round_trip`` as the artifact holds them: W
     itself, rounded, since a quantized build leaves the norm weight in front out of W (the kernel applies it to x, as
     transformers' own norm does here); the tables as [V, D] matrices, rows along D, a tied table once.
-    Phi-3's fused qkv_proj / gate_up_proj are one matrix each; MoE routers and experts stay as they are (the moe
-    node's, unquantized), a shared expert's linears are rounded. Row permutations (rope pairing, gate/up interleave)
-    and merges move whole rows, which change neither a per-row nor a per-group-along-K rounding."""
+    Phi-3's fused qkv_proj / gate_up_proj are one matrix each; MoE experts are rounded expert by expert (each
+    expert's [2I, D] gate_up and [D, I] down matrix as a linear's weight), MoE routers and a shared expert's gate stay
+    as they are (the moe node's, unquantized), a shared expert's linears are rounded. Row permutations (rope
+    pairing, gate/up interleave) and merges move whole rows, which change neither a per-row nor a per-group-along-K
+    rounding."""
     tables = {id(t): t for t in (model.model.embed_tokens.weight, model.lm_head.weight)}  # one entry when tied
     for table in tables.values():
         table.copy_(round_trip(table.float()))
@@ -31,6 +33,8 @@ def quantize_like_the_artifact(model, round_trip: Callable[[torch.Tensor], torch
         qkv = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)
         linears = [*qkv, attn.o_proj]
         if hasattr(mlp, "experts"):
+            for stack in (mlp.experts.gate_up_proj, mlp.experts.down_proj):  # [E, N, K]
+                stack.copy_(torch.stack([round_trip(m.float()) for m in stack]))
             shared = getattr(mlp, "shared_expert", None)
             if shared is not None:
                 linears += [shared.gate_proj, shared.up_proj, shared.down_proj]
