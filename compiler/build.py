@@ -213,10 +213,10 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
 
     quant "int8": weight-only int8 for every linear / rms_norm_linear weight (embedding and lm_head stay in ``dtype``);
     "int4": weight-only int4 per group of ``group_size`` (32, 64 or 128; default 128) along K, the same weights. The
-    reference logits then come from transformers on the dequantized weights the artifact holds. "gguf" (the default for
-    a GGUF source, else "none"): the same weights keep the GGUF's own quantized values, repacked (Q4_0 / Q4_1 / Q4_K
-    to int4 per 32, Q5_K / Q8_0 to int8_group per 32, Q6_K per 16); any other type is dequantized, and a note says
-    so."""
+    reference logits then come from transformers on the dequantized weights the artifact holds. "gguf" (a GGUF
+    source only; not the default until its GPU tests pass): the same weights keep the GGUF's own quantized values,
+    repacked (Q4_0 / Q4_1 / Q4_K to int4 per 32, Q5_K / Q8_0 to int8_group per 32, Q6_K per 16); any other type is
+    dequantized, and a note says so."""
     from compiler.dequant import dequantized_checkpoint
     from compiler.frontends import family_of, load_source
     from compiler.memory import memory_plan
@@ -246,7 +246,8 @@ def build(source: str, out: Path | str, targets: list[str] | None = None, dtype:
         seconds["preset"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     src = load_source(source, progress=progress)  # before any progress output: a bad SOURCE is one clean line
-    quant = quant or ("gguf" if src.stored else "none")
+    # gguf is opt-in: the CPU backends are exact on it, but its first GPU run (tests/gpu/test_gguf_gpu.py) failed.
+    quant = quant or "none"
     if quant == "gguf" and not src.stored:
         raise ValueError(f"--quant gguf keeps a GGUF file's own quantized tensors, and {source} is not a .gguf file: "
                          f"use --quant none, int8 or int4")

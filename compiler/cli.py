@@ -44,8 +44,9 @@ def main(debug: bool) -> None:
                    "down matrices, dequantized in-kernel) and the embedding table and lm_head (per vocabulary row / "
                    "per group along the hidden size; a tied table once). MoE routers stay in --dtype. Norm weights "
                    "stay in --dtype and are applied to x in the kernel, not folded into the quantized weights. "
-                   "Default: gguf for a GGUF source, else none; int8 / int4 of a GGUF source dequantize it first, "
-                   "then quantize.")
+                   "Default: none (gguf is exact on the CPU backends; the cuda and hip backends refuse gguf "
+                   "artifacts until its GPU tests pass); int8 / int4 of a GGUF source dequantize it first, then "
+                   "quantize.")
 @click.option("--group-size", type=int, default=None,
               help="--quant int4 only: values per (scale, min) group along K, 32, 64 or 128 (default 128).")
 def compile(source: str, out: Path | None, targets: tuple[str, ...], dtype: str | None, max_seq_len: int,
@@ -97,7 +98,7 @@ def models() -> None:
     console.print("sources: a preset name, an HF model directory (config.json, *.safetensors, tokenizer.json) "
                   "or a .gguf file")
     console.print("--quant: none, int8 (weight-only, per output channel), int4 (weight-only, per group of "
-                  "--group-size 32/64/128 along K) or gguf (the default for a .gguf source: its Q4_0 / Q4_1 / Q4_K / "
+                  "--group-size 32/64/128 along K) or gguf (a .gguf source's Q4_0 / Q4_1 / Q4_K / "
                   "Q5_K / Q6_K / Q8_0 tensors served as they are, other types dequantized) for the linears, the "
                   "embedding table and the lm_head; int8 / int4 also for the MoE experts (each expert's gate_up and "
                   "down matrices); MoE routers (and a shared expert's gate), norm weights and biases stay in the "

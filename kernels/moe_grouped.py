@@ -134,7 +134,7 @@ def _w_tile(
     GROUP_SIZE: tl.constexpr,
 ):
     """The [BLOCK_K, BLOCK_N] operand w[cols, k0:k0 + BLOCK_K]^T in the activation dtype: int8 values are exact in
-    it (|q| <= 127, scaled after the product), int4 ones dequantized in fp32 (load_int4) and rounded once."""
+    it (|q| <= 127, scaled after the product), int4 ones dequantized in fp32 (load_grouped) and rounded once."""
     if W_INT4:
         w = expert_rows(w_ptr, scale_ptr, cols, k0, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, W_INT4=True,
                         GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=False)

@@ -2,7 +2,7 @@
 stacked expert weights and its weight-only quantization, in the dense matmuls' schemes (kernels/weight_quant.py) applied
 per expert: w [E, N, K] int8 with scale [E, N] fp32 (per output channel), or w [E, N, K / 2] u8 with scale
 [E, N, K / G, 2] fp32 ((scale, min) per group of G along K). Each expert's [N, K] matrix is quantized exactly as a
-linear's weight, so the int4 tiles are dequantized by the same load_int4.
+linear's weight, so the int4 tiles are dequantized by the same load_grouped.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.matmul_helpers import load_int4
+from kernels.matmul_helpers import load_grouped
 
 
 @triton.jit
@@ -28,11 +28,11 @@ def expert_rows(
     EVICT_FIRST: tl.constexpr,
 ):
     """w[rows, k0:k0 + BLOCK_K] of one expert's matrix, [BLOCK_N, BLOCK_K], 0 outside [N] x [K]: with W_INT4
-    dequantized to fp32 by the dense matmuls' load_int4 (same packing, same groups), otherwise as stored (an int8
+    dequantized to fp32 by the dense matmuls' load_grouped (same packing, same groups), otherwise as stored (an int8
     tile unscaled: its per-row scale commutes with the sum over K and is applied once after it)."""
     if W_INT4:
-        return load_int4(w_ptr, scale_ptr, rows, k0, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                         EVEN_K=K % BLOCK_K == 0, GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=EVICT_FIRST)
+        return load_grouped(w_ptr, scale_ptr, rows, k0, N=N, K=K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                            EVEN_K=K % BLOCK_K == 0, GROUP_SIZE=GROUP_SIZE, EVICT_FIRST=EVICT_FIRST, W_INT4=True)
     else:
         return _stored_rows(w_ptr, rows, k0, N=N, K=K, BLOCK_K=BLOCK_K, EVICT_FIRST=EVICT_FIRST)
 

@@ -1,4 +1,4 @@
-"""A GGUF file compiled with its tensors' own types (--quant gguf, the default for a GGUF source) against HF
+"""A GGUF file compiled with its tensors' own types (--quant gguf) against HF
 transformers loading the same file (transformers dequantizes it with gguf's reference, independently of trilite).
 
 The file (tests/gguf_synth.py) is a tiny 2-layer Llama whose matrices cover every natively served type, mixed the way
@@ -29,7 +29,8 @@ def mixed(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gguf-native")
     path = write_mixed_gguf(root / "mixed.gguf")
-    report = build(str(path), root / "art", targets=["cuda:80"], dtype="fp32", autotune=False, **TINY_LIMITS)
+    report = build(str(path), root / "art", targets=["cuda:80"], dtype="fp32", autotune=False, quant="gguf",
+                   **TINY_LIMITS)
     model = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=path.name, dtype="float32",
                                                  attn_implementation="eager").eval()
     return report, model

@@ -1,6 +1,6 @@
-"""The real model: SmolLM2-135M-Instruct (GGUF) compiled as `make compile` does, against HF.
+"""The real model: SmolLM2-135M-Instruct (GGUF) compiled as `make compile ARGS="--quant gguf"` does, against HF.
 
-`make compile` keeps the GGUF's own types (--quant gguf, the default for a GGUF source): the Q4_1 linears served as
+`make compile ARGS="--quant gguf"` keeps the GGUF's own types (--quant gguf, opt-in): the Q4_1 linears served as
 int4 per 32, the Q8_0 tied table as int8_group per 32, repacked exactly. transformers reads the same GGUF and
 dequantises it itself, so the reference shares nothing with trilite's frontend and is the very model the artifact
 holds. Tolerance 1e-4 relative: both sides compute in fp32 (observed error ~2e-6); a wrong rope, norm, permutation

@@ -75,7 +75,7 @@ def test_gguf_tables(type_name, R):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_mixed_gguf_artifact_matches_transformers(tmp_path, dtype):
+def test_mixed_gguf_artifact_matches_transformers(tmp_path, dtype, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from compiler.build import build, local_target
@@ -90,6 +90,7 @@ def test_mixed_gguf_artifact_matches_transformers(tmp_path, dtype):
                                                  attn_implementation="eager").eval()
     prompt = random_prompt(model.config.vocab_size, 40, seed=0)
     ref = hf_logits(model, prompt)
+    monkeypatch.setenv("TRILITE_GGUF_ON_GPU", "1")  # the cuda backend refuses gguf artifacts until this passes
     engine = load(out, backend="auto")
     got = engine.logits(prompt)
     assert _rel(got, ref) <= (1e-4 if dtype == "fp32" else 3e-2)
