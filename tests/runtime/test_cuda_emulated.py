@@ -94,3 +94,21 @@ def test_engine_generates_the_interpret_backends_tokens(backends):
         outs.append([o.token_ids for o in engine.generate(prompts[:2], params[:2])])
         outs[-1] += [o.token_ids for o in engine.generate(prompts[2:], params[2:])]
     assert outs[0] == outs[1] and [len(t) for t in outs[0]] == [4, 3, 2]
+
+
+def test_a_gguf_artifact_is_refused_on_the_gpu(monkeypatch):
+    """--quant gguf artifacts are exact on the CPU backends but failed their first GPU test: the cuda backend says so
+    in one line rather than run them."""
+    import copy
+    import dataclasses
+
+    from runtime.backends.cuda import CudaBackend
+    from runtime.errors import ArtifactError
+
+    artifact = load_artifact(tiny_artifact())
+    manifest = copy.deepcopy(artifact.manifest)
+    manifest["model"]["quant"] = "gguf"
+    artifact = dataclasses.replace(artifact, manifest=manifest)
+    fake_cuda.install(monkeypatch, fake_cuda.FakeCuda())
+    with pytest.raises(ArtifactError, match="--quant none"):
+        CudaBackend(artifact, max_blocks_total=24, cuda_graphs=False)
