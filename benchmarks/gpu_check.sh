@@ -12,6 +12,8 @@
 #              in each launch mode of $MODES (default plain,pdl,async,pdl+async; the runtime's default is pdl+async)
 #   prefill    benchmarks/prefill.py on artifacts/$MODEL (pp512/2048/8192, mixed-step stall test, prefix-cache TTFT)
 #   serveload  `runtime serve` on artifacts/$MODEL, benchmarks/serve_load.py at 1/8/32 clients, `runtime bench` beside
+#              (the GPU image has no uvicorn / fastapi: put their wheels in .whl/ first, e.g. `pip download -d .whl
+#              --no-deps uvicorn fastapi starlette h11 prometheus-client ...`, and carry .whl to the machine)
 #   quant      compile $MODEL with each --quant of $QUANT (int8), verify each on cuda, decode.py on all in one process
 #   gemv       benchmarks/gemv.py over the pack's own GEMV candidates (every decode shape, T = 1, 4, 16, 32)
 #   gemm       benchmarks/gemv.py over the prefill shapes (T = $GEMM_ROWS, default 128,512,2048), the wide tile space
