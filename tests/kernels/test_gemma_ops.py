@@ -95,8 +95,9 @@ def test_gemma_variants_cross_compile(dtype):
            "max_S": 8}
     for bucket in (1, 16, 256):
         meta = {**rnl, "T_bucket": bucket}
-        (launch,) = rms_norm_linear.plan(meta, {"x": dtype, "w": dtype, "out": dtype},
-                                         rms_norm_linear.default(meta)).launches
+        # The last launch is the matmul (at 256 rows a pre-pass for the sums of squares comes first).
+        launch = rms_norm_linear.plan(meta, {"x": dtype, "w": dtype, "out": dtype},
+                                      rms_norm_linear.default(meta)).launches[-1]
         assert dict(launch.constexprs)["ACT_SILU_MUL"] == 2
         for target in TARGETS:
             assert len(compile_launch(launch, target)[0]) > 1000, (bucket, target)
