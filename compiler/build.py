@@ -138,8 +138,7 @@ def index_variant(v: VariantSpec, plan: Plan, keys: list[str]) -> ki.Variant:
     return ki.Variant(v.step, v.max_T, {r: tuple(s) for r, s in plan.scratch}, tuple(launches))
 
 
-def _compile_plan(v: VariantSpec, plan: Plan, target: Target, cache: BinaryCache
-                  ) -> tuple[list[tuple[str, bytes, dict, Launch]], bool]:
+def _compile_plan(plan: Plan, target: Target, cache: BinaryCache) -> tuple[list[tuple[str, bytes, dict, Launch]], bool]:
     """Each launch of the plan compiled for the target, and whether all of them fit its shared memory."""
     out = []
     for launch in plan.launches:
@@ -167,16 +166,18 @@ def compile_targets(variants: list[VariantSpec], chosen: dict, targets: list[Tar
         sampling: list[ki.Variant] = []
         for v in variants:
             config, plan = chosen[v], plans[v]
-            compiled, fits = _compile_plan(v, plan, target, cache)
+            compiled, fits = _compile_plan(plan, target, cache)
             # A config tuned on this machine's GPU (e.g. sm_90's 227 KB tiles) that a cross-compiled target cannot
             # hold: that target gets the same tiles with fewer pipeline stages (shared memory grows with them), and
             # failing that the op's default, which every target's shared memory holds.
-            fallbacks = [Config(config.constexprs, config.num_warps, s) for s in range(config.num_stages - 1, 0, -1)]
-            for config in fallbacks + [v.spec.default(v.meta_dict())] if not fits else []:
-                plan = v.plan(config)
-                compiled, fits = _compile_plan(v, plan, target, cache)
-                if fits:
-                    break
+            if not fits:
+                tiles, warps = config.constexprs, config.num_warps
+                fewer_stages = [Config(tiles, warps, s) for s in range(config.num_stages - 1, 0, -1)]
+                for config in [*fewer_stages, v.spec.default(v.meta_dict())]:
+                    plan = v.plan(config)
+                    compiled, fits = _compile_plan(plan, target, cache)
+                    if fits:
+                        break
             if not fits:
                 raise ValueError(f"{v.op} ({v.node}): its default config needs more shared memory than {target} "
                                  f"has ({target.max_shared} bytes): try another --target")

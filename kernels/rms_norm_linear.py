@@ -137,7 +137,7 @@ PREPASS_MIN_ROWS = 128
 _PREPASS_ROWS, _PREPASS_K = 4, 1024
 
 
-def uses_prepass(meta: dict, config: Config) -> bool:
+def uses_prepass(config: Config) -> bool:
     return not config["LOOP_M"] or (config["USE_DOT"] and config["BLOCK_M"] >= PREPASS_MIN_ROWS)
 
 
@@ -176,7 +176,7 @@ def plan(meta: dict, dtypes: dict, config: Config) -> Plan:
     t_types, t_args, t_constexprs = token_count(meta)
     use_norm_w = bool(meta.get("use_norm_w"))
     norm_w = ("norm_w", dtypes["norm_w"]) if use_norm_w else ("w", dtypes["w"])
-    prepass = uses_prepass(meta, config)
+    prepass = uses_prepass(config)
     row_sumsq = ("row_sumsq", "fp32") if prepass else out
     if prepass:  # the split-K partial sums of squares are not needed either
         sumsq = out
