@@ -37,8 +37,8 @@ export PYTHONUNBUFFERED=1 TRILITE_CACHE=/tmp/trilite-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
-    tests) timeout "${TESTS_LIMIT:-300}" python3 -m pytest -q -rs -m gpu ${TESTS:-tests/gpu} -n 8 \
-        --junitxml="$OUT/gpu-junit.xml" 2>&1 | tail -60 | tee "$OUT/tests.log" ;;
+    tests) timeout "${TESTS_LIMIT:-300}" python3 -m pytest -q -rfEs --tb=line -m gpu ${TESTS:-tests/gpu} -n 8 \
+        --junitxml="$OUT/gpu-junit.xml" > "$OUT/tests-full.log" 2>&1; tail -60 "$OUT/tests-full.log" ;;
     kernels) python3 benchmarks/kernels.py --out "$OUT/kernels.md" 2>&1 | tail -80 | tee "$OUT/kernels.log" ;;
     matmul) python3 -m pytest -q -m gpu tests/gpu/test_matmul_gpu.py -n 8 2>&1 | tail -30 | tee "$OUT/matmul.log" ;;
     compile)  # MODEL=tinyllama-1.1b by default; autotuned for this GPU

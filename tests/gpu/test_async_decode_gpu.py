@@ -62,16 +62,11 @@ def test_async_decode_equals_sync_on_cuda(artifact_path, backend_kw):
     params = _params(_stops(free))
     sync = _run(engine, prompts, params, async_decode=False)
     assert sum(r == "stop" for _, _, r in sync) >= 3
-    preempted = []
-    original = engine.scheduler.preempt
-    engine.scheduler.preempt = lambda seq: (preempted.append(seq.seq_id), original(seq))
-    try:
-        assert _run(engine, prompts, params, async_decode=True) == sync
-        assert _run(engine, prompts, _params(), async_decode=True) == free
-    finally:
-        del engine.scheduler.preempt
+    before = engine.scheduler.preemptions  # a running sequence preempted or a partly prefilled prompt yielding
+    assert _run(engine, prompts, params, async_decode=True) == sync
+    assert _run(engine, prompts, _params(), async_decode=True) == free
     if "max_blocks_total" in backend_kw:
-        assert preempted, "eight blocks for eight growing sequences should force preemption"
+        assert engine.scheduler.preemptions > before, "eight blocks for eight growing sequences should force preemption"
 
 
 def test_async_greedy_on_cuda_equals_the_torch_backend(artifact_path):

@@ -46,7 +46,8 @@ def test_rms_norm_linear_norm_w(dtype, scheme, T, K, N, act):
     # The kernel's operands (kernels/matmul_helpers.apply_norm_w): x * norm_w in fp32, rounded back to the activation
     # dtype in every layout; the tensor-core layouts also round the dequantized weight to it.
     xs, w = (x.float() * norm_w.float()).to(dtype).float(), dequantize(q, scale)
-    if config["USE_DOT"]:
+    if config["USE_DOT"] and scheme == "int4":
+        # int4 is dequantized per group before the product; int8 multiplies exact q and scales the accumulator.
         w = w.to(dtype).float()
     want = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + EPS) * (xs @ w.T)  # rstd over the raw x
     if act:
