@@ -146,6 +146,70 @@ def store_rotated(
     """Rotate the tile's q and k pairs and store every pair at its own two columns of qkv (and the caches)."""
     BM: tl.constexpr = acc.shape[0]
     BN: tl.constexpr = acc.shape[1]
+    if ROT_DIM == HEAD_DIM and BN % HEAD_DIM == 0:
+        _store_whole_heads(acc, rows, cols, T, out_ptr, stride_out, positions_ptr, cos_sin_ptr, slot_mapping_ptr,
+                           k_cache_ptr, v_cache_ptr, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, IS_NEOX=IS_NEOX,
+                           WRITE_CACHE=WRITE_CACHE)
+    else:
+        _store_pairs(acc, rows, cols, T, out_ptr, stride_out, positions_ptr, cos_sin_ptr, slot_mapping_ptr,
+                     k_cache_ptr, v_cache_ptr, HQ=HQ, HK=HK, HEAD_DIM=HEAD_DIM, ROT_DIM=ROT_DIM, IS_NEOX=IS_NEOX,
+                     WRITE_CACHE=WRITE_CACHE)
+
+
+@triton.jit
+def _store_whole_heads(acc, rows, cols, T, out_ptr, stride_out, positions_ptr, cos_sin_ptr, slot_mapping_ptr,
+                       k_cache_ptr, v_cache_ptr, HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       IS_NEOX: tl.constexpr, WRITE_CACHE: tl.constexpr):
+    """store_rotated for a tile of whole heads, all of each rotated (BLOCK_N a multiple of head_dim, full rotary):
+    the permuted pairs are put back in qkv order in registers, so each row's BLOCK_N values are stored (and cached)
+    as one contiguous run, and a head's cos / sin row is loaded once for every head of the tile rather than per
+    column."""
+    BM: tl.constexpr = acc.shape[0]
+    BN: tl.constexpr = acc.shape[1]
+    HT: tl.constexpr = BN // HEAD_DIM
+    HALF: tl.constexpr = HEAD_DIM // 2
+    x1, x2 = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))  # [BM, BN / 2]: the pairs, HALF per head
+    x1 = tl.reshape(x1, (BM, HT, HALF))
+    x2 = tl.reshape(x2, (BM, HT, HALF))
+    col0 = tl.min(cols, axis=0)  # the tile's first column, a multiple of HEAD_DIM
+    heads = col0 // HEAD_DIM + tl.arange(0, HT)
+    row_ok = rows < T
+    pos = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    table = cos_sin_ptr + pos[:, None] * HEAD_DIM + tl.arange(0, HALF)[None, :]  # [BM, HALF]: pair i's frequency
+    cos = tl.load(table, mask=row_ok[:, None], other=1.0)[:, None, :]
+    sin = tl.load(table + HALF, mask=row_ok[:, None], other=0.0)[:, None, :]
+    rotated = (heads < HQ + HK)[None, :, None]
+    o1 = tl.where(rotated, x1 * cos - x2 * sin, x1)
+    o2 = tl.where(rotated, x2 * cos + x1 * sin, x2)
+    # GPT-J pairs, and the v heads' (never permuted), are the head's columns (2i, 2i + 1).
+    tile = tl.reshape(tl.join(o1, o2), (BM, BN))
+    N: tl.constexpr = (HQ + 2 * HK) * HEAD_DIM
+    std = col0 + tl.arange(0, BN)  # qkv columns, in order
+    if IS_NEOX:
+        # A q or k head's pair i is its columns (i, i + HALF): the first halves, then the second ones.
+        neox = tl.reshape(tl.permute(tl.join(o1, o2), (0, 1, 3, 2)), (BM, BN))
+        tile = tl.where((std < (HQ + HK) * HEAD_DIM)[None, :], neox, tile)
+    mask = row_ok[:, None] & (std < N)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_out + std[None, :], tile.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_CACHE:
+        slot = tl.load(slot_mapping_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        head = std // HEAD_DIM
+        is_k = (head >= HQ) & (head < HQ + HK)
+        is_v = head >= HQ + HK
+        within = tl.where(is_v, std - (HQ + HK) * HEAD_DIM, std - HQ * HEAD_DIM)  # kv head * HEAD_DIM + d
+        dst = slot[:, None] * (HK * HEAD_DIM) + within[None, :]
+        cached = mask & (slot >= 0)[:, None]
+        tl.store(k_cache_ptr + dst, tile.to(k_cache_ptr.dtype.element_ty), mask=cached & is_k[None, :])
+        tl.store(v_cache_ptr + dst, tile.to(v_cache_ptr.dtype.element_ty), mask=cached & is_v[None, :])
+
+
+@triton.jit
+def _store_pairs(acc, rows, cols, T, out_ptr, stride_out, positions_ptr, cos_sin_ptr, slot_mapping_ptr,
+                 k_cache_ptr, v_cache_ptr, HQ: tl.constexpr, HK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 ROT_DIM: tl.constexpr, IS_NEOX: tl.constexpr, WRITE_CACHE: tl.constexpr):
+    """store_rotated for any tile: each pair's two values stored at their own columns."""
+    BM: tl.constexpr = acc.shape[0]
+    BN: tl.constexpr = acc.shape[1]
     x1, x2 = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))  # [BM, BN / 2]: permuted columns 2p and 2p + 1
     even, _ = tl.split(tl.reshape(cols, (BN // 2, 2)))
     head = even // HEAD_DIM

@@ -58,11 +58,11 @@ def test_async_decode_equals_sync_on_cuda(artifact_path, backend_kw):
     engine = runtime.load(artifact_path, backend="cuda", prefix_cache="max_blocks_total" not in backend_kw,
                           **backend_kw)
     prompts = _prompts(engine.vocab_size, seed=11)
+    before = engine.scheduler.preemptions  # a running sequence preempted or a partly prefilled prompt yielding
     free = _run(engine, prompts, _params(), async_decode=False)
     params = _params(_stops(free))
     sync = _run(engine, prompts, params, async_decode=False)
     assert sum(r == "stop" for _, _, r in sync) >= 3
-    before = engine.scheduler.preemptions  # a running sequence preempted or a partly prefilled prompt yielding
     assert _run(engine, prompts, params, async_decode=True) == sync
     assert _run(engine, prompts, _params(), async_decode=True) == free
     if "max_blocks_total" in backend_kw:

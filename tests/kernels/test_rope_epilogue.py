@@ -27,12 +27,13 @@ CONFIGS = {
 }
 # (op, T, Hq, Hk, Dh, Dr, is_neox, use_bias, write_cache): a decode row of a Llama-like head layout; partial neox
 # rotary over 12-wide heads, which 16- and 32-column tiles cut across; GPT-J pairing with partial rotary, MHA; many
-# rows without the cache write.
+# rows without the cache write. Tiles of whole fully rotated heads take store_rotated's whole-head path.
 CASES = [
     ("rms_norm_linear", 1, 4, 2, 16, 16, True, True, True),
     ("linear", 5, 3, 1, 12, 6, True, False, True),
     ("rms_norm_linear", 7, 2, 2, 20, 8, False, True, True),
     ("linear", 37, 4, 2, 16, 16, True, True, False),
+    ("rms_norm_linear", 3, 2, 1, 16, 16, False, False, True),  # GPT-J, full rotary: the whole-head store
 ]
 DTYPES = [(torch.float32, 1e-4, 1e-4), (torch.float16, 2e-3, 2e-3)]
 K, EPS, MAX_POS, BLOCK_SIZE = 72, 1e-5, 97, 4
