@@ -257,7 +257,7 @@ def main(artifacts: tuple[str, ...], batch: str, hf: bool, do_profile: bool, mod
                         rate = f"{wb / span / 1e3:.0f} | {100 * wb / (span * 1e-6) / bw:.0f}%" if wb else "– | –"
                         details.append(f"| {role} | {n} | {us:.1f} | {span:.1f} | {rate} |")
                     details += moe_reads(graph, roles, bw)
-            del engine
+            engine.close()  # the next mode loads the artifact again: its GPU memory first
             torch.cuda.empty_cache()
     text = "\n".join(lines + details) + "\n"
     print(text)

@@ -70,6 +70,7 @@ def pp_rows(path: str, backend: str, lengths: list[int]) -> list[str]:
         t = statistics.median(times)
         rows.append(f"| {Path(path).name} | pp{n} | {n / t:.0f} | {1000 * t:.1f} | |")
         print(rows[-1], flush=True)
+    engine.close()  # each test loads its own engine: give this one's GPU memory back first
     return rows
 
 
@@ -87,6 +88,7 @@ def prefix_row(path: str, backend: str, prefix: int) -> str:
     row = (f"| {Path(path).name} | prefix {prefix} + 32 | {1000 * c:.1f} ms uncached | {1000 * w:.1f} ms cached | "
            f"{100 * w / c:.0f}% |")
     print(row, flush=True)
+    engine.close()
     return row
 
 
@@ -175,7 +177,7 @@ def stall_rows(path: str, backend: str, decoders: int, long_len: int, budgets: l
             rows.append(f"| {Path(path).name} | stall outputs, budget {budget or 'max'} vs mixed off | "
                         f"{_agreement(outputs[budget], outputs[0])} | | |")
             print(rows[-1], flush=True)
-        del engine
+        engine.close()
     return rows
 
 

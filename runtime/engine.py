@@ -87,6 +87,17 @@ class Engine:
         self._next_id = 0
         self.async_decode = async_decode
 
+    def close(self) -> None:
+        """Free what the backend holds on its device (weights, KV cache, graphs) now rather than at process exit;
+        the engine is unusable afterwards. ``with runtime.load(...) as engine:`` closes it on leaving."""
+        self.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- every position's logits -------------------------------------------------------------------
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:

@@ -35,6 +35,9 @@ class Backend(ABC):
         self.artifact = artifact
         self._last_sampled: np.ndarray | None = None  # the last submit's ids, what a feed reads (default submit)
 
+    def close(self) -> None:
+        """Give back device memory before the backend is dropped (host-memory backends hold none of their own)."""
+
     @abstractmethod
     def forward(self, step: StepInput) -> np.ndarray:
         """Run the graph on one step; logits [R, V] fp32 as a host (numpy) array of its own (rows

@@ -275,7 +275,11 @@ class CudaBackend(Backend):
         return self.program.kv_block_bytes // self.program.block_size
 
     def close(self) -> None:
-        """Drop the graphs, free the memory and unload the modules (the backend is unusable afterwards)."""
+        """Drop the graphs, free the memory and unload the modules (the backend is unusable afterwards); a second
+        call does nothing."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self._drop_graphs()
         self.gpu.close()
         self.driver.close()

@@ -112,3 +112,22 @@ def test_a_gguf_artifact_is_refused_on_the_gpu(monkeypatch):
     fake_cuda.install(monkeypatch, fake_cuda.FakeCuda())
     with pytest.raises(ArtifactError, match="--quant none"):
         CudaBackend(artifact, max_blocks_total=24, cuda_graphs=False)
+
+
+def test_closing_an_engine_gives_back_all_its_device_memory():
+    """``with runtime.load(...)``: on leaving, every allocation and pinned buffer of the backend is freed (a process
+    that loads one artifact after another must not run out of GPU memory); a second close does nothing."""
+    from runtime.backends.cuda import CudaBackend
+    from runtime.engine import Engine, artifact_tokenizer
+
+    artifact = load_artifact(tiny_artifact())
+    fake = fake_cuda.FakeCuda()
+    with pytest.MonkeyPatch.context() as mp:
+        sites = fake_cuda.install(mp, fake)
+        cuda = CudaBackend(artifact, max_blocks_total=24, cuda_graphs=False)
+        fake_cuda.register(sites, cuda)
+        assert len(fake.memory) > 0
+        with Engine(artifact, cuda, artifact_tokenizer(artifact)) as engine:
+            engine.generate([[5, 6, 7]], [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)])
+        assert fake.memory == {}
+        engine.close()
