@@ -37,6 +37,7 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Give back device memory before the backend is dropped (host-memory backends hold none of their own)."""
+        return None
 
     @abstractmethod
     def forward(self, step: StepInput) -> np.ndarray:
