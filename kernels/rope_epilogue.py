@@ -144,7 +144,6 @@ def store_rotated(
     WRITE_CACHE: tl.constexpr,
 ):
     """Rotate the tile's q and k pairs and store every pair at its own two columns of qkv (and the caches)."""
-    BM: tl.constexpr = acc.shape[0]
     BN: tl.constexpr = acc.shape[1]
     if ROT_DIM == HEAD_DIM and BN % HEAD_DIM == 0:
         _store_whole_heads(acc, rows, cols, T, out_ptr, stride_out, positions_ptr, cos_sin_ptr, slot_mapping_ptr,
