@@ -6,7 +6,8 @@ Prints seconds for: importing the runtime, loading and validating the artifact: 
 and each big file's chunk digests (`runtime verify`), then as a first start on a machine that never hashed it (an
 empty verified cache: big files checked by their chunk digests in parallel threads), reading the weights' header,
 building the backend (weights to the device, KV cache, binaries, CUDA-graph capture), the tokenizer, and the first
-token of a short prompt; then the time from process start (the OS's clock, so the interpreter's own start-up counts) and whether torch or triton were imported on the way (on cuda: neither).
+token of a short prompt; then the time from process start (the OS's clock, so the interpreter's own start-up counts)
+and whether torch or triton were imported on the way (on cuda: neither).
 """
 
 from __future__ import annotations
