@@ -16,7 +16,8 @@ import re
 import shutil
 from pathlib import Path
 
-from artifact_format.layout import FORMAT, dump_json, sha256_files
+from artifact_format.layout import FORMAT, VERIFY_CHUNK, chunk_sha256s, dump_json, sha256_files
+from artifact_format.verified import VerifiedCache
 
 # Leftovers of an interrupted compile carry these marks and the compiling process's id, so the next compile
 # can tell its own debris (dead process) from a concurrent compile's (live process) and from a user's folder.
@@ -113,18 +114,24 @@ def staging_dir(out: Path) -> Path:
     return stage
 
 
-def finish(stage: Path, out: Path, manifest: dict, known: dict[str, str] | None = None) -> None:
+def finish(stage: Path, out: Path, manifest: dict, known: dict[str, str] | None = None,
+           chunk: int = VERIFY_CHUNK) -> None:
     """Hash every staged file into the manifest, write it, then swap the staging directory into place.
 
     ``known`` maps relative paths to the sha256 taken while writing them (the weights): those are not read again.
-    The rest are hashed in parallel. ``out`` is checked again just before the swap: a compile takes minutes, and
-    a file the user put there meanwhile must survive too.
+    The rest are hashed in parallel. A file bigger than ``chunk`` also gets the sha256 of each of its ``chunk``-byte
+    pieces (manifest "chunks"), hashed in parallel threads, which a start verifies on every core. ``out`` is
+    checked again just before the swap: a compile takes minutes, and a file the user put there meanwhile must
+    survive too. The digests go into this machine's verified cache, so the first start reads none of the files.
     """
     known = known or {}
     paths = {p.relative_to(stage).as_posix(): p for p in stage.rglob("*") if p.is_file()}
     hashed = sha256_files(p for rel, p in paths.items() if rel not in known)
     files = {rel: known[rel] if rel in known else hashed[p] for rel, p in sorted(paths.items())}
-    manifest = {**manifest, "format": FORMAT, "files": files}
+    big = chunk_sha256s((p for p in paths.values() if p.stat().st_size > chunk), chunk)
+    chunks = {p.relative_to(stage).as_posix(): digests for p, digests in sorted(big.items())}
+    manifest = {**manifest, "format": FORMAT, "files": files,
+                **({"chunks": {"size": chunk, "sha256": chunks}} if chunks else {})}
     (stage / "manifest.json").write_bytes(dump_json(manifest))
     check_output_dir(out)
     if out.exists() and any(out.iterdir()):
@@ -141,3 +148,16 @@ def finish(stage: Path, out: Path, manifest: dict, known: dict[str, str] | None 
         if out.exists():
             out.rmdir()  # empty: os.replace onto a directory needs it empty anyway; rmdir refuses otherwise
         os.replace(stage, out)
+    _record_verified(out, files)
+
+
+def _record_verified(out: Path, files: dict[str, str]) -> None:
+    """Enter the files, at their final paths and with their stat after the swap (a rename changes ctime), into
+    the verified cache; a cache that cannot be read or written only costs the first start a rehash."""
+    try:
+        cache = VerifiedCache()
+        for rel, digest in files.items():
+            cache.record(out / rel, digest)
+        cache.save()
+    except OSError:
+        pass

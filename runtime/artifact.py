@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -20,7 +19,8 @@ import numpy as np
 
 from artifact_format.graph import QUANT_PAIRS, Limits
 from artifact_format.kernel_index import IndexFormatError, KernelIndex
-from artifact_format.layout import FORMAT, LIMIT_KEYS, REQUIRED_FILES, cache_dir, file_sha256, target_dir
+from artifact_format.layout import FORMAT, LIMIT_KEYS, REQUIRED_FILES, chunk_sha256s, file_sha256, target_dir
+from artifact_format.verified import VerifiedCache
 from runtime.errors import ArtifactError
 from runtime.safetensors_file import HeaderError, check_against, read_header
 
@@ -30,53 +30,49 @@ if TYPE_CHECKING:
 MAX_JSON_BYTES = 256 << 20  # manifest.json and index.json are kilobytes to a few megabytes
 
 
-def _cache_file() -> Path:
-    return cache_dir() / "verified.json"
-
-
-def _stat_key(path: Path) -> list:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
 class _Verified:
-    """sha256 results of files this machine already hashed, keyed by path and stat (size, mtime, ctime, inode).
+    """Checks files against the manifest, skipping those this machine verified before and that are unchanged since
+    (artifact_format.verified: keyed by path and stat). `runtime verify` (``rehash``) reads every file again.
 
-    Hashing a multi-GB weights file costs seconds at every start; a file whose stat is unchanged since it was
-    hashed (ctime changes on any write and cannot be set back) is not read again. `runtime verify` rehashes.
+    A file with chunk digests is checked piece by piece on every core (its size first: the pieces must cover it
+    exactly); a file without (an older artifact, a small file), and every file under ``rehash``, by its whole sha256.
     """
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.entries: dict = {}
-        self.dirty = False
-        if enabled:
-            try:
-                self.entries = json.loads(_cache_file().read_text())
-            except (OSError, ValueError):
-                self.entries = {}
+    def __init__(self, enabled: bool, chunk: int = 0, chunks: dict[str, list[str]] | None = None):
+        self.cache = VerifiedCache(enabled)
+        self.rehash = not enabled
+        self.chunk, self.chunks = chunk, chunks or {}
 
-    def matches(self, path: Path, digest: str) -> bool:
-        key = str(path.resolve())
-        if self.enabled and self.entries.get(key) == [*_stat_key(path), digest]:
+    def matches(self, path: Path, rel: str, digest: str) -> bool:
+        if self.cache.known(path, digest):
             return True
-        if file_sha256(path) != digest:
+        pieces = self.chunks.get(rel)
+        if pieces is not None:
+            if -(-path.stat().st_size // self.chunk) != len(pieces):
+                return False
+            if chunk_sha256s([path], self.chunk)[path] != pieces:
+                return False
+        if (pieces is None or self.rehash) and file_sha256(path) != digest:
             return False
-        self.entries[key] = [*_stat_key(path), digest]
-        self.dirty = True
+        self.cache.record(path, digest)
         return True
 
     def save(self) -> None:
-        if not self.dirty:
-            return
-        try:
-            target = _cache_file()
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.entries))
-            os.replace(tmp, target)
-        except OSError:
-            pass  # a read-only home only costs the next start a rehash
+        self.cache.save()
+
+
+def _chunks(manifest: dict, files: dict, path: Path, hint: str) -> tuple[int, dict[str, list[str]]]:
+    """(chunk size, rel -> piece digests) of the manifest's optional "chunks" section, checked."""
+    section = manifest.get("chunks")
+    if section is None:
+        return 0, {}
+    size = section.get("size") if isinstance(section, dict) else None
+    table = section.get("sha256") if isinstance(section, dict) else None
+    if (not isinstance(size, int) or isinstance(size, bool) or size <= 0 or not isinstance(table, dict)
+            or not all(rel in files and isinstance(v, list) and v and all(isinstance(d, str) for d in v)
+                       for rel, v in table.items())):
+        raise ArtifactError(f"{path}/manifest.json has a malformed chunks entry: {hint}")
+    return size, table
 
 
 @dataclass(frozen=True)
@@ -223,8 +219,9 @@ def _inside(root: Path, rel: str) -> bool:
 def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = False) -> Artifact:
     """Read manifest.json and check the artifact before anything uses it.
 
-    Checks: the format version, that every file the manifest lists exists (and, with
-    ``check_hashes``, has the recorded sha256), the required files, the limits and each target's index.
+    Checks: the format version, that every file the manifest lists exists (and, with ``check_hashes``, has the
+    recorded sha256, or for a big file the recorded sha256 of each chunk), the required files, the limits and each
+    target's index.
     Files hashed before on this machine and unchanged since are not read again unless ``rehash``.
     """
     path = Path(path)
@@ -259,7 +256,7 @@ def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = Fa
     for rel in needed:
         if rel not in files:
             raise ArtifactError(f"artifact {path} does not list {rel} in its manifest: {hint}")
-    verified = _Verified(enabled=not rehash)
+    verified = _Verified(not rehash, *_chunks(manifest, files, path, hint))
     for rel, digest in sorted(files.items()):
         p = PurePosixPath(rel)
         if p.is_absolute() or ".." in p.parts:
@@ -269,7 +266,7 @@ def load_artifact(path: str | Path, check_hashes: bool = True, rehash: bool = Fa
                                 f"artifact as real files, or {hint}")
         if not (path / rel).is_file():
             raise ArtifactError(f"artifact file {rel} is missing from {path}: {hint}")
-        if check_hashes and not verified.matches(path / rel, digest):
+        if check_hashes and not verified.matches(path / rel, rel, digest):
             raise ArtifactError(f"artifact file {rel} in {path} does not match its sha256 in manifest.json (damaged "
                                 f"or edited): copy the artifact again or {hint}")
     verified.save()
